@@ -123,6 +123,15 @@ def draw(seed: int, key: int, start: int, count: int, kind: Kind = "gaussian") -
     return out
 
 
+def uniform(seed: int, key: int, start: int, count: int) -> torch.Tensor:
+    """Uniform float32 in (0, 1) for elements [start, start+count), one word each."""
+    out = torch.empty(count, dtype=torch.float32)
+    for lo in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - lo)
+        out[lo : lo + n] = _uniform(raw_words(seed, key, start + lo, n))
+    return out
+
+
 def direction_like(param: torch.Tensor, seed: int, key: int, kind: Kind = "gaussian") -> torch.Tensor:
     """z with the shape of ``param``, float32, on the parameter's device."""
     return draw(seed, key, 0, param.numel(), kind).view(param.shape).to(param.device)

@@ -1,0 +1,233 @@
+"""ZOOptimizer: MeZO's ZO-SGD with counter-based directions and a dual-stream forward.
+
+    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
+    stats = opt.step(batch)        # two perturbed losses from one forward of 2R rows
+    opt.flush()                    # apply the deferred update before eval or save
+
+A step's update is (seeds, g's, lr): a few bytes. It is kept pending and applied at
+the start of the next step (or by ``flush``), which is where fused engines fold it
+into the next pass over the weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from distzo import directions, estimator
+from distzo.directions import Kind
+from distzo.schedules import Schedule
+from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
+from distzo.update import FULL_PRECISION, apply_update_
+
+# Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+# Keep the step's z in memory between the forward and the update when it fits:
+# it saves regenerating z, the main cost of a step on the CPU.
+DEFAULT_CACHE_BYTES = 2 << 30
+
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+
+def causal_lm_loss(outputs, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Mean next-token NLL over the label tokens (labels = input_ids when absent)."""
+    labels = batch.get("labels", batch["input_ids"])
+    logits = outputs.logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+    )
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    projected_grads: list[float]
+    seeds: list[int]
+    lr: float
+    losses_plus: list[float] = field(default_factory=list)
+    losses_other: list[float] = field(default_factory=list)
+    skipped: bool = False
+
+
+@dataclass
+class PendingUpdate:
+    step: int
+    seeds: list[int]
+    grads: list[float]
+    lr: float
+
+
+class ZOOptimizer:
+    """Zeroth-order SGD over the parameters of ``model`` that require grad."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        directions: int = 1,
+        perturbation: Kind = "gaussian",
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        schedule: Schedule | None = None,
+        estimator: estimator.Estimator = "two-sided",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
+        _validate(lr, eps, weight_decay, directions, perturbation, estimator)
+        self.model = model
+        self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
+        self.num_directions, self.perturbation, self.seed = directions, perturbation, seed
+        self.loss_fn = loss_fn or causal_lm_loss
+        self.schedule = schedule or Schedule()
+        self.estimator = estimator
+        self.params: list[TrainableParam] = trainable_params(model)
+        self.units = find_units(model, self.params)
+        self._by_name = {p.name: p for p in self.params}
+        numel = sum(p.param.numel() for p in self.params)
+        self.cache_directions = numel * 4 * directions <= cache_bytes
+        self._z: dict[str, list[torch.Tensor]] = {}
+        self._seed = 0
+        self._direction = 0
+        self.pending: PendingUpdate | None = None
+        self.step_count = 0
+        self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow)
+
+    # ------------------------------------------------------------------ public API
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.schedule.factor(step)
+
+    @torch.no_grad()
+    def step(self, batch: Mapping[str, Any]) -> StepStats:
+        """Estimate the gradient along q directions at the current weights and queue the update."""
+        self.flush()
+        t = self.step_count
+        seeds = [directions.step_seed(self.seed, t, j) for j in range(self.num_directions)]
+        plus, other = [], []
+        was_training = self.model.training
+        self.model.eval()  # no dropout: both halves must see the same function
+        try:
+            for j, seed in enumerate(seeds):
+                self._seed, self._direction = seed, j
+                lp, lo = self._dual_losses(batch)
+                plus.append(lp)
+                other.append(lo)
+        finally:
+            self.model.train(was_training)
+        grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
+        loss = estimator.reported_loss(plus, other, self.estimator)
+        lr = self.lr_at(t)
+        stats = StepStats(t, loss, grads, seeds, lr, plus, other)
+        if estimator.all_finite(plus, other):
+            self.pending = PendingUpdate(t, seeds, grads, lr)
+        else:
+            warnings.warn(f"step {t}: non-finite loss ({plus}, {other}); the update is skipped", stacklevel=2)
+            stats.skipped = True
+            self._z.clear()
+        self.step_count += 1
+        return stats
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending update, if any, to the weights."""
+        if self.pending is None:
+            return
+        update, self.pending = self.pending, None
+        for p in self.params:
+            cached = self._z.get(p.name)
+            apply_update_(
+                p.param, p.key, update.seeds, update.grads, update.lr, self.weight_decay, self.perturbation, cached
+            )
+        self._z.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = None if self.pending is None else vars(self.pending).copy()
+        return {
+            "step": self.step_count,
+            "seed": self.seed,
+            "lr": self.lr,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "directions": self.num_directions,
+            "perturbation": self.perturbation,
+            "estimator": self.estimator,
+            "schedule": vars(self.schedule).copy(),
+            "pending": pending,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.seed = int(state["seed"])
+        self.lr, self.eps, self.weight_decay = state["lr"], state["eps"], state["weight_decay"]
+        self.num_directions, self.perturbation = state["directions"], state["perturbation"]
+        self.estimator = state["estimator"]
+        self.schedule = Schedule(**state["schedule"])
+        pending = state.get("pending")
+        self.pending = PendingUpdate(**pending) if pending else None
+        self._z.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    def _dual_losses(self, batch: Mapping[str, Any]) -> tuple[float, float]:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+        rows = _rows(inputs)
+        device = self.params[0].param.device
+        stacked = {k: torch.cat((v, v)).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        scales = estimator.half_scales(self.eps, self.estimator)
+        with self._stream.active(rows, scales):
+            outputs = self.model(**stacked, use_cache=False)
+        losses = []
+        for half in (0, 1):
+            loss = self.loss_fn(split_rows(outputs, rows, half), batch)
+            losses.append(float(loss.to(torch.float64).mean()))
+        return losses[0], losses[1]
+
+    def _direction_of(self, p: TrainableParam) -> torch.Tensor:
+        cache = self._z.get(p.name)
+        if cache is not None and len(cache) > self._direction:
+            return cache[self._direction]
+        z = directions.direction_like(p.param, self._seed, p.key, self.perturbation)
+        if self.cache_directions:
+            self._z.setdefault(p.name, []).append(z)
+        return z
+
+    def _shadow(self, name: str, param: torch.Tensor, scales: tuple[float, float]) -> tuple[torch.Tensor, ...]:
+        """theta + a*z and theta + b*z in the parameter's dtype; theta itself is never written."""
+        z = self._direction_of(self._by_name[name])
+        return tuple(_perturbed(param, z, s) for s in scales)
+
+
+def _perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 0.0:
+        return param
+    if param.dtype in FULL_PRECISION:
+        return param.add(z.to(param.dtype), alpha=scale)
+    return param.float().add_(z, alpha=scale).to(param.dtype)
+
+
+def _rows(inputs: Mapping[str, Any]) -> int:
+    for value in inputs.values():
+        if torch.is_tensor(value):
+            return value.shape[0]
+    raise ValueError("the batch has no input tensor (expected input_ids or inputs_embeds)")
+
+
+def _validate(lr, eps, weight_decay, q, perturbation, est) -> None:
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not (isinstance(q, int) and q >= 1):
+        raise ValueError(f"directions must be an integer >= 1, got {q}")
+    directions.check_kind(perturbation)
+    estimator.check_estimator(est)

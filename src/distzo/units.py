@@ -1,0 +1,232 @@
+"""Split any Hugging Face model into perturbable units, and evaluate both losses in one forward.
+
+A *unit* is a module whose parameters are perturbed together: every block of the
+model's layer list, and every other module that owns trainable parameters directly
+(embeddings, position embeddings, final norm, head, projections). The units cover
+every trainable parameter, and no unit contains another.
+
+During a dual-stream forward the model runs once on the batch stacked twice
+(2R rows). Each unit's ``forward`` is replaced, on that instance only and only for
+the duration, by a wrapper that splits its inputs by rows, runs the original forward
+on rows [0, R) with shadow weights theta + a*z and on rows [R, 2R) with theta + b*z,
+and concatenates the results. theta itself is never written. The model family's own
+forward code runs unchanged, so no family needs code of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distzo.directions import stable_key
+
+
+@dataclass
+class Unit:
+    """A module whose trainable parameters are perturbed as one."""
+
+    name: str
+    module: nn.Module
+    # (owning submodule, attribute name, canonical parameter name) for each trainable slot;
+    # a tied parameter appears in every unit that uses it, under one canonical name.
+    slots: list[tuple[nn.Module, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class TrainableParam:
+    name: str  # canonical name (first in named_parameters order)
+    param: nn.Parameter
+    key: int  # 64-bit direction key, derived from the name
+
+
+def trainable_params(model: nn.Module) -> list[TrainableParam]:
+    """The parameters ZO perturbs: those with requires_grad, each once (tied ones share)."""
+    found = [TrainableParam(n, p, stable_key(n)) for n, p in model.named_parameters() if p.requires_grad]
+    if not found:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimise")
+    return found
+
+
+def _layer_lists(model: nn.Module) -> set[int]:
+    """ids of ModuleLists of identical blocks: the model's layer stacks."""
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1:
+                ids.add(id(module))
+    return ids
+
+
+def find_units(model: nn.Module, params: list[TrainableParam]) -> list[Unit]:
+    """Partition the model into units covering every trainable parameter."""
+    canonical = {id(p.param): p.name for p in params}
+    stacks = _layer_lists(model)
+    units: list[Unit] = []
+
+    def has_trainable(module: nn.Module) -> bool:
+        return any(id(p) in canonical for p in module.parameters(recurse=True))
+
+    def owns_trainable(module: nn.Module) -> bool:
+        return any(p is not None and id(p) in canonical for p in module._parameters.values())
+
+    def visit(module: nn.Module, prefix: str, is_block: bool) -> None:
+        if not has_trainable(module):
+            return
+        if is_block or owns_trainable(module):
+            units.append(Unit(prefix, module, _slots(module, canonical)))
+            return
+        is_stack = id(module) in stacks
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}.{child_name}" if prefix else child_name, is_stack)
+
+    visit(model, "", False)
+    covered = {name for u in units for _, _, name in u.slots}
+    missing = [p.name for p in params if p.name not in covered]
+    if missing:  # cannot happen by construction; guards against future edits
+        raise RuntimeError(f"parameters not covered by any unit: {missing[:5]}")
+    return units
+
+
+def _slots(unit: nn.Module, canonical: dict[int, str]) -> list[tuple[nn.Module, str, str]]:
+    slots = []
+    for sub in unit.modules():
+        for attr, p in sub._parameters.items():
+            if p is not None and id(p) in canonical:
+                slots.append((sub, attr, canonical[id(p)]))
+    return slots
+
+
+# ---------------------------------------------------------------- batch splitting
+
+
+def split_rows(obj, rows: int, half: int):
+    """Rows [half*rows, (half+1)*rows) of every batch-shaped tensor in a nested structure."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim >= 2 and obj.shape[0] == 2 * rows:
+            return obj[half * rows : (half + 1) * rows]
+        return obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(split_rows(o, rows, half) for o in obj)
+    if isinstance(obj, list):
+        return [split_rows(o, rows, half) for o in obj]
+    if isinstance(obj, dict):
+        return type(obj)(**{k: split_rows(v, rows, half) for k, v in obj.items()}) if _is_model_output(obj) else {
+            k: split_rows(v, rows, half) for k, v in obj.items()
+        }
+    return obj
+
+
+def _is_model_output(obj) -> bool:
+    return type(obj).__name__.endswith("Output") or hasattr(obj, "to_tuple")
+
+
+def _has_batch(obj, rows: int) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.ndim >= 2 and obj.shape[0] == 2 * rows
+    if isinstance(obj, (tuple, list)):
+        return any(_has_batch(o, rows) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_batch(v, rows) for v in obj.values())
+    return False
+
+
+def _merge(a, b, rows: int, unit_name: str):
+    """Stack the two halves' outputs back into 2R rows."""
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        if a.ndim >= 1 and a.shape[0] == rows:
+            return torch.cat((a, b), dim=0)
+        if a.ndim >= 2 and a.shape[0] == 1:  # broadcast output (e.g. positions of shape (1, S))
+            return torch.cat((a.expand(rows, *a.shape[1:]), b.expand(rows, *b.shape[1:])), dim=0)
+        raise RuntimeError(
+            f"unit '{unit_name}' returned a tensor of shape {tuple(a.shape)} without a batch dimension; "
+            "distzo cannot tell its two perturbed halves apart"
+        )
+    if isinstance(a, tuple) and not hasattr(a, "_fields"):
+        return tuple(_merge(x, y, rows, unit_name) for x, y in zip(a, b))
+    if isinstance(a, list):
+        return [_merge(x, y, rows, unit_name) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        merged = {k: _merge(a[k], b[k], rows, unit_name) for k in a}
+        return type(a)(**merged) if _is_model_output(a) else merged
+    if a == b:
+        return a
+    raise RuntimeError(f"unit '{unit_name}' returned {type(a).__name__} values that differ between halves")
+
+
+# ---------------------------------------------------------------- dual-stream forward
+
+
+# shadow(name, param, scales) -> (theta + scales[0] z, theta + scales[1] z)
+ShadowFn = Callable[[str, torch.Tensor, tuple[float, float]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def _swapped(slots: list[tuple[nn.Module, str, str]], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily let each slot read a shadow tensor instead of its parameter."""
+    saved = [(sub, attr, sub._parameters[attr]) for sub, attr, _ in slots]
+    try:
+        for sub, attr, name in slots:
+            sub._parameters[attr] = values[name]
+        yield
+    finally:
+        for sub, attr, p in saved:
+            sub._parameters[attr] = p
+
+
+class DualStream:
+    """Installs the row-splitting wrappers on every unit while active.
+
+    ``shadow(name, param, scales)`` returns the two shadows theta + a*z and
+    theta + b*z of a canonical parameter name. It is called once per parameter and
+    unit call, so an engine decides where z comes from (regenerated, cached, or a
+    fused kernel); at most one unit's shadows are alive at a time.
+    """
+
+    def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn):
+        self.units, self.params, self.shadow = units, params, shadow
+        self.rows = 0
+        self.scales = (0.0, 0.0)
+        self.calls: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def active(self, rows: int, scales: tuple[float, float]) -> Iterator[None]:
+        self.rows, self.scales = rows, scales
+        self.calls = {u.name: 0 for u in self.units}
+        try:
+            for unit in self.units:
+                unit.module.forward = self._wrap(unit)
+            yield
+        finally:
+            for unit in self.units:
+                unit.module.__dict__.pop("forward", None)
+        never = [name for name, n in self.calls.items() if n == 0]
+        if never:
+            raise RuntimeError(
+                f"the forward never called unit(s) {never[:3]}: their parameters are used outside their own "
+                "forward, so distzo cannot perturb them per half. Freeze them (requires_grad=False) or use LoRA."
+            )
+
+    def _wrap(self, unit: Unit) -> Callable:
+        original = type(unit.module).forward.__get__(unit.module)
+
+        def forward(*args, **kwargs):
+            self.calls[unit.name] += 1
+            rows = self.rows
+            names = {name for _, _, name in unit.slots}
+            shadows = {n: self.shadow(n, self.params[n], self.scales) for n in names}
+            split = _has_batch((args, kwargs), rows)
+            outs = []
+            for half in (0, 1):
+                a, k = (split_rows(args, rows, half), split_rows(kwargs, rows, half)) if split else (args, kwargs)
+                with _swapped(unit.slots, {n: pair[half] for n, pair in shadows.items()}):
+                    outs.append(original(*a, **k))
+            del shadows
+            return _merge(outs[0], outs[1], rows, unit.name)
+
+        return forward

@@ -1,0 +1,106 @@
+"""Counter-based directions: Philox known answers, published z vectors, slicing, processes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distzo import directions as d
+
+# Known-answer vectors of Philox4x32-10 from the Random123 distribution (kat_vectors).
+RANDOM123_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+# distzo's own published vectors (docs/directions.md): seed 1, key 2, elements 0..7.
+WORDS_SEED1_KEY2 = [0xE73404CF, 0x8CEDC5D3, 0x3F071736, 0x0A0AFDDD, 0xB7B4C173, 0xDB04B052, 0x44541F91, 0x0E0B3CF3]
+GAUSS_SEED1_KEY2 = [-0.42886275, -0.14084622, 1.62367237, 0.40852711, 0.50149733, -0.64201337, 1.52972913, 0.54920578]
+RADEMACHER_SEED1_KEY2 = [-1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("counter,key,expected", RANDOM123_KAT)
+def test_philox_known_answers(counter, key, expected):
+    assert tuple(int(w) for w in d.philox4x32(*counter, *key)) == expected
+
+
+def test_philox_on_tensors_matches_scalars():
+    c = torch.tensor([0, 0xFFFFFFFF, 0x243F6A88], dtype=torch.int64)
+    out = d.philox4x32(c, c, c, c, 0xA4093822, 0x299F31D0)
+    for i in range(3):
+        v = int(c[i])
+        assert tuple(int(o[i]) for o in out) == tuple(int(w) for w in d.philox4x32(v, v, v, v, 0xA4093822, 0x299F31D0))
+
+
+def test_published_vectors():
+    assert [int(w) for w in d.raw_words(1, 2, 0, 8)] == WORDS_SEED1_KEY2
+    # Floats go through log/cos/sin: allow a few ulp across platforms.
+    torch.testing.assert_close(d.draw(1, 2, 0, 8), torch.tensor(GAUSS_SEED1_KEY2), rtol=1e-6, atol=1e-6)
+    assert d.draw(1, 2, 0, 8, "rademacher").tolist() == RADEMACHER_SEED1_KEY2
+
+
+def test_word_to_uniform_is_exact_and_open():
+    words = torch.tensor([0, 511, 512, 0xFFFFFFFF], dtype=torch.int64)
+    u = d._uniform(words)
+    assert u.tolist() == [2.0**-24, 2.0**-24, 3 * 2.0**-24, 1 - 2.0**-24]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_slice_equals_slice_of_whole(kind):
+    chunk = d._CHUNK
+    whole = d.draw(7, 99, 0, chunk + 4099, kind)
+    for start, count in [(0, 1), (1, 6), (3, 13), (chunk - 3, 9), (chunk + 1, 4097), (5, chunk + 11)]:
+        assert torch.equal(d.draw(7, 99, start, count, kind), whole[start : start + count]), (start, count)
+
+
+def test_direction_like_shape_and_content():
+    p = torch.empty(33, 17)
+    z = d.direction_like(p, 3, 4)
+    assert z.shape == p.shape and z.dtype == torch.float32
+    assert torch.equal(z.view(-1), d.draw(3, 4, 0, p.numel()))
+
+
+def test_add_direction_matches_explicit():
+    target = torch.randn(3000, dtype=torch.float64)
+    expected = target + 0.5 * d.draw(11, 12, 0, 3000).double()
+    d.add_direction_(target, 11, 12, 0.5)
+    assert torch.equal(target, expected)
+
+
+def test_distinct_keys_and_seeds_give_distinct_directions():
+    a, b, c = d.draw(1, 2, 0, 1000), d.draw(1, 3, 0, 1000), d.draw(2, 2, 0, 1000)
+    assert abs(float((a * b).mean())) < 0.15 and abs(float((a * c).mean())) < 0.15
+
+
+def test_moments():
+    n = 1 << 20
+    z = d.draw(5, 6, 0, n).double()
+    # 5 standard errors: se(mean) = 1/sqrt(n), se(var) = sqrt(2/n).
+    assert abs(float(z.mean())) < 5 / n**0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float((z**4).mean()) - 3) < 0.05  # gaussian tails, not uniform-ish
+    r = d.draw(5, 6, 0, n, "rademacher")
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(float(r.mean())) < 5 / n**0.5
+
+
+def test_same_in_another_process():
+    code = "from distzo.directions import draw; import sys; sys.stdout.write(draw(123, 456, 1000, 64).numpy().tobytes().hex())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert bytes.fromhex(out) == d.draw(123, 456, 1000, 64).numpy().tobytes()
+
+
+def test_stable_keys():
+    assert d.stable_key("model.embed_tokens.weight") == 17744852841324204394
+    assert d.step_seed(0, 0, 0) == 15271282189758190121
+    assert d.step_seed(0, 1, 0) != d.step_seed(0, 0, 1)
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown perturbation kind"):
+        d.draw(0, 0, 0, 4, "uniform")
