@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distzo import directions, estimator
+from distzo import directions, estimator, kernels
 from distzo.directions import Kind
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
@@ -93,7 +93,11 @@ class ZOOptimizer:
         self._by_name = {p.name: p for p in self.params}
         numel = sum(p.param.numel() for p in self.params)
         self.cache_directions = numel * 4 * directions <= cache_bytes
-        self._z: dict[str, list[torch.Tensor]] = {}
+        self._z: dict[str, list[torch.Tensor]] = {}  # this step's directions, when cached
+        self._z_prev: dict[str, list[torch.Tensor]] = {}  # the pending update's directions
+        self._applying: PendingUpdate | None = None
+        self._unapplied: set[str] = set()
+        self._fused = kernels.fused_for(self.params[0].param)
         self._seed = 0
         self._direction = 0
         self.pending: PendingUpdate | None = None
@@ -107,21 +111,27 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def step(self, batch: Mapping[str, Any]) -> StepStats:
-        """Estimate the gradient along q directions at the current weights and queue the update."""
-        self.flush()
+        """Estimate the gradient along q directions at the current weights and queue the update.
+
+        The pending update of the previous step is applied unit by unit as the first
+        forward reaches it, in the same pass over the weights that builds the shadows.
+        """
         t = self.step_count
         seeds = [directions.step_seed(self.seed, t, j) for j in range(self.num_directions)]
         plus, other = [], []
         was_training = self.model.training
         self.model.eval()  # no dropout: both halves must see the same function
+        self._begin_update()
         try:
             for j, seed in enumerate(seeds):
                 self._seed, self._direction = seed, j
                 lp, lo = self._dual_losses(batch)
                 plus.append(lp)
                 other.append(lo)
+                self._finish_update()
         finally:
             self.model.train(was_training)
+            self._finish_update()
         grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
         loss = estimator.reported_loss(plus, other, self.estimator)
         lr = self.lr_at(t)
@@ -137,16 +147,30 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Apply the pending update, if any, to the weights."""
-        if self.pending is None:
-            return
-        update, self.pending = self.pending, None
-        for p in self.params:
-            cached = self._z.get(p.name)
-            apply_update_(
-                p.param, p.key, update.seeds, update.grads, update.lr, self.weight_decay, self.perturbation, cached
-            )
-        self._z.clear()
+        """Apply the pending update, if any, to the weights (before eval, save or replay)."""
+        self._begin_update()
+        self._finish_update()
+
+    def _begin_update(self) -> None:
+        self._applying, self.pending = self.pending, None
+        self._unapplied = {p.name for p in self.params} if self._applying else set()
+        self._z_prev, self._z = self._z, {}
+
+    def _finish_update(self) -> None:
+        """Apply the pending update to every parameter the forward did not reach."""
+        for name in list(self._unapplied):
+            self._apply_pending(self._by_name[name])
+        self._applying = None
+        self._z_prev = {}
+
+    def _apply_pending(self, p: TrainableParam) -> None:
+        self._unapplied.discard(p.name)
+        u = self._applying
+        cached = self._z_prev.pop(p.name, None)
+        if self._fused is not None and cached is None:
+            self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
+        else:
+            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else vars(self.pending).copy()
@@ -201,7 +225,16 @@ class ZOOptimizer:
 
     def _shadow(self, name: str, param: torch.Tensor, scales: tuple[float, float]) -> tuple[torch.Tensor, ...]:
         """theta + a*z and theta + b*z in the parameter's dtype; theta itself is never written."""
-        z = self._direction_of(self._by_name[name])
+        p = self._by_name[name]
+        if self._fused is not None:
+            update = self._applying if p.name in self._unapplied else None
+            self._unapplied.discard(p.name)
+            return self._fused.update_and_shadows(
+                param, p.key, update, self.weight_decay, self.perturbation, self._seed, scales
+            )
+        if p.name in self._unapplied:
+            self._apply_pending(p)
+        z = self._direction_of(p)
         return tuple(_perturbed(param, z, s) for s in scales)
 
 

@@ -1,0 +1,28 @@
+"""Fused GPU kernels for the ZO step.
+
+``fused_for(tensor)`` returns the kernel set for the tensor's device, or None where
+the torch path in ``distzo.update`` and ``distzo.optimizer`` serves (CPU, or a GPU
+without Triton). A kernel set provides
+
+    update_and_shadows(param, key, update, weight_decay, kind, seed, scales)
+        apply ``update`` (a PendingUpdate or None) to ``param`` in place and return
+        (param + scales[0] z, param + scales[1] z) for z = z(seed, key), in one pass;
+    apply_update(param, key, seeds, grads, lr, weight_decay, kind)
+        the update alone (``flush``),
+
+with results equal to the torch path's (same integer stream, same rounding rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_for(tensor: torch.Tensor):
+    if tensor.device.type != "cuda":
+        return None
+    try:
+        from distzo.kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
