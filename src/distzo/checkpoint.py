@@ -1,0 +1,452 @@
+"""Durable, atomic checkpoints and the trajectory log.
+
+A zeroth-order step changes the weights by (seed, projected gradient, learning rate): a few
+bytes. So the durable record of a run is the trajectory log, one fsync'd JSON line per step;
+base weights + log rebuild the trained weights exactly (``replay``). Full checkpoints are a
+shortcut for resuming and for handing the model to ordinary transformers code.
+
+Both survive a kill at any instant:
+
+* a checkpoint is written into ``<dir>.tmp-<pid>``, fsync'd, marked ``COMPLETE`` and only then
+  swapped in by renames, so ``<dir>`` (or, in the instant between the two renames, one of
+  its siblings) always holds a complete checkpoint;
+* the log is append-only, one line per step, and a torn last line is dropped on read.
+
+One process writes a given checkpoint directory or log (rank 0 in a distributed run).
+
+    save_checkpoint("out/ckpt", model, tokenizer, {"step": 500, "metrics": {...}})
+    state = load_checkpoint_state("out/ckpt")["trainer_state"]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import operator
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_FORMAT = 1
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new entry in ``folder`` durable (a no-op where unsupported)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under ``folder``.
+
+    Writers such as ``save_pretrained`` leave data in the page cache; publishing the folder
+    by rename before it reaches the disk could, after a power loss, expose empty files
+    under a name that claims to be complete.
+    """
+    root = Path(folder)
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(root)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a checkpoint whose writing finished (its marker is written last)."""
+    return (Path(directory) / COMPLETE).is_file()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model,
+    tokenizer,
+    state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+    *,
+    merged: bool = True,
+) -> Path:
+    """Write a complete checkpoint to ``directory``, replacing any previous one atomically.
+
+    ``state`` is the trainer state (JSON-serialisable, with an integer ``"step"``); the
+    optimizer state may hold tensors and is saved with ``torch.save``. A PEFT model is saved
+    twice: its adapter in ``adapter/`` and, when ``merged``, the merged full model at the top
+    so that ``AutoModelForCausalLM.from_pretrained(directory)`` works without peft.
+    """
+    dest = Path(directory)
+    state_text = _trainer_state_json(state)  # fail before touching the disk
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(dest)
+    tmp = _sibling(dest, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, model, tokenizer, state_text, optimizer_state, merged)
+        fsync_tree(tmp)
+        atomic_write_json(tmp / COMPLETE, {"format": CHECKPOINT_FORMAT, "step": state["step"]})
+        _swap_into_place(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _trainer_state_json(state: Mapping[str, Any]) -> str:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"trainer state must be a mapping, got {type(state).__name__}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"trainer state needs a non-negative integer 'step', got {step!r}")
+    try:
+        return json.dumps(dict(state), indent=2) + "\n"
+    except TypeError as exc:
+        raise TypeError(f"trainer state is not JSON-serialisable: {exc}") from exc
+
+
+def _write_contents(tmp: Path, model, tokenizer, state_text: str, optimizer_state, merged: bool) -> None:
+    if _is_peft(model):
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        if merged:
+            _merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / TRAINER_STATE).write_text(state_text, encoding="utf-8")
+    if optimizer_state is not None:
+        torch.save(dict(optimizer_state), tmp / OPTIMIZER_STATE)
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def _merged_copy(model):
+    # Merging in place and unmerging afterwards would not restore the weights bit for bit
+    # (W + BA - BA != W in floating point), and resume must be exact; so merge a copy.
+    # The copy costs one more model in memory: fine for the models LoRA is used with here.
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def _sibling(dest: Path, kind: str) -> Path:
+    return dest.with_name(f"{dest.name}.{kind}-{os.getpid()}")
+
+
+def _siblings(dest: Path) -> list[Path]:
+    found = [*dest.parent.glob(f"{dest.name}.tmp-*"), *dest.parent.glob(f"{dest.name}.old-*")]
+    return [p for p in found if p.is_dir()]
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` to ``dest``, moving an existing ``dest`` aside first.
+
+    A kill between the two renames leaves no ``dest`` but two complete siblings, which
+    ``recover_checkpoint`` (and ``load_checkpoint_state``, read-only) know how to use. An
+    exception in that window moves the old checkpoint back.
+    """
+    aside = None
+    if dest.exists():
+        aside = _sibling(dest, "old")
+        os.replace(dest, aside)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dest)
+        raise
+    fsync_dir(dest.parent)
+    if aside is not None:
+        _discard(aside)
+
+
+def _discard(folder: Path) -> None:
+    # Unmark first: a deletion killed halfway must not leave a folder that looks complete.
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _best_sibling(dest: Path) -> Path | None:
+    # Both siblings complete means the kill came between the two renames: the new one
+    # (tmp) is the later state. Among several, the most recently written wins.
+    complete = [p for p in _siblings(dest) if is_complete(p)]
+    complete.sort(key=lambda p: (".tmp-" in p.name, (p / COMPLETE).stat().st_mtime_ns), reverse=True)
+    return complete[0] if complete else None
+
+
+def recover_checkpoint(directory: str | os.PathLike) -> None:
+    """Finish what a killed ``save_checkpoint`` left: restore a missing ``directory`` from a
+    complete sibling and delete the other leftovers. Only the checkpoint's writer may call it.
+    """
+    dest = Path(directory)
+    if not dest.exists():
+        best = _best_sibling(dest)
+        if best is not None:
+            os.replace(best, dest)
+            fsync_dir(dest.parent)
+    for leftover in _siblings(dest):
+        _discard(leftover)
+
+
+def readable_checkpoint(directory: str | os.PathLike) -> Path:
+    """The folder holding the complete checkpoint ``directory`` stands for, without changing
+    anything on disk (a reader may run beside the writer)."""
+    dest = Path(directory)
+    if is_complete(dest):
+        return dest
+    if not dest.exists():
+        best = _best_sibling(dest)
+        if best is not None:
+            return best
+        raise FileNotFoundError(f"no checkpoint at '{dest}'")
+    raise ValueError(
+        f"checkpoint '{dest}' is incomplete (no {COMPLETE} marker): its writing was interrupted; "
+        "resume from another checkpoint or from the trajectory log"
+    )
+
+
+def load_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """``{"trainer_state": dict, "optimizer_state": dict | None, "path": str}``.
+
+    ``path`` is where the checkpoint was found (normally ``directory``); load the model's
+    weights from there too.
+    """
+    path = readable_checkpoint(directory)
+    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    optimizer_file = path / OPTIMIZER_STATE
+    optimizer_state = None
+    if optimizer_file.is_file():
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    return {"trainer_state": trainer_state, "optimizer_state": optimizer_state, "path": str(path)}
+
+
+# --------------------------------------------------------------------------- trajectory log
+
+
+@dataclass
+class TrajectoryHeader:
+    """What replay needs besides the per-step records: the base model and the update rule."""
+
+    model: str
+    """The base model, as ``ModelConfig.name`` spells it."""
+    perturbation: str = "gaussian"
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    """The run seed, from which every step seed derives."""
+    q: int = 1
+    """Directions per step."""
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else replay must agree on (revision, LoRA settings, ...); JSON values."""
+
+    def __post_init__(self) -> None:
+        from distzo.directions import KINDS
+        from distzo.models import canonical_dtype  # imported here: models imports this module
+
+        if not self.model:
+            raise ValueError("trajectory header needs the base model name")
+        if self.perturbation not in KINDS:
+            raise ValueError(f"perturbation must be one of {KINDS}, got '{self.perturbation}'")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a positive number, got {self.eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.q, int) or self.q < 1:
+            raise ValueError(f"q must be an integer >= 1, got {self.q}")
+        self.dtype = canonical_dtype(self.dtype)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrajectoryHeader:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown trajectory header keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class TrajectoryLog:
+    """Append-only JSON-lines log: a header line, then one line per optimiser step.
+
+        {"header": {"model": "default", "perturbation": "gaussian", "eps": 0.001, ...}}
+        {"step": 1, "seeds": [...], "grads": [...], "lr": 1e-06, "loss": 2.31}
+
+    A line counts once its newline is on disk: ``append`` writes the line and its newline
+    in one write and fsyncs before returning, and ``read`` drops an unterminated or
+    unparseable last line (a crash mid-write). Floats are written with ``repr`` precision,
+    which round-trips every double exactly, so replay sees the very numbers the run used.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = None
+        self._last_step: int | None = None
+
+    # ----- reading
+
+    def _lines(self) -> tuple[list[dict], int]:
+        """Parsed complete lines and the byte length they span (where a torn tail begins)."""
+        data = self.path.read_bytes()
+        parsed, end = [], 0
+        while end < len(data):
+            newline = data.find(b"\n", end)
+            if newline < 0:
+                break  # unterminated: torn by a crash
+            try:
+                parsed.append(json.loads(data[end:newline]))
+            except ValueError as exc:
+                if data[newline + 1 :].strip():
+                    raise ValueError(f"{self.path}: corrupt line {len(parsed) + 1}: {exc}") from exc
+                break  # garbage last line: torn too
+            end = newline + 1
+        return parsed, end
+
+    def header(self) -> TrajectoryHeader:
+        lines, _ = self._lines()
+        if not lines or "header" not in lines[0]:
+            raise ValueError(f"{self.path} has no trajectory header line")
+        return TrajectoryHeader.from_dict(lines[0]["header"])
+
+    def read(self) -> list[dict[str, Any]]:
+        """The step records, in order, without the header and without a torn last line."""
+        lines, _ = self._lines()
+        if not lines or "header" not in lines[0]:
+            raise ValueError(f"{self.path} has no trajectory header line")
+        return lines[1:]
+
+    def last_step(self) -> int | None:
+        records = self.read()
+        return records[-1]["step"] if records else None
+
+    # ----- writing
+
+    def start(self, header: TrajectoryHeader | Mapping[str, Any]) -> TrajectoryHeader:
+        """Create the log with ``header``, or check that an existing log has the same one
+        (resuming a run with other settings would make its trajectory unreplayable)."""
+        if not isinstance(header, TrajectoryHeader):
+            header = TrajectoryHeader.from_dict(header)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, _line({"header": asdict(header)}))
+            return header
+        existing = self.header()
+        if existing != header:
+            ours, theirs = asdict(header), asdict(existing)
+            differ = sorted(k for k in ours if ours[k] != theirs[k])
+            raise ValueError(f"{self.path} belongs to a run with different settings: {differ}")
+        return existing
+
+    def append(
+        self,
+        step: int,
+        seeds: Sequence[int],
+        grads: Sequence[float],
+        lr: float,
+        loss: float,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Durably record one optimiser step; steps must increase."""
+        record = _step_record(step, seeds, grads, lr, loss, extra)
+        handle = self._handle()
+        if self._last_step is not None and record["step"] <= self._last_step:
+            raise ValueError(f"step {record['step']} does not follow the logged step {self._last_step}")
+        handle.write(_line(record).encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+        self._last_step = record["step"]
+        return record
+
+    def _handle(self):
+        if self._file is None:
+            lines, end = self._lines()  # raises if the file is missing
+            if not lines or "header" not in lines[0]:
+                raise ValueError(f"{self.path} has no trajectory header line; call start() first")
+            if end < self.path.stat().st_size:
+                os.truncate(self.path, end)  # drop a torn tail before appending after it
+            self._last_step = lines[-1]["step"] if len(lines) > 1 else None
+            self._file = open(self.path, "ab")
+        return self._file
+
+    def truncate_after(self, step: int) -> int:
+        """Keep the records with ``step <= step`` (resume from a checkpoint older than the
+        log's end); returns how many were dropped. Rewritten atomically."""
+        self.close()
+        records = self.read()
+        header = self._lines()[0][0]
+        keep = [r for r in records if r["step"] <= step]
+        atomic_write_text(self.path, "".join(_line(x) for x in [header, *keep]))
+        return len(records) - len(keep)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._last_step = None
+
+    def __enter__(self) -> TrajectoryLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _line(obj: Mapping[str, Any]) -> str:
+    # NaN/inf are allowed (a diverged loss is still worth logging); Python reads them back.
+    return json.dumps(obj, separators=(",", ":")) + "\n"
+
+
+def _step_record(step, seeds, grads, lr, loss, extra) -> dict[str, Any]:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    seeds = [_as_int(s) for s in seeds]
+    grads = [float(g) for g in grads]  # exact for float32/float64 scalars and 0-d tensors
+    if len(seeds) != len(grads) or not seeds:
+        raise ValueError(f"need one projected gradient per seed, got {len(seeds)} seeds and {len(grads)} grads")
+    return {"step": step, "seeds": seeds, "grads": grads, "lr": float(lr), "loss": float(loss), **extra}
+
+
+def _as_int(value) -> int:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"a seed must be an integer, got {value!r}")
+    return operator.index(value)

