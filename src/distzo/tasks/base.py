@@ -1,0 +1,148 @@
+"""The data model every task produces: examples, splits, the task interface and its config.
+
+A task turns raw records into ``Example``s that already carry the prompt text and the
+verbalised answers, so batching (``collate``), losses and evaluation never need to
+know which task they are looking at.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["classification", "generation", "lm"]
+KINDS: tuple[str, ...] = ("classification", "generation", "lm")
+
+# Test examples are drawn with this seed whatever the training seed, so runs that differ
+# only in their seed are scored on the same examples (MeZO does the same).
+TEST_SEED = 0
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Example:
+    """One example, already rendered as text.
+
+    Classification: the model scores ``prompt + candidates[i]`` for every i. A candidate
+    is exactly the text that follows the prompt, with its leading space where the text
+    has one (" great" after "It was"; "Yes" after a prompt that ends in a newline).
+    Generation / SFT: the model is trained on ``target`` given ``prompt``; generation
+    tasks list every acceptable answer in ``answers`` for F1/EM.
+    Plain-text LM: ``prompt`` is "" and ``target`` is the text itself.
+    """
+
+    prompt: str
+    candidates: list[str] = field(default_factory=list)
+    gold: int | None = None
+    target: str | None = None
+    answers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.gold is not None and not 0 <= self.gold < len(self.candidates):
+            raise ValueError(f"gold index {self.gold} is out of range for {len(self.candidates)} candidates")
+
+
+@dataclass
+class TaskData:
+    """The three disjoint splits of a task."""
+
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+
+
+@dataclass
+class TaskConfig:
+    """Which task to load and how much of it."""
+
+    name: str = "rotten_tomatoes"
+    """Task name, a key of ``distzo.tasks.TASKS``."""
+    data_path: str | None = None
+    """Local copy of the data (a file, a folder of split files, or a ``save_to_disk`` folder).
+    Hub tasks read the hub when it is None; ``jsonl`` requires it; ``text`` defaults to Hamlet."""
+    num_train: int = 1000
+    """Training examples, sampled with ``seed``."""
+    num_dev: int = 500
+    """Development examples, disjoint from the training ones."""
+    num_test: int = 1000
+    """Test examples, drawn with a fixed seed so they do not change with ``seed``."""
+    seed: int = 0
+    """Seed of the train/dev sample."""
+    max_length: int = 256
+    """Token budget of a row; the text task cuts its chunks to about this many tokens."""
+    template: str | None = None
+    """Prompt template overriding the task's own, with ``{field}`` placeholders naming record
+    fields (e.g. "Review: {text}\\nSentiment:"). Only tasks with a flat prompt support it."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_dev", "num_test"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"TaskConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.max_length < 8:
+            raise ValueError(f"TaskConfig.max_length must be at least 8 tokens, got {self.max_length}")
+        if self.template is not None and not self.template.strip():
+            raise ValueError("TaskConfig.template is empty; leave it None to use the task's own template")
+        from distzo.tasks.registry import TASKS  # late import: the registry imports this module
+
+        if self.name not in TASKS:
+            raise ValueError(f"unknown task {self.name!r}; known tasks: {', '.join(sorted(TASKS))}")
+
+
+class Task:
+    """A task: a name, a kind (which loss and metric apply) and a loader."""
+
+    name: str = ""
+    kind: Kind = "classification"
+    supports_template: bool = False
+
+    def load(self, cfg: TaskConfig) -> TaskData:
+        raise NotImplementedError
+
+    def check_template(self, cfg: TaskConfig) -> None:
+        """Refuse a template override the task would ignore: no knob may silently do nothing."""
+        if cfg.template is not None and not self.supports_template:
+            raise ValueError(f"task {self.name!r} does not take a prompt template override")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
+
+
+def render(template: str, fields: dict) -> str:
+    """``template.format(**fields)`` with an error that lists the fields a template may use."""
+    try:
+        return template.format(**fields)
+    except KeyError as err:
+        offered = ", ".join("{" + k + "}" for k in fields)
+        raise ValueError(f"template field {{{err.args[0]}}} is not available; this task offers {offered}") from None
+
+
+def take(records: Sequence[T], order: Sequence[int], n: int, convert: Callable[[T], R | None]) -> tuple[list[R], int]:
+    """Convert records in ``order`` until ``n`` examples are made, skipping unusable ones.
+
+    Returns the examples and how many positions of ``order`` were used, so the next split
+    can continue where this one stopped and the splits stay disjoint.
+    """
+    out: list[R] = []
+    pos = 0
+    while len(out) < n and pos < len(order):
+        example = convert(records[order[pos]])
+        pos += 1
+        if example is not None:
+            out.append(example)
+    if len(out) < n:
+        log.warning("asked for %d examples, only %d are available", n, len(out))
+    return out, pos
+
+
+def shuffled(n: int, seed: int) -> list[int]:
+    """A permutation of range(n) that depends only on ``seed``."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
