@@ -26,7 +26,7 @@ from distzo.units import DualStream, TrainableParam, find_units, split_rows, tra
 from distzo.update import FULL_PRECISION, apply_update_
 
 # Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "logits_to_keep")
 # Keep the step's z in memory between the forward and the update when it fits:
 # it saves regenerating z, the main cost of a step on the CPU.
 DEFAULT_CACHE_BYTES = 2 << 30
