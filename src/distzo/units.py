@@ -25,6 +25,10 @@ from torch import nn
 from distzo.directions import stable_key
 
 
+class UnsupportedModel(RuntimeError):
+    """The model uses a trainable parameter in a way the unit wrappers cannot perturb."""
+
+
 @dataclass
 class Unit:
     """A module whose trainable parameters are perturbed as one."""
@@ -143,7 +147,7 @@ def _merge(a, b, rows: int, unit_name: str):
             return torch.cat((a, b), dim=0)
         if a.ndim >= 2 and a.shape[0] == 1:  # broadcast output (e.g. positions of shape (1, S))
             return torch.cat((a.expand(rows, *a.shape[1:]), b.expand(rows, *b.shape[1:])), dim=0)
-        raise RuntimeError(
+        raise UnsupportedModel(
             f"unit '{unit_name}' returned a tensor of shape {tuple(a.shape)} without a batch dimension; "
             "distzo cannot tell its two perturbed halves apart"
         )
@@ -156,7 +160,7 @@ def _merge(a, b, rows: int, unit_name: str):
         return type(a)(**merged) if _is_model_output(a) else merged
     if a == b:
         return a
-    raise RuntimeError(f"unit '{unit_name}' returned {type(a).__name__} values that differ between halves")
+    raise UnsupportedModel(f"unit '{unit_name}' returned {type(a).__name__} values that differ between halves")
 
 
 # ---------------------------------------------------------------- dual-stream forward
@@ -207,7 +211,7 @@ class DualStream:
                 unit.module.__dict__.pop("forward", None)
         never = [name for name, n in self.calls.items() if n == 0]
         if never:
-            raise RuntimeError(
+            raise UnsupportedModel(
                 f"the forward never called unit(s) {never[:3]}: their parameters are used outside their own "
                 "forward, so distzo cannot perturb them per half. Freeze them (requires_grad=False) or use LoRA."
             )

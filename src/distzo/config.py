@@ -1,0 +1,250 @@
+"""Typed run configuration: defaults < YAML file < command-line flags.
+
+Every field is a dataclass field with a type and a default, so the YAML schema, the
+``--help`` text and the validation all come from one place. Nested sections are
+addressed with dots on the command line (``--optim.lr 1e-5``); the common ones have
+short aliases (``--lr``, ``--model``, ``--task``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distzo.directions import check_kind
+from distzo.estimator import check_estimator
+from distzo.models import LoraSettings, ModelConfig
+from distzo.schedules import Schedule
+from distzo.tasks import TaskConfig
+
+
+@dataclass
+class OptimConfig:
+    """ZO-SGD hyper-parameters (MeZO's names and meanings)."""
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    directions: int = 1
+    """q: directions (pairs of perturbed forwards) per step."""
+    perturbation: str = "gaussian"
+    """gaussian | rademacher"""
+    estimator: str = "two-sided"
+    """two-sided | one-sided"""
+    schedule: str = "constant"
+    """constant | linear | cosine (decaying over `steps`)"""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.directions < 1:
+            raise ValueError(f"optim.directions must be >= 1, got {self.directions}")
+        check_kind(self.perturbation)
+        check_estimator(self.estimator)
+
+    def schedule_for(self, steps: int) -> Schedule:
+        return Schedule(self.schedule, self.warmup_steps, steps, self.min_lr_ratio)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are the offline default job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(num_test=500))
+    """The default job holds out 500 balanced examples; MeZO's protocol uses 1,000 (configs/)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    use_lora: bool = False
+    """Train LoRA adapters (settings under `lora`) instead of all weights."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    steps: int = 1000
+    batch_size: int = 16
+    eval_every: int = 0
+    """Evaluate on the dev split (and keep the best checkpoint) every N steps; 0 = never."""
+    eval_batch_size: int = 32
+    save_every: int = 0
+    """Write the `last` checkpoint every N steps (0 = at eval time and at the end)."""
+    log_every: int = 10
+    output_dir: str = "runs/distzo"
+    seed: int = 0
+    zero_shot: bool = True
+    """Evaluate the model on the test split before training."""
+    time_limit_minutes: float = 0.0
+    """Stop training (then evaluate and save as usual) after this much wall time; 0 = none."""
+    tensorboard: bool = True
+    progress: bool = True
+    resume: bool = False
+    """Continue the run in `output_dir` from its last checkpoint."""
+    max_skipped_steps: int = 10
+    """Abort after this many consecutive steps with a non-finite loss."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "time_limit_minutes", "max_skipped_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def build(cls, values: dict[str, Any], prefix: str = ""):
+    """``cls(**values)`` with nested sections, strict about unknown keys."""
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key '{prefix}{name}' must be a mapping")
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp, where: str):
+    """Check (and for numbers, convert) a YAML/CLI value to a field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, options[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return [coerce(v, item, where) for v in value]
+    try:
+        if tp is bool:
+            return _to_bool(value)
+        if tp is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or number != int(number):
+                raise ValueError
+            return int(number)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{where}' expects {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dotted_to_nested(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then dotted overrides (``{"optim.lr": 1e-5}``)."""
+    values = read_yaml(path) if path else {}
+    values = merge(values, dotted_to_nested(overrides or {}))
+    return build(TrainConfig, values)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat_fields(cls=TrainConfig, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted name, type, default, doc) of every leaf field, for building the CLI."""
+    out = []
+    hints = _field_types(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out += flat_fields(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f"{prefix}{f.name}", tp, default, docs.get(f.name, "")))
+    return out
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under a field), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())
+    return docs

@@ -1,0 +1,338 @@
+"""The training loop: data, steps, eval, metrics, checkpoints, the trajectory log, signals.
+
+    results = train(TrainConfig())          # the offline default job
+
+Files in ``output_dir``:
+    config.yaml            the resolved configuration
+    trajectory.jsonl       (step, seeds, g's, lr) per step: with the base model, the run
+    metrics.jsonl, tb/     training and eval metrics (JSON lines, TensorBoard)
+    checkpoints/last/      weights (save_pretrained) + trainer and optimizer state
+    checkpoints/best/      the best dev-metric checkpoint, when evaluating during training
+    results.json           zero-shot and final metrics, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distzo.checkpoint import (
+    TrajectoryHeader,
+    TrajectoryLog,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    load_checkpoint_state,
+    save_checkpoint,
+)
+from distzo.config import TrainConfig, dump_yaml
+from distzo.evaluate import evaluate
+from distzo.losses import default_loss
+from distzo.models import apply_lora, load_model
+from distzo.optimizer import StepStats, ZOOptimizer
+from distzo.tasks import get_task, load_task
+from distzo.tasks.collate import collate_train
+
+# The metric each task kind selects the best checkpoint by, and whether higher is better.
+SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
+
+
+class Interrupted(Exception):
+    """Raised out of ``train`` after SIGINT/SIGTERM, once the last checkpoint is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; the last checkpoint is saved")
+        self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for too many consecutive steps."""
+
+
+def build_model(cfg: TrainConfig, checkpoint: Path | None = None):
+    """The model as the run trains it: base weights, then LoRA adapters seeded by the run.
+
+    From a checkpoint: its full weights, or for LoRA the base model with its adapter.
+    """
+    if checkpoint is not None and not cfg.use_lora:
+        return load_model(replace(cfg.model, name=str(checkpoint)))
+    model, tokenizer = load_model(cfg.model)
+    if cfg.use_lora and checkpoint is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, checkpoint / "adapter", is_trainable=True), tokenizer
+    if cfg.use_lora:
+        torch.manual_seed(cfg.seed)  # adapter init is random: replay must redo it identically
+        model = apply_lora(model, cfg.lora)
+    return model, tokenizer
+
+
+def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
+    extra: dict[str, Any] = {"revision": cfg.model.revision}
+    if cfg.use_lora:
+        extra["lora"] = asdict(cfg.lora)
+    return TrajectoryHeader(
+        model=cfg.model.name,
+        perturbation=cfg.optim.perturbation,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        seed=cfg.seed,
+        q=cfg.optim.directions,
+        dtype=cfg.model.dtype,
+        extra=extra,
+    )
+
+
+class BatchStream:
+    """Step t's batch is a pure function of (seed, t): a fresh permutation per epoch."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int):
+        if not examples:
+            raise ValueError("the training split is empty")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.examples)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._perms = {epoch: order}  # keep one epoch: steps only move forward
+        return self._perms[epoch]
+
+    def at(self, step: int) -> list:
+        n = len(self.examples)
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [self.examples[self._perm(p // n)[p % n]] for p in positions]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.last_dir = self.out / "checkpoints" / "last"
+        self.best_dir = self.out / "checkpoints" / "best"
+        self._check_output_dir()
+        self.task = get_task(cfg.task.name)
+        self.data = load_task(cfg.task)
+        self.state: dict[str, Any] = {"step": 0, "best": None, "zero_shot": None}
+        saved = None
+        if cfg.resume:
+            saved = load_checkpoint_state(self.last_dir)
+            self.state = saved["trainer_state"]
+        self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None)
+        self.opt = ZOOptimizer(
+            self.model,
+            lr=cfg.optim.lr,
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            directions=cfg.optim.directions,
+            perturbation=cfg.optim.perturbation,
+            seed=cfg.seed,
+            loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
+            schedule=cfg.optim.schedule_for(cfg.steps),
+            estimator=cfg.optim.estimator,
+        )
+        self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed)
+        if saved:
+            self.opt.load_state_dict(saved["optimizer_state"])
+        self.log = TrajectoryLog(self.out / "trajectory.jsonl")
+        self._signal: int | None = None
+        self._writer = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_output_dir(self) -> None:
+        has_run = (self.out / "trajectory.jsonl").exists() or self.last_dir.exists()
+        if has_run and not self.cfg.resume:
+            raise FileExistsError(
+                f"output directory '{self.out}' already holds a run; pass --resume to continue it "
+                "or choose another --output-dir"
+            )
+        if self.cfg.resume and not has_run:
+            raise FileNotFoundError(f"--resume: no run to continue in '{self.out}'")
+
+    def _start(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+        self.log.start(trajectory_header(self.cfg))
+        if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
+            self.log.truncate_after(self.state["step"] - 1)
+        self._trim_metrics()
+        if self.cfg.tensorboard:
+            self._writer = _tensorboard(self.out / "tb")
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop metric lines past the checkpoint: they will be redone."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.state["step"]]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict[str, Any]:
+        start_time = time.time()
+        self._start()
+        cfg = self.cfg
+        if cfg.zero_shot and self.state["zero_shot"] is None:
+            self.state["zero_shot"] = self._evaluate(self.data.test, "zero_shot")
+        previous = _install_signal_handlers(self._on_signal)
+        try:
+            self._loop(start_time)
+        finally:
+            _restore_signal_handlers(previous)
+        self.opt.flush()
+        final = self._evaluate(self.data.test, "test")
+        self._save(self.last_dir)
+        results = {
+            "task": cfg.task.name,
+            "model": cfg.model.name,
+            "steps": self.state["step"],
+            "zero_shot": self.state["zero_shot"],
+            "final": final,
+            "best_dev": self.state["best"],
+            "test_examples": len(self.data.test),
+            "wall_seconds": round(time.time() - start_time, 1),
+        }
+        atomic_write_json(self.out / "results.json", results)
+        self.log.close()
+        if self._writer:
+            self._writer.close()
+        return results
+
+    def _loop(self, start_time: float) -> None:
+        cfg = self.cfg
+        deadline = start_time + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else math.inf
+        bar = _progress(cfg, self.state["step"])
+        skipped_in_row = 0
+        tokens, window_start, rate = 0, time.time(), 0.0
+        while self.state["step"] < cfg.steps:
+            t = self.state["step"]
+            batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
+            stats = self.opt.step(batch)
+            self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss, skipped=stats.skipped)
+            self.state["step"] = t + 1
+            tokens += int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions
+            skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
+            if skipped_in_row > cfg.max_skipped_steps:
+                raise TrainingDiverged(
+                    f"the loss was non-finite for {skipped_in_row} steps in a row (lower optim.lr or optim.eps); "
+                    f"the last checkpoint, if any, is kept in {self.last_dir}"
+                )
+            if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.steps:
+                rate = tokens / max(time.time() - window_start, 1e-9)
+                self._metric({"step": t + 1, "loss": stats.loss, "grad": stats.projected_grads[0], "lr": stats.lr,
+                              "tokens_per_s": rate})
+                tokens, window_start = 0, time.time()
+            _advance(bar, stats, rate)
+            self._maybe_eval_and_save(t + 1)
+            if self._signal is not None:
+                self.opt.flush()
+                self._save(self.last_dir)
+                raise Interrupted(self._signal)
+            if time.time() > deadline:
+                print(f"time limit of {cfg.time_limit_minutes} min reached after {t + 1} steps")
+                break
+        if bar is not None:
+            bar.close()
+
+    def _maybe_eval_and_save(self, step: int) -> None:
+        cfg = self.cfg
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self.opt.flush()
+            metrics = self._evaluate(self.data.dev, "dev")
+            name, higher = SELECT_BY[self.task.kind]
+            best = self.state["best"]
+            if best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name]):
+                self.state["best"] = {**metrics, "step": step}
+                self._save(self.best_dir)
+            self._save(self.last_dir)
+        elif cfg.save_every and step % cfg.save_every == 0:
+            self._save(self.last_dir)
+
+    def _evaluate(self, examples, split: str) -> dict[str, float]:
+        if not examples:
+            return {}
+        metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
+                           self.cfg.task.max_length)
+        self._metric({"step": self.state["step"], "split": split, **metrics})
+        return metrics
+
+    def _save(self, directory: Path) -> None:
+        self.opt.flush()
+        if not all(torch.isfinite(p.param).all() for p in self.opt.params):
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {self.state['step']} (lower optim.lr); "
+                f"not saving over the checkpoint in {directory}"
+            )
+        save_checkpoint(directory, self.model, self.tokenizer, self.state, self.opt.state_dict())
+
+    def _metric(self, row: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            prefix = row.get("split", "train")
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    return Trainer(cfg).run()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed; metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="distzo", unit="step", dynamic_ncols=True)
+
+
+def _advance(bar, stats: StepStats, tokens_per_s: float) -> None:
+    if bar is None:
+        return
+    bar.set_postfix(loss=f"{stats.loss:.4f}", g=f"{stats.projected_grads[0]:+.3g}", tok_s=f"{tokens_per_s:.0f}",
+                    refresh=False)
+    bar.update(1)
+
+
+def _install_signal_handlers(handler):
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

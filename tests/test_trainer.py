@@ -1,0 +1,187 @@
+"""The real entry point on a tiny model: logged losses, resume, replay, kills, signals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_WORDS
+from reference_mezo import mezo_step
+from safetensors.torch import load_file
+
+from distzo.checkpoint import TrajectoryLog, is_complete
+from distzo.cli import main
+from distzo.config import load_config
+from distzo.losses import default_loss
+from distzo.models import ModelConfig, load_model
+from distzo.replay import replay
+from distzo.tasks import get_task, load_task
+from distzo.tasks.collate import collate_train
+from distzo.trainer import BatchStream
+
+GOOD = {"good", "great"}
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    """A local SST-2 copy in the hub's schema, written in the tiny model's vocabulary."""
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("sst2")
+    for split, n in (("train", 64), ("validation", 16)):
+        rows = []
+        for i in range(n):
+            words = rng.sample(TINY_WORDS, 5)
+            rows.append({"sentence": " ".join(words), "label": int(bool(GOOD & set(words))), "idx": i})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _args(model_dir, data_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--task", "sst2", "--data", str(data_dir), "--output-dir", str(out),
+            "--task.num_train", "32", "--task.num_dev", "8", "--task.num_test", "16", "--batch-size", "4",
+            "--lr", "1e-2", "--eps", "1e-2", "--progress", "false", "--tensorboard", "false", *extra]
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in TrajectoryLog(out / "trajectory.jsonl").read()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_logged_losses_match_reference_mezo(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "5", "--zero_shot", "false")) == 0
+    logged = TrajectoryLog(out / "trajectory.jsonl").read()
+    assert [r["step"] for r in logged] == list(range(5))
+    # the same five steps by MeZO's four-pass reference, on the same batches
+    cfg = load_config(overrides={"model.name": str(tiny_model_dir), "task.name": "sst2",
+                                 "task.data_path": str(sst2_dir), "task.num_train": 32, "task.num_dev": 8,
+                                 "task.num_test": 16})
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir)))
+    stream = BatchStream(load_task(cfg.task).train, 4, 0)
+    for t, record in enumerate(logged):
+        batch = collate_train(stream.at(t), tokenizer, get_task("sst2").kind, cfg.task.max_length)
+        plus, minus, grads = mezo_step(model, batch, t, lr=1e-2, eps=1e-2,
+                                       loss_fn=lambda o, b: default_loss(o.logits, b))
+        assert record["loss"] == pytest.approx((plus[0] + minus[0]) / 2, abs=2e-5)
+        assert record["grads"][0] == pytest.approx(grads[0], abs=2e-3)
+    assert len(set(_losses(out))) == 5  # the weights move: not a constant loss
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, sst2_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_args(tiny_model_dir, sst2_dir, whole, "--steps", "6")) == 0
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "3")) == 0
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "6", "--resume")) == 0
+    assert _losses(whole) == _losses(split)
+    a, b = _weights(whole / "checkpoints" / "last"), _weights(split / "checkpoints" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = json.loads((split / "results.json").read_text())
+    assert results["steps"] == 6 and results["zero_shot"] is not None
+
+
+def test_replay_equals_checkpoint(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--optim.weight_decay", "0.1")) == 0
+    rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt")
+    a, b = _weights(out / "checkpoints" / "last"), _weights(rebuilt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = _weights(tiny_model_dir)
+    assert any(not torch.equal(base[k], a[k]) for k in a)  # training changed the weights
+
+
+def test_lora_run_resumes_and_replays(tiny_model_dir, sst2_dir, tmp_path):
+    lora = ["--lora", "--lora.target_modules", "q_proj,v_proj", "--lr", "1e-1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_args(tiny_model_dir, sst2_dir, whole, "--steps", "4", *lora)) == 0
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "2", *lora)) == 0
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "4", "--resume", *lora)) == 0
+    assert _losses(whole) == _losses(split)
+    merged = _weights(whole / "checkpoints" / "last")
+    rebuilt = _weights(replay(str(tiny_model_dir), whole / "trajectory.jsonl", tmp_path / "rebuilt"))
+    assert all(torch.equal(merged[k], rebuilt[k]) for k in merged)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(whole / "checkpoints" / "last")  # plain transformers loads it
+
+
+def _spawn(args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "distzo.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_and_exits(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(_args(tiny_model_dir, sst2_dir, out, "--steps", "100000", "--zero_shot", "false"))
+    _wait_for(out / "trajectory.jsonl")
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err
+    last = out / "checkpoints" / "last"
+    assert is_complete(last)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == len(_losses(out)) > 0
+
+
+def test_killed_run_leaves_last_checkpoint_loadable_and_resumes(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(_args(tiny_model_dir, sst2_dir, out, "--steps", "100000", "--save-every", "1",
+                        "--zero_shot", "false"))
+    _wait_for(out / "checkpoints" / "last" / "COMPLETE")
+    time.sleep(1.5)  # land somewhere inside a later save or step
+    proc.kill()
+    proc.communicate(timeout=60)
+    from transformers import AutoModelForCausalLM
+
+    from distzo.checkpoint import readable_checkpoint
+
+    folder = readable_checkpoint(out / "checkpoints" / "last")
+    AutoModelForCausalLM.from_pretrained(folder)
+    step = json.loads((folder / "trainer_state.json").read_text())["step"]
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", str(step + 2), "--resume")) == 0
+    assert [r["step"] for r in TrajectoryLog(out / "trajectory.jsonl").read()] == list(range(step + 2))
+
+
+def test_nan_losses_abort_and_keep_the_good_checkpoint(tiny_model_dir, sst2_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "2", "--zero_shot", "false")) == 0
+    good = _weights(out / "checkpoints" / "last")
+    monkeypatch.setattr("distzo.trainer.default_loss", lambda logits, batch: torch.tensor(float("nan")))
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        code = main(_args(tiny_model_dir, sst2_dir, out, "--steps", "50", "--max_skipped_steps", "2",
+                          "--save-every", "1", "--resume"))
+    assert code == 3
+    assert "non-finite for 3 steps" in capsys.readouterr().err
+    kept = _weights(out / "checkpoints" / "last")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert all(r["skipped"] for r in TrajectoryLog(out / "trajectory.jsonl").read()[2:])
+
+
+def test_non_finite_weights_are_never_saved(tiny_model_dir, sst2_dir, tmp_path):
+    from distzo.trainer import Trainer, TrainingDiverged
+
+    cfg = load_config(overrides={"model.name": str(tiny_model_dir), "task.name": "sst2", "task.data_path": str(sst2_dir),
+                                 "output_dir": str(tmp_path / "run"), "tensorboard": False})
+    trainer = Trainer(cfg)
+    trainer.opt.params[0].param.data[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        trainer._save(trainer.last_dir)
+    assert not trainer.last_dir.exists()
