@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 # Before transformers is imported anywhere: huggingface_hub reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
-if str(_SRC) not in sys.path:  # lets the tests run from a checkout without installing
-    sys.path.insert(0, str(_SRC))
 
 TINY_WORDS = "the a movie film was is good bad great terrible plot acting not very".split()
 
