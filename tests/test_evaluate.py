@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from distzo.evaluate import (
     accuracy,
     evaluate,
     exact_match,
     f1_score,
+    forward_logits,
     generation_scores,
     mean_loss,
     normalize_answer,
@@ -115,6 +116,42 @@ def test_batched_scores_match_unbatched_right_padded_scores(tokenizer, llama):
     predicted = [int(s.argmax()) for s in batched]
     expected = sum(p == e.gold for p, e in zip(predicted, examples)) / 3
     assert accuracy(llama, tokenizer, examples, batch_size=2) == expected
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_single_token_candidates_take_one_row_per_example(tokenizer, family, request):
+    model = request.getfixturevalue(family)
+    examples = [
+        Example(prompt="Review: a quiet, patient film that earns its end.\nSentiment:", candidates=SENTIMENT, gold=1),
+        Example(prompt="Short.", candidates=[" Yes", " No", " Maybe"], gold=2),
+        Example(prompt="Review: two hours I will never get back\nSentiment:", candidates=SENTIMENT, gold=0),
+        Example(prompt="Is the sky green?", candidates=[" No", " Yes"], gold=0),
+        Example(prompt="Review: fine\nSentiment:", candidates=SENTIMENT, gold=1),
+    ]
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape)))
+    try:
+        shared = score_candidates(model, tokenizer, examples, batch_size=3)
+    finally:
+        hook.remove()
+    assert shapes == [(3, 1, VOCAB), (2, 1, VOCAB)]  # a row per example, the last position only
+    rows = []  # a row per candidate, full logits
+    for start in (0, 3):
+        batch = collate_candidates(examples[start : start + 3], tokenizer, 256, padding_side="left")
+        with torch.no_grad():
+            scores = candidate_scores(forward_logits(model, batch), batch)
+        rows += [row[:n] for row, n in zip(scores, batch["num_candidates"].tolist())]
+    for a, b in zip(shared, rows):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    expected = sum(int(s.argmax()) == e.gold for s, e in zip(rows, examples)) / len(examples)
+    assert accuracy(model, tokenizer, examples, batch_size=3) == expected
 
 
 def test_evaluation_restores_training_mode(tokenizer, llama):

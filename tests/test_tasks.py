@@ -12,7 +12,7 @@ import torch
 
 from distzo.tasks import TASKS, Example, TaskConfig, collate_candidates, collate_train, get_task, load_task
 from distzo.tasks import rotten_tomatoes as rt
-from distzo.tasks.collate import IGNORE_INDEX, bos_ids, collate_prompts, pad_id
+from distzo.tasks.collate import IGNORE_INDEX, bos_ids, collate_classification, collate_prompts, pad_id
 from distzo.tasks.local import chunk_text
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -424,3 +424,69 @@ def test_collate_bos_and_pad_fallback():
     left = collate_prompts([Example(prompt="abc"), Example(prompt="a")], tok, max_length=8)
     assert left["input_ids"].tolist() == [[1, 100, 101, 102], [2, 2, 1, 100]]
     assert left["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+CB = [" Yes", " No", " Maybe"]
+
+
+def test_collate_classification_shares_the_prompt(tokenizer):
+    examples = [
+        Example(prompt="Review: a fine film\nSentiment:", candidates=[" negative", " positive"], gold=1),
+        Example(prompt="Suppose it rains. Can we infer that the ground is wet?", candidates=CB, gold=2),
+        Example(prompt="Short", candidates=[" No", " Yes"]),
+    ]
+    assert all(len(ids_of(tokenizer, c)) == 1 for e in examples for c in e.candidates)
+    batch = collate_train(examples, tokenizer, "classification", max_length=64)
+    assert "labels" not in batch and batch["logits_to_keep"] == 1
+    assert batch["num_candidates"].tolist() == [2, 3, 2] and batch["gold"].tolist() == [1, 2, IGNORE_INDEX]
+    assert batch["candidate_ids"].tolist() == [
+        ids_of(tokenizer, " negative") + ids_of(tokenizer, " positive") + [-1],
+        [ids_of(tokenizer, c)[0] for c in CB],
+        ids_of(tokenizer, " No") + ids_of(tokenizer, " Yes") + [-1],
+    ]
+    width = batch["input_ids"].shape[1]
+    for r, e in enumerate(examples):  # left-padded: every prompt ends at the last position
+        p = ids_of(tokenizer, e.prompt)
+        pad = width - len(p)
+        assert batch["input_ids"][r].tolist() == [pad_id(tokenizer)] * pad + p
+        assert batch["attention_mask"][r].tolist() == [0] * pad + [1] * len(p)
+        assert batch["position_ids"][r].tolist() == [0] * pad + list(range(len(p)))
+
+
+def test_collate_classification_truncates_the_prompt_as_candidate_rows_do(tokenizer):
+    prompt = " ".join(f"word{i}" for i in range(200)) + " It was"
+    e = Example(prompt=prompt, candidates=[" great", " terrible"], gold=0)
+    shared = collate_classification([e], tokenizer, max_length=16)
+    rows = collate_candidates([e], tokenizer, max_length=16)
+    assert shared["input_ids"].tolist() == [rows["input_ids"][0, :-1].tolist()]  # the context of the answer
+    assert shared["input_ids"].shape == (1, 15)
+
+
+def test_collate_classification_falls_back_to_a_row_per_candidate(tokenizer):
+    examples = [
+        Example(prompt="Review: fine\nSentiment:", candidates=[" negative", " positive"], gold=1),
+        Example(prompt="Is it?", candidates=[" Yes", " No", " Maybe not at all"], gold=0),  # several tokens
+    ]
+    for side in ("right", "left"):
+        batch = collate_classification(examples, tokenizer, 64, fallback_side=side)
+        expected = collate_candidates(examples, tokenizer, 64, padding_side=side)
+        assert batch.keys() == expected.keys() and "candidate_ids" not in batch
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="no candidates"):
+        collate_classification([Example(prompt="x", candidates=[])], tokenizer, 64)
+
+
+def test_collate_classification_bos_and_empty_prompts():
+    tok = CharTokenizer()
+    examples = [Example(prompt="abcdef", candidates=["x", "y"], gold=1), Example(prompt="", candidates=["z"], gold=0)]
+    batch = collate_classification(examples, tok, max_length=5)
+    assert batch["input_ids"].tolist() == [[1, 103, 104, 105], [2, 2, 2, 1]]  # room for one answer token
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
+    assert batch["candidate_ids"].tolist() == [[123, 124], [125, -1]]
+
+    class NoBos(CharTokenizer):
+        bos_token_id = None
+
+    # Without BOS an empty prompt leaves nothing to predict the answer from: a row per candidate.
+    fallback = collate_classification(examples, NoBos(), max_length=5)
+    assert "candidate_ids" not in fallback and fallback["input_ids"].shape[0] == 3

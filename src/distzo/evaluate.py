@@ -19,7 +19,7 @@ import torch
 
 from distzo.losses import candidate_scores, token_nll
 from distzo.tasks.base import Example, Task
-from distzo.tasks.collate import collate_candidates, collate_prompts, collate_train, pad_id
+from distzo.tasks.collate import collate_classification, collate_prompts, collate_train, pad_id
 
 
 def evaluate(
@@ -61,15 +61,19 @@ def score_candidates(
 ) -> list[torch.Tensor]:
     """Each example's candidate scores (mean token log-probability), one forward per batch.
 
-    Rows are left-padded so all candidates end at the last position; a model that takes
-    ``logits_to_keep`` then computes the vocabulary projection only for the last few
-    positions instead of (rows, length, vocab) logits.
+    Where every candidate of a batch is a single token, a batch has one row per example
+    and the model computes the vocabulary projection for the last position only.
+    Otherwise there is a row per candidate, left-padded so all candidates end at the
+    last position, and a model that takes ``logits_to_keep`` projects only the last
+    few positions instead of producing (rows, length, vocab) logits.
     """
     out: list[torch.Tensor] = []
     with eval_mode(model):
         for chunk in batches(examples, batch_size):
-            batch = collate_candidates(chunk, tokenizer, max_length, padding_side="left")
-            logits = forward_logits(model, batch, keep_last=_answer_span(batch["labels"]))
+            batch = collate_classification(chunk, tokenizer, max_length, fallback_side="left")
+            shared = "candidate_ids" in batch
+            keep = batch["logits_to_keep"] if shared else _answer_span(batch["labels"])
+            logits = forward_logits(model, batch, keep_last=keep)
             scores = candidate_scores(logits, batch).cpu()
             out += [row[:n] for row, n in zip(scores, batch["num_candidates"].tolist())]
     return out

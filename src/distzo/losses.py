@@ -8,6 +8,11 @@ float32 copy is (label tokens, V), not the whole tensor.
 Labels are aligned with input_ids; the logit at position t predicts the label at t+1.
 The batch-level losses take the logits or the model's output itself, so they serve
 directly as a ``loss_fn(outputs, batch)``.
+
+Candidate batches come in two formats (see ``distzo.tasks.collate``): one row per
+(example, candidate) with labels, or, when every candidate is a single token, one row
+per example with ``candidate_ids``, scored from the logits of the last position alone.
+Both give the same scores.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def lm_loss(logits: torch.Tensor | Any, batch: Mapping[str, torch.Tensor]) -> to
 
 def candidate_scores(logits: torch.Tensor | Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """(E, C_max) scores: each candidate's mean log-probability per token, -inf past an example's candidates."""
+    if "candidate_ids" in batch:
+        return next_token_scores(_logits(logits), batch["candidate_ids"])
     scores = -per_row_token_nll(_logits(logits), batch["labels"])
     counts = batch["num_candidates"].to(scores.device)
     width = int(counts.max()) if counts.numel() else 0
@@ -60,11 +67,24 @@ def candidate_scores(logits: torch.Tensor | Any, batch: Mapping[str, torch.Tenso
     return grid.masked_scatter(valid, scores)
 
 
+def next_token_scores(logits: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """(E, C_max) float32 log-probabilities of single-token candidates at each row's last position.
+
+    Rows are left-padded, so the last position is the prompt's last token whatever its
+    length; ``candidate_ids`` is -1 past an example's candidates, which score -inf.
+    """
+    ids = candidate_ids.to(logits.device)
+    logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+    scores = logp.gather(1, ids.clamp_min(0))
+    return scores.masked_fill(ids < 0, float("-inf"))
+
+
 def candidate_loss(logits: torch.Tensor | Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """MeZO's classification loss: cross-entropy of the gold candidate over the candidates' scores.
 
     A candidate's score is its mean token log-likelihood, so long and short answers
-    compete on equal terms; examples may have different numbers of candidates.
+    compete on equal terms; examples may have different numbers of candidates. Takes
+    either candidate format; the loss is the mean over examples.
     """
     scores = candidate_scores(logits, batch)
     return F.cross_entropy(scores, batch["gold"].to(scores.device))

@@ -9,7 +9,15 @@ Every batch holds ``input_ids``, ``attention_mask`` and ``labels`` (R, S), with 
 aligned to input_ids (not shifted: the loss shifts) and -100 wherever no loss applies.
 Classification batches trained with MeZO's candidate loss have one row per
 (example, candidate), example-major, plus ``num_candidates`` (E,) and ``gold`` (E,).
-Only input_ids and attention_mask (and position_ids where present) go to the model.
+
+When every candidate is a single token the candidates share their prompt, and a
+candidate's score is just the log-probability of its token at the prompt's last
+position. ``collate_classification`` then builds one left-padded row per example, with
+no labels but ``candidate_ids`` (E, C_max) (-1 past an example's candidates),
+``position_ids`` and ``logits_to_keep=1``: C times fewer rows, and the vocabulary
+projection runs on one position per row.
+
+Only input_ids, attention_mask, position_ids and logits_to_keep go to the model.
 """
 
 from __future__ import annotations
@@ -37,17 +45,18 @@ def collate_train(
     kind: str,
     max_length: int,
     train_as_classification: bool = True,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | int]:
     """A training batch for a task of ``kind``.
 
-    Classification trains with the candidate loss by default; with
+    Classification trains with the candidate loss by default (one row per example when
+    every candidate is a single token, see ``collate_classification``); with
     ``train_as_classification=False`` it trains the LM loss on the gold answer alone.
     Generation and LM rows are one per example with labels on the target tokens.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
     if kind == "classification" and train_as_classification:
-        return collate_candidates(examples, tokenizer, max_length)
+        return collate_classification(examples, tokenizer, max_length)
     if kind == "classification":
         targets = [_gold_answer(e) for e in examples]
     else:
@@ -58,6 +67,31 @@ def collate_train(
     return pad_rows(rows, pad_id(tokenizer), "right")
 
 
+def collate_classification(
+    examples: Sequence[Example], tokenizer, max_length: int, fallback_side: Side = "right"
+) -> dict[str, torch.Tensor | int]:
+    """One left-padded prompt row per example when every candidate is a single token, else
+    ``collate_candidates`` (padded on ``fallback_side``).
+
+    The prompt is cut as a candidate row would cut it (room left for one answer token),
+    so both formats score the candidates on the same context.
+    """
+    prompts, candidates = _tokenize_candidates(examples, tokenizer)
+    bos = bos_ids(tokenizer)
+    rows = _shared_prompt_rows(bos, prompts, candidates, max_length)
+    if rows is None:
+        return _candidate_batch(examples, prompts, candidates, bos, max_length, pad_id(tokenizer), fallback_side)
+    batch: dict[str, torch.Tensor | int] = dict(pad_rows(rows, pad_id(tokenizer), "left"))
+    del batch["labels"]
+    # Positions count real tokens only, so a model with absolute positions sees the
+    # prompt where it would be unpadded.
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    batch["logits_to_keep"] = 1
+    batch["candidate_ids"] = _candidate_grid([[c[0] for c in cands] for cands in candidates])
+    batch.update(_answer_keys(examples))
+    return batch
+
+
 def collate_candidates(
     examples: Sequence[Example], tokenizer, max_length: int, padding_side: Side = "right"
 ) -> dict[str, torch.Tensor]:
@@ -66,23 +100,72 @@ def collate_candidates(
     Evaluation pads on the left so that every row's candidate ends at the last position
     and the model need only produce logits for the last few positions.
     """
+    prompts, candidates = _tokenize_candidates(examples, tokenizer)
+    bos = bos_ids(tokenizer)
+    return _candidate_batch(examples, prompts, candidates, bos, max_length, pad_id(tokenizer), padding_side)
+
+
+def _tokenize_candidates(examples: Sequence[Example], tokenizer) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """The prompts' ids and, per example, its candidates' ids, each text tokenised on its own."""
     for e in examples:
         if not e.candidates:
             raise ValueError(f"example has no candidates to score: {e.prompt[:80]!r}")
     prompts = _tokenize(tokenizer, [e.prompt for e in examples])
     flat = _tokenize(tokenizer, [c for e in examples for c in e.candidates])
-    bos = bos_ids(tokenizer)
-    rows, start = [], 0
-    for e, prompt in zip(examples, prompts):
-        for text, cand in zip(e.candidates, flat[start : start + len(e.candidates)]):
+    candidates, start = [], 0
+    for e in examples:
+        ids = flat[start : start + len(e.candidates)]
+        for text, cand in zip(e.candidates, ids):
             if not cand:
                 raise ValueError(f"candidate {text!r} tokenises to nothing")
-            rows.append(_row(bos, prompt, cand, max_length, truncate_target=False))
+        candidates.append(ids)
         start += len(e.candidates)
-    batch = pad_rows(rows, pad_id(tokenizer), padding_side)
-    batch["num_candidates"] = torch.tensor([len(e.candidates) for e in examples], dtype=torch.long)
-    batch["gold"] = torch.tensor([IGNORE_INDEX if e.gold is None else e.gold for e in examples], dtype=torch.long)
+    return prompts, candidates
+
+
+def _shared_prompt_rows(
+    bos: list[int], prompts: list[list[int]], candidates: list[list[list[int]]], max_length: int
+) -> list[Row] | None:
+    """The prompt rows, or None where a candidate has several tokens or a row would be empty
+    (nothing to predict the first token from: the candidate rows' own handling applies)."""
+    if max_length <= len(bos) or any(len(c) != 1 for cands in candidates for c in cands):
+        return None
+    rows = [_row(bos, p, [], max_length - 1, truncate_target=True) for p in prompts]
+    return rows if all(r.ids for r in rows) else None
+
+
+def _candidate_batch(
+    examples: Sequence[Example],
+    prompts: list[list[int]],
+    candidates: list[list[list[int]]],
+    bos: list[int],
+    max_length: int,
+    pad: int,
+    side: Side,
+) -> dict[str, torch.Tensor]:
+    rows = [
+        _row(bos, prompt, cand, max_length, truncate_target=False)
+        for prompt, cands in zip(prompts, candidates)
+        for cand in cands
+    ]
+    batch = pad_rows(rows, pad, side)
+    batch.update(_answer_keys(examples))
     return batch
+
+
+def _answer_keys(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    return {
+        "num_candidates": torch.tensor([len(e.candidates) for e in examples], dtype=torch.long),
+        "gold": torch.tensor([IGNORE_INDEX if e.gold is None else e.gold for e in examples], dtype=torch.long),
+    }
+
+
+def _candidate_grid(ids: list[list[int]]) -> torch.Tensor:
+    """(E, C_max) token ids, -1 past an example's candidates."""
+    grid = torch.full((len(ids), max((len(row) for row in ids), default=0)), -1, dtype=torch.long)
+    for i, row in enumerate(ids):
+        grid[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return grid
 
 
 def collate_prompts(examples: Sequence[Example], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
