@@ -1,7 +1,9 @@
 """Counter-based directions: Philox known answers, published z vectors, slicing, processes."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +93,8 @@ def test_moments():
 
 def test_same_in_another_process():
     code = "from distzo.directions import draw; import sys; sys.stdout.write(draw(123, 456, 1000, 64).numpy().tobytes().hex())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert bytes.fromhex(out) == d.draw(123, 456, 1000, 64).numpy().tobytes()
 
 
