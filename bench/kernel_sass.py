@@ -1,0 +1,72 @@
+"""Resource report of the fused kernel, compiled for sm_90 without a GPU.
+
+    PYTHONPATH=src python bench/kernel_sass.py [--block 1024] [--warps 2]
+
+Needs only the triton package (it bundles ptxas and cuobjdump). Prints, per variant: SASS
+instructions per thread, registers, stack, layout conversions in the TTGIR (each one a
+shared-memory shuffle) and the widths of the global loads and stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from distzo.kernels import triton_ops as K
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1):
+    sig = {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
+           "key_lo": "i32", "key_hi": "i32", "dseed_lo": "i32", "dseed_hi": "i32", "sr_lo": "i32", "sr_hi": "i32",
+           "useeds_ptr": "*i64", "coef_ptr": "*fp32"}
+    consts = dict(Q=q, UPDATE=update, DECAY=False, SR=sr, PLUS=shadows, MINUS=shadows, GAUSS=True, FAST=fast,
+                  BLOCK=block)
+    sig.update({name: "constexpr" for name in consts})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    src = ASTSource(fn=K._step_kernel, signature=sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def report(name: str, kernel) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
+    mix = collections.Counter(i.split(".")[0] for i in ins)
+    mem = collections.Counter(i for i in ins if i.startswith(("LDG", "STG")))
+    usage = " ".join(re.findall(r"REG:\d+|STACK:\d+", res))
+    converts = kernel.asm["ttgir"].count("convert_layout")
+    print(f"{name}: {len(ins)} instructions/thread, {usage}, convert_layout x{converts}, {dict(mem)}")
+    print("   ", dict(mix.most_common(12)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--block", type=int, default=K._BLOCK)
+    ap.add_argument("--warps", type=int, default=K._WARPS)
+    a = ap.parse_args()
+    per_thread = a.block // (32 * a.warps)
+    print(f"block {a.block}, {a.warps} warps: {per_thread} elements per thread")
+    report("bf16 update + shadows", build("bf16", 1, True, True, a.block, a.warps))
+    report("bf16 shadows only", build("bf16", 1, False, True, a.block, a.warps))
+    report("bf16 update only", build("bf16", 1, True, False, a.block, a.warps))
+    report("bf16 update + shadows, libdevice math", build("bf16", 1, True, True, a.block, a.warps, fast=False))
+    report("fp32 update + shadows", build("fp32", 0, True, True, a.block, a.warps))
+    report("fp16 update + shadows", build("fp16", 2, True, True, a.block, a.warps))
+
+
+if __name__ == "__main__":
+    main()

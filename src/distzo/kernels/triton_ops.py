@@ -1,0 +1,503 @@
+"""Triton kernels for the ZO step on CUDA.
+
+One pass over a parameter tensor does everything a step needs from it:
+
+    read theta
+    theta' = theta - lr (sum_j g_j z_j / q + wd theta)   (z_j regenerated in registers)
+    round theta' to the parameter dtype (stochastically for bf16/fp16), write it back
+    write theta' + a z and theta' + b z (the two shadows of the dual-stream forward)
+
+so a step moves 8 bytes per bf16 parameter (read 2, write 2 + 2 + 2) instead of the
+~74 of MeZO's four torch passes. Every z comes from the same counter-based
+Philox4x32-10 stream as ``distzo.directions`` (the integer words are identical; the
+float transform differs from the CPU's libm by at most a few 1e-6, see
+``docs/kernels.md``), and the rounding follows ``distzo.update.stochastic_round``
+exactly: with the same noise word, the same result.
+
+Public functions (the kernel set that ``distzo.kernels.fused_for`` returns):
+``update_and_shadows``, ``apply_update``, plus ``normal``, ``uniform`` and
+``raw_words`` for parity tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from distzo import directions
+from distzo.update import decays, sr_seed
+
+try:  # the CUDA libdevice wrappers (absent from the interpreter's view of the world)
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra import libdevice
+
+# Under TRITON_INTERPRET=1 (CPU, for debugging) the MUFU approximations do not exist;
+# the precise transform runs instead.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Box-Muller through the special-function unit (sin.approx/cos.approx/lg2.approx/
+# sqrt.approx) rather than libdevice's software routines: |z - z_cpu| stays below 1e-5
+# (tests/test_kernels.py checks it) and the update + shadow pass runs 1.7x faster (the
+# pass is bound by instruction throughput, not memory; docs/kernels.md).
+FAST_MATH = not _INTERPRET
+_INTERPRET_C = tl.constexpr(_INTERPRET)
+_MUL_M0 = tl.constexpr("{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$0, $1}, t; }")
+_MUL_M1 = tl.constexpr("{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$0, $1}, t; }")
+
+_BLOCK = 1024  # elements per program: 16 per thread with 2 warps (two 16-byte bf16 vectors)
+_WARPS = 2
+_MASK32 = 0xFFFFFFFF
+
+_SR_NONE, _SR_BF16, _SR_GENERIC = 0, 1, 2
+_KINDS = {"gaussian": True, "rademacher": False}
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _mul_wide(a, M: tl.constexpr, ASM: tl.constexpr, TEXT: tl.constexpr):
+    """(low, high) words of the 64-bit product a * M (a uint32); TEXT is the same in PTX."""
+    if ASM:  # one widening multiply (IMAD.WIDE.U32) instead of IMAD.HI + IMAD
+        lo, hi = tl.inline_asm_elementwise(
+            TEXT,
+            "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1,
+        )
+        return lo, hi
+    else:
+        return a * M, tl.umulhi(a, M)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1, ASM: tl.constexpr):
+    """Philox4x32-10 on uint32 values (Salmon et al., SC'11); same round as directions.philox4x32."""
+    for _ in tl.static_range(10):
+        lo0, hi0 = _mul_wide(c0, 0xD2511F53, ASM, _MUL_M0)
+        lo1, hi1 = _mul_wide(c2, 0xCD9E8D57, ASM, _MUL_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _u32(x):
+    """An int32 kernel argument holding the bit pattern of a uint32."""
+    return x.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _block_words(blk, key_lo, key_hi, seed_lo, seed_hi):
+    """The four Philox words of each block index in ``blk`` (int64) under (seed, key)."""
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    return _philox(c0, c1, key_lo, key_hi, seed_lo, seed_hi, not _INTERPRET_C)
+
+
+@triton.jit
+def _interleave(a0, a1, a2, a3, BLOCK: tl.constexpr):
+    """Lanes (a_k[b] = element 4b + k) -> one vector in element order."""
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BLOCK])
+
+
+@triton.jit
+def _block_index(BLOCK: tl.constexpr):
+    """0 .. BLOCK/4 - 1, derived from the element range so that the compiler gives each
+    thread the Philox blocks of the elements it loads (no shuffles when interleaving)."""
+    lanes = tl.reshape(tl.arange(0, BLOCK), [BLOCK // 4, 2, 2])
+    even, _ = tl.split(lanes)
+    first, _ = tl.split(even)
+    return first >> 2
+
+
+@triton.jit
+def _unit(w):
+    """Exact float32 in (0, 1) from a uint32 word: ((w >> 9) * 2 + 1) * 2^-24."""
+    return ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _box_muller(wa, wb, FAST: tl.constexpr):
+    """Two normals from two words, as directions._gaussian_from_blocks computes them."""
+    ua = _unit(wa)
+    t = _unit(wb) * 6.2831854820251465
+    if FAST:
+        # lg2.approx has an absolute (not relative) error near 1, where -2 ln u is
+        # tiny; there, with v = 1 - u exact, -ln u = v + v^2/2 + v^3/3 + v^4/4 + O(v^5).
+        v = 1.0 - ua
+        series = v * (1.0 + v * (0.5 + v * (0.3333333432674408 + v * 0.25)))
+        minus_ln = tl.where(v < 0.015625, series, -0.6931471805599453 * libdevice.fast_log2f(ua))
+        r = tl.sqrt(2.0 * minus_ln)
+        return r * libdevice.fast_cosf(t), r * libdevice.fast_sinf(t)
+    else:
+        r = tl.sqrt_rn(tl.log(ua) * -2.0)
+        return r * tl.cos(t), r * tl.sin(t)
+
+
+@triton.jit
+def _direction(blk, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr):
+    """z(seed, key, i) for the BLOCK elements of the blocks ``blk``, float32, element order."""
+    w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
+    if GAUSS:
+        # Box-Muller on (nblocks, 2) pairs: column 0 pairs words (0, 1), column 1 words (2, 3).
+        c, s = _box_muller(tl.join(w0, w2), tl.join(w1, w3), FAST)
+        return tl.reshape(tl.join(c, s), [BLOCK])
+    else:
+        z0 = 1.0 - 2.0 * (w0 >> 31).to(tl.float32)
+        z1 = 1.0 - 2.0 * (w1 >> 31).to(tl.float32)
+        z2 = 1.0 - 2.0 * (w2 >> 31).to(tl.float32)
+        z3 = 1.0 - 2.0 * (w3 >> 31).to(tl.float32)
+        return _interleave(z0, z1, z2, z3, BLOCK)
+
+
+@triton.jit
+def _noise(blk, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """The rounding noise as k = word >> 9 (u = (2k + 1) 2^-24), uint32, element order."""
+    w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
+    return _interleave(w0 >> 9, w1 >> 9, w2 >> 9, w3 >> 9, BLOCK)
+
+
+@triton.jit
+def _round_bf16(x, k):
+    """update.stochastic_round to bfloat16, in integers.
+
+    With T the truncation of |x| to bf16 and f its 16 dropped bits, |x - nearest| / gap
+    is d / 2^16 with d = f (nearest = T) or 2^16 - f (nearest = T + ulp) exactly, and
+    u < d / 2^16  <=>  2k + 1 < 256 d  <=>  k < 128 d.
+    """
+    nearest = x.to(tl.bfloat16)
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    mag = bits & 0x7FFFFFFF
+    low = mag & 0xFFFF0000
+    frac = mag & 0xFFFF
+    nmag = nearest.to(tl.float32).to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    up = nmag != low
+    d = tl.where(up, 0x10000 - frac, frac)
+    other = tl.where(up, low, low + 0x10000)
+    # inf/NaN results stay as rounding to nearest made them (the float rule's NaN compare).
+    take = (k < (d << 7)) & (nmag < 0x7F800000)
+    other_val = (sign | other).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return tl.where(take, other_val, nearest)
+
+
+@triton.jit
+def _round_generic(x, k, DTYPE: tl.constexpr, ITYPE: tl.constexpr, SIGN: tl.constexpr):
+    """update.stochastic_round to a 16-bit float type, as floats (used for float16)."""
+    nearest = x.to(DTYPE)
+    near32 = nearest.to(tl.float32)
+    err = x - near32
+    nb = nearest.to(ITYPE, bitcast=True)
+    zero = (nb.to(tl.int32) & (-SIGN - 1)) == 0
+    away = (err > 0) == (near32 > 0)
+    step = tl.where(away, nb.to(tl.int32) + 1, nb.to(tl.int32) - 1)
+    tiny = tl.where(err < 0, SIGN | 1, 1)
+    other = tl.where(zero, tiny, step).to(ITYPE).to(DTYPE, bitcast=True)
+    gap = tl.abs(other.to(tl.float32) - near32)
+    prob = tl.div_rn(tl.abs(err), gap)
+    u = (k * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    return tl.where((err != 0) & (gap > 0) & (u < prob), other, nearest)
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "dseed_lo", "dseed_hi", "sr_lo", "sr_hi"])
+def _step_kernel(
+    p_ptr, plus_ptr, minus_ptr, n,
+    key_lo, key_hi, dseed_lo, dseed_hi, sr_lo, sr_hi,
+    useeds_ptr, coef_ptr,
+    Q: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
+    PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n - base
+    blk = (base >> 2) + _block_index(BLOCK)
+    klo = _u32(key_lo)
+    khi = _u32(key_hi)
+    theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+    x = theta.to(tl.float32)
+    if UPDATE:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in tl.static_range(Q):
+            s = tl.load(useeds_ptr + j)
+            slo = (s & 0xFFFFFFFF).to(tl.uint32)
+            shi = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+            g = tl.load(coef_ptr + j)
+            acc += g * _direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, FAST)
+        if Q > 1:
+            acc = tl.div_rn(acc, tl.full([BLOCK], Q, tl.float32))
+        if DECAY:
+            acc += tl.load(coef_ptr + Q + 1) * x
+        x = x - tl.load(coef_ptr + Q) * acc
+        if SR == 1:
+            theta = _round_bf16(x, _noise(blk, klo, khi, _u32(sr_lo), _u32(sr_hi), BLOCK))
+        elif SR == 2:
+            k = _noise(blk, klo, khi, _u32(sr_lo), _u32(sr_hi), BLOCK)
+            theta = _round_generic(x, k, tl.float16, tl.int16, -32768)
+        else:
+            theta = x.to(theta.dtype)
+        tl.store(p_ptr + base + offs, theta, mask=mask)
+        x = theta.to(tl.float32)
+    if PLUS or MINUS:
+        z = _direction(blk, klo, khi, _u32(dseed_lo), _u32(dseed_hi), BLOCK, GAUSS, FAST)
+        if PLUS:
+            tl.store(plus_ptr + base + offs, (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype), mask=mask)
+        if MINUS:
+            tl.store(minus_ptr + base + offs, (x + tl.load(coef_ptr + Q + 3) * z).to(theta.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "seed_lo", "seed_hi"])
+def _draw_kernel(
+    out_ptr, n, first_block, key_lo, key_hi, seed_lo, seed_hi,
+    WHAT: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Elements [4 first_block, 4 first_block + n) as z (WHAT 0 gaussian, 1 rademacher),
+    uniforms (2) or raw words as int64 (3)."""
+    pid = tl.program_id(0).to(tl.int64)
+    base = pid * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n - base
+    blk = first_block + pid * (BLOCK // 4) + _block_index(BLOCK)
+    klo = _u32(key_lo)
+    khi = _u32(key_hi)
+    slo = _u32(seed_lo)
+    shi = _u32(seed_hi)
+    if WHAT < 2:
+        out = _direction(blk, klo, khi, slo, shi, BLOCK, WHAT == 0, FAST)
+    else:
+        w0, w1, w2, w3 = _block_words(blk, klo, khi, slo, shi)
+        if WHAT == 2:
+            out = _interleave(_unit(w0), _unit(w1), _unit(w2), _unit(w3), BLOCK)
+        else:
+            out = _interleave(w0.to(tl.int64), w1.to(tl.int64), w2.to(tl.int64), w3.to(tl.int64), BLOCK)
+    tl.store(out_ptr + base + offs, out, mask=mask)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _halves(value: int) -> tuple[int, int]:
+    """A 64-bit value as two int32 arguments carrying the bit patterns of its uint32 halves."""
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    lo, hi = value & _MASK32, value >> 32
+    return lo - (1 << 32) if lo >> 31 else lo, hi - (1 << 32) if hi >> 31 else hi
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, _BLOCK)),)
+
+
+def _gauss(kind: str) -> bool:
+    directions.check_kind(kind)
+    return _KINDS[kind]
+
+
+_SR_MODES = {torch.bfloat16: _SR_BF16, torch.float16: _SR_GENERIC, torch.float32: _SR_NONE}
+
+
+class _StepScalars:
+    """Everything a launch needs besides the tensor: the seeds as int32 halves, the
+    g's / lr / wd / scales in a small device buffer (uploaded once per step, not per
+    tensor) and the constexpr flags. The last few are kept, keyed by their inputs."""
+
+    def __init__(self, update, weight_decay, kind, seed, scales, device):
+        has_update = update is not None and len(update.seeds) > 0
+        seeds = [int(s) & 0xFFFF_FFFF_FFFF_FFFF for s in update.seeds] if has_update else []
+        grads = [float(g) for g in update.grads] if has_update else [0.0]
+        lr = float(update.lr) if has_update else 0.0
+        # the kernel reads g_0 .. g_{Q-1}, lr, wd, scale+, scale- with Q = max(q, 1)
+        coefs = [*grads, lr, float(weight_decay), float(scales[0]), float(scales[1])]
+        signed = [s - (1 << 64) if s >> 63 else s for s in seeds] or [0]
+        self.seeds_t = torch.tensor(signed, dtype=torch.int64).to(device, non_blocking=True)
+        self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
+        self.sr = _halves(sr_seed(seeds)) if has_update else (0, 0)
+        self.dseed = _halves(seed)
+        self.q = max(len(seeds), 1)
+        self.has_update = has_update
+        self.decay = has_update and bool(weight_decay)
+        self.gauss = _gauss(kind)
+        self.aligned = _aligned(self.seeds_t) and _aligned(self.coef_t)
+
+
+_SCALARS: dict[tuple, _StepScalars] = {}
+
+
+def _scalars(update, weight_decay, kind, seed, scales, device) -> _StepScalars:
+    if update is None:
+        ident = (None, weight_decay, kind, seed, scales[0], scales[1], device)
+    else:
+        ident = (tuple(update.seeds), tuple(update.grads), update.lr, weight_decay, kind, seed, scales[0], scales[1],
+                 device)
+    hit = _SCALARS.get(ident)
+    if hit is None:
+        if len(_SCALARS) >= 8:
+            _SCALARS.pop(next(iter(_SCALARS)))
+        hit = _SCALARS[ident] = _StepScalars(update, weight_decay, kind, seed, scales, device)
+    return hit
+
+
+def _direct_launch_supported() -> bool:
+    """Whether compiled kernels can be launched without the JIT's per-call binding.
+
+    A step launches one kernel per parameter tensor, ~400 for a 7B model, and the JIT's
+    argument binding and cache lookup cost tens of microseconds each: on short batches
+    the host, not the GPU, would set the pace. The compiled kernel's launcher is called
+    the way ``JITFunction.run`` calls it; that calling convention is checked for the
+    Triton releases listed here, and other releases take the ordinary path.
+    """
+    if os.environ.get("DISTZO_TRITON_DIRECT_LAUNCH", "1") == "0" or _INTERPRET:
+        return False
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
+
+
+_DIRECT = _direct_launch_supported()
+_COMPILED: dict[tuple, object] = {}
+_STEP_CONSTS = ("Q", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "BLOCK")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _hooks_active() -> bool:
+    """Whether launch hooks are registered (e.g. by a profiler): then launch the JIT's way."""
+    runtime = triton.knobs.runtime
+    return any(h is not None and bool(getattr(h, "calls", True))
+               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+def _on_device(index):
+    """Make ``index`` the current device for a launch (a no-op when it already is)."""
+    if index is None or index < 0 or torch.cuda.current_device() == index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
+def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool) -> None:
+    """One fused pass over the contiguous tensor ``work``, shadows into ``plus``/``minus``.
+
+    Triton reads only data pointers, so no tensor needs reshaping; ``aligned`` says which
+    of (work, plus, minus) start on a 16-byte boundary (the JIT specialises on it).
+    """
+    n = work.numel()
+    if n == 0:
+        return
+    key_lo, key_hi = _halves(key)
+    args = (work, work if plus is None else plus, work if minus is None else minus, n,
+            key_lo, key_hi, sc.dseed[0], sc.dseed[1], sc.sr[0], sc.sr[1], sc.seeds_t, sc.coef_t)
+    consts = (sc.q, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
+              sc.gauss, FAST_MATH, _BLOCK)
+    grid0 = triton.cdiv(n, _BLOCK)
+    device = work.get_device()
+    spec = (device, work.dtype, n >= 1 << 31, n % 16 == 0, n == 1, aligned, sc.aligned, _WARPS, consts)
+    with _on_device(device):
+        kernel = _COMPILED.get(spec) if _DIRECT else None
+        if kernel is None or _hooks_active():
+            kernel = _step_kernel[(grid0,)](*args, **dict(zip(_STEP_CONSTS, consts)), num_warps=_WARPS)
+            if _DIRECT:
+                _COMPILED[spec] = kernel
+            return
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        kernel.run(grid0, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *consts)
+
+
+def _check_dtype(param: torch.Tensor) -> None:
+    if param.dtype not in _SR_MODES:
+        raise TypeError(f"fused kernels take float32/bfloat16/float16/float64 tensors, not {param.dtype}")
+
+
+def update_and_shadows(param, key, update, weight_decay, kind, seed, scales):
+    """Apply ``update`` (or None) to ``param`` in place; return (theta' + a z, theta' + b z).
+
+    z = z(seed, key) and (a, b) = ``scales``; a shadow whose scale is 0.0 is ``param``
+    itself. One read of theta, one write of theta' (only with an update), one write
+    per shadow; every z is generated in registers.
+    """
+    if param.dtype == torch.float64:
+        return _update_and_shadows_float64(param, key, update, weight_decay, kind, seed, scales)
+    _check_dtype(param)
+    sc = _scalars(update, weight_decay, kind, seed, scales, param.device)
+    work = param if param.is_contiguous() else param.detach().contiguous()
+    a, b = scales[0] != 0.0, scales[1] != 0.0
+    # Both shadows in one allocation (one allocator call; freed together after the unit).
+    # The caching allocator hands the same blocks back unit after unit, so no pool of our own.
+    buf = torch.empty((int(a) + int(b), *param.shape), dtype=param.dtype, device=param.device)
+    plus = buf[0] if a else None
+    minus = buf[int(a)] if b else None
+    # buf starts aligned; the second shadow starts n elements further
+    aligned = (work.data_ptr() % 16 == 0, not (a and b) or work.numel() * work.element_size() % 16 == 0)
+    _launch(work, plus, minus, aligned, key, sc, sc.decay and decays(param))
+    if work is not param:
+        param.data.copy_(work)
+    return (param if plus is None else plus), (param if minus is None else minus)
+
+
+def apply_update(param, key, seeds, grads, lr, weight_decay=0.0, kind="gaussian"):
+    """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
+    update = _Update(list(seeds), list(grads), float(lr))
+    if param.dtype == torch.float64:
+        _update_and_shadows_float64(param, key, update, weight_decay, kind, 0, (0.0, 0.0))
+        return
+    _check_dtype(param)
+    sc = _scalars(update, weight_decay, kind, 0, (0.0, 0.0), param.device)
+    work = param if param.is_contiguous() else param.detach().contiguous()
+    _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param))
+    if work is not param:
+        param.data.copy_(work)
+
+
+class _Update:
+    def __init__(self, seeds, grads, lr):
+        self.seeds, self.grads, self.lr = seeds, grads, lr
+
+
+def _update_and_shadows_float64(param, key, update, weight_decay, kind, seed, scales):
+    """float64 (rare on GPUs): z from the kernels, arithmetic by the torch reference in float64."""
+    from distzo.update import apply_update_
+
+    n = param.numel()
+    if update is not None and len(update.seeds):
+        zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in update.seeds]
+        apply_update_(param, key, update.seeds, update.grads, update.lr, weight_decay, kind, cached=zs)
+    if scales[0] == 0.0 and scales[1] == 0.0:
+        return param, param
+    z = normal(seed, key, 0, n, kind, param.device).view(param.shape).to(torch.float64)
+    return tuple(param if s == 0.0 else param.add(z, alpha=s) for s in scales)
+
+
+def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype) -> torch.Tensor:
+    first_block, skip = divmod(int(start), 4)
+    total = count + skip
+    out = torch.empty(max(total, 1), dtype=dtype, device=device)
+    if total:
+        key_lo, key_hi = _halves(key)
+        s_lo, s_hi = _halves(seed)
+        with _on_device(out.device.index):
+            _draw_kernel[_grid(total)](
+                out, total, first_block, key_lo, key_hi, s_lo, s_hi,
+                WHAT=what, FAST=FAST_MATH, BLOCK=_BLOCK, num_warps=_WARPS,
+            )
+    return out[skip : skip + count]
+
+
+def normal(seed: int, key: int, start: int, count: int, kind="gaussian", device="cuda") -> torch.Tensor:
+    """``directions.draw`` on the device: z for elements [start, start + count), float32."""
+    return _draw(0 if _gauss(kind) else 1, seed, key, start, count, device, torch.float32)
+
+
+def uniform(seed: int, key: int, start: int, count: int, device="cuda") -> torch.Tensor:
+    """``directions.uniform`` on the device (exact: no transcendental involved)."""
+    return _draw(2, seed, key, start, count, device, torch.float32)
+
+
+def raw_words(seed: int, key: int, start: int, count: int, device="cuda") -> torch.Tensor:
+    """``directions.raw_words`` on the device: the Philox words as int64 holding uint32."""
+    return _draw(3, seed, key, start, count, device, torch.int64)
+
+
+__all__ = ["update_and_shadows", "apply_update", "normal", "uniform", "raw_words", "FAST_MATH"]

@@ -1,0 +1,271 @@
+"""The fused Triton kernels against the CPU reference (directions, update, optimizer).
+
+Tolerances, and why:
+- Philox words and uniforms: bit-exact (integer arithmetic, exact int -> float).
+- Gaussian z: |z_gpu - z_cpu| <= 1e-5. Box-Muller runs on the special-function unit
+  (lg2/sin/cos approximations, absolute error ~2^-21 on the argument's scale) with an exact
+  series near u = 1; the CPU uses libm-quality float32 routines. Observed: a few 1e-6.
+- fp32 update: <= 1e-6 of the tensor's scale (z's error times lr * g, far below).
+- bf16/fp16 update: bit-equal except where the z error moves x across a rounding
+  threshold; then one ulp. Expected rate ~ lr * |g| * dz / ulp (FLIP_RATE below).
+- Full runs: fp32 on cuda vs the CPU MeZO reference as in test_optimizer (losses to 2e-5,
+  g to 2e-2: float32 losses differ by a few ulp between devices, g divides by 2 eps).
+  bf16: a bf16 forward rounds differently on another device, and g = dL / (2 eps)
+  magnifies that, so the cuda run is compared with the torch path *on cuda* (same forward),
+  and with the CPU run only on its losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from reference_mezo import mezo_step
+from tiny_models import tiny_batch, tiny_model
+
+from distzo import directions, update
+from distzo.optimizer import ZOOptimizer, causal_lm_loss
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+KEY = directions.stable_key("model.layers.0.mlp.up_proj.weight")
+BIG = (1 << 64) - 1
+# Bound on the fraction of elements whose rounding differs from the CPU's (see the module
+# docstring): here lr * |g| * |dz| ~ 1e-3 * 37.5 * 2e-6 against an ulp at |theta| ~ 0.05 of
+# 2^-12 (bf16) or 2^-15 (fp16), i.e. ~3e-4 and ~2.5e-3 expected.
+FLIP_RATE = {torch.bfloat16: 2e-3, torch.float16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from distzo import kernels
+
+    found = kernels.fused_for(torch.empty(1, device="cuda"))
+    assert found is not None, "CUDA is available but the Triton kernels did not import"
+    return found
+
+
+class Pending:
+    def __init__(self, seeds, grads, lr):
+        self.seeds, self.grads, self.lr = seeds, grads, lr
+
+
+WORD_CASES = [  # (seed, key, start, count)
+    (0, 0, 0, 16),
+    (1, KEY, 3, 1),
+    (12345, KEY, 5, 4099),
+    (BIG, BIG, 0, 3),
+    (2**63 + 7, 2**32 - 1, 2**32 * 4 - 6, 1000),  # block index crosses 2^32
+    (directions.step_seed(0, 3, 1), KEY, 7, (1 << 20) + 3),
+    (99, 2**40 + 1, 1 << 22, (1 << 21) + 1),
+]
+
+
+@pytest.mark.parametrize("seed,key,start,count", WORD_CASES)
+def test_raw_words_and_uniforms_are_bit_exact(ops, seed, key, start, count):
+    got = ops.raw_words(seed, key, start, count, device="cuda").cpu()
+    assert got.dtype == torch.int64 and got.shape == (count,)
+    assert torch.equal(got, directions.raw_words(seed, key, start, count))
+    assert torch.equal(ops.uniform(seed, key, start, count, device="cuda").cpu(),
+                       directions.uniform(seed, key, start, count))
+
+
+@pytest.mark.parametrize("seed,key,start,count", WORD_CASES)
+def test_normals_match_cpu(ops, seed, key, start, count):
+    z = ops.normal(seed, key, start, count, "gaussian", device="cuda").cpu()
+    ref = directions.draw(seed, key, start, count, "gaussian")
+    assert float((z - ref).abs().max()) <= 1e-5
+    r = ops.normal(seed, key, start, count, "rademacher", device="cuda").cpu()
+    assert torch.equal(r, directions.draw(seed, key, start, count, "rademacher"))
+
+
+def test_normals_are_standard_and_slices_agree(ops):
+    n = 1 << 24
+    z = ops.normal(7, KEY, 0, n, device="cuda").double()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.std()) - 1) < 5 / math.sqrt(n)
+    assert torch.equal(ops.normal(7, KEY, 1001, 5000, device="cuda"), z[1001:6001].float())
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """16-bit float codes as integers in value order (so a difference counts ulps, across 0 too)."""
+    code = t.view(torch.int16).to(torch.int32)
+    return torch.where(code < 0, -(code & 0x7FFF), code)
+
+
+def _param(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.05).to(dtype)
+
+
+UPDATE_CASES = [  # (q, weight decay, kind, shape)
+    (1, 0.0, "gaussian", (257, 129)),
+    (1, 0.1, "gaussian", (64, 1000)),
+    (3, 0.1, "gaussian", (300, 77)),
+    (2, 0.0, "rademacher", (4099,)),
+    (1, 0.1, "gaussian", (4099,)),  # 1-D: no decay
+]
+
+
+def _update_args(q):
+    seeds = [directions.step_seed(5, 11, j) for j in range(q)]
+    grads = [37.5, -12.25, 3.0][:q]
+    return seeds, grads
+
+
+@pytest.mark.parametrize("q,wd,kind,shape", UPDATE_CASES)
+def test_apply_update_fp32(ops, q, wd, kind, shape):
+    seeds, grads = _update_args(q)
+    ref = _param(shape, torch.float32)
+    got = ref.cuda()
+    update.apply_update_(ref, KEY, seeds, grads, 1e-3, wd, kind)
+    ops.apply_update(got, KEY, seeds, grads, 1e-3, wd, kind)
+    err = float((got.cpu() - ref).abs().max())
+    assert err <= 1e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q,wd,kind,shape", UPDATE_CASES)
+def test_apply_update_half_precision(ops, dtype, q, wd, kind, shape):
+    seeds, grads = _update_args(q)
+    start = _param(shape, dtype)
+    ref = start.clone()
+    got = start.cuda()
+    update.apply_update_(ref, KEY, seeds, grads, 1e-3, wd, kind)
+    ops.apply_update(got, KEY, seeds, grads, 1e-3, wd, kind)
+    got = got.cpu()
+    assert float((got != start).float().mean()) > 0.5  # the update did something
+    differ = got != ref
+    assert float(differ.float().mean()) <= FLIP_RATE[dtype]
+    # Where they differ, mostly by one ulp. Two when x lies within z's error of a
+    # representable value: the two sides then see x on opposite sides of it and round
+    # toward opposite neighbours (rate ~ (dx / ulp)^2, a few per 1e5 in fp16 here).
+    codes = (_ordered(got) - _ordered(ref)).abs()[differ]
+    assert torch.all(codes <= 2) and float((codes == 2).float().sum()) <= 1e-4 * got.numel() + 3
+
+
+def test_bf16_update_is_unbiased(ops):
+    # lr g z ~ 2e-5, a tenth of a bf16 ulp at 0.05: rounding to nearest would lose it all
+    n = 1 << 22
+    w = torch.full((n,), 0.05, dtype=torch.bfloat16, device="cuda")
+    seeds, grads, lr = [123], [2.0], 1e-5
+    exact = w.float() - lr * grads[0] * ops.normal(seeds[0], KEY, 0, n, device="cuda")
+    ops.apply_update(w, KEY, seeds, grads, lr)
+    ulp = 2.0**-12
+    err = w.float() - exact
+    assert float(err.abs().max()) <= ulp
+    assert abs(float(err.double().mean())) < 5 * (ulp / 2) / math.sqrt(n)
+    assert float((w != 0.05).float().mean()) > 0.05  # moved, unlike round-to-nearest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_update", [False, True])
+def test_update_and_shadows_match_torch_path(ops, dtype, with_update):
+    shape, eps, seed = (513, 200), 1e-3, directions.step_seed(5, 12, 0)
+    seeds, grads = _update_args(1)
+    start = _param(shape, dtype, seed=1)
+    ref = start.clone()
+    if with_update:
+        update.apply_update_(ref, KEY, seeds, grads, 1e-3, 0.1, "gaussian")
+    z = directions.direction_like(ref, seed, KEY)
+    want = [(ref.float() + s * z).to(dtype) if dtype != torch.float32 else ref.add(z, alpha=s) for s in (eps, -eps)]
+    got = start.cuda()
+    pending = Pending(seeds, grads, 1e-3) if with_update else None
+    plus, minus = ops.update_and_shadows(got, KEY, pending, 0.1, "gaussian", seed, (eps, -eps))
+    if not with_update:
+        assert torch.equal(got.cpu(), start)  # evaluation never writes theta
+    for sh, w in zip((plus, minus), want):
+        sh = sh.cpu()
+        assert sh.shape == shape and sh.dtype == dtype
+        if dtype == torch.float32:
+            assert float((sh - w).abs().max()) <= 1e-6 * float(w.abs().max())
+        else:
+            assert float((sh != w).float().mean()) <= FLIP_RATE[dtype]
+            assert float((sh.float() - w.float()).abs().max()) <= 2.0**-7 * float(w.float().abs().max())
+    # one-sided: a zero scale hands back the parameter itself
+    plus2, same = ops.update_and_shadows(got, KEY, None, 0.0, "gaussian", seed, (eps, 0.0))
+    assert same is got and torch.equal(plus2, plus)
+
+
+def test_non_contiguous_parameter(ops):
+    base = _param((64, 96), torch.float32)
+    ref = base.t().clone()  # contiguous copy of the transposed values
+    got = base.cuda().t()  # a non-contiguous view of them
+    assert not got.is_contiguous()
+    update.apply_update_(ref, KEY, [5], [2.0], 1e-2)
+    ops.apply_update(got, KEY, [5], [2.0], 1e-2)
+    assert float((got.cpu() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+def test_float64_goes_through_the_reference_arithmetic(ops):
+    ref = _param((40, 50), torch.float64)
+    got = ref.cuda()
+    update.apply_update_(ref, KEY, [1, 2], [0.5, 3.0], 1e-2, 0.1)
+    ops.apply_update(got, KEY, [1, 2], [0.5, 3.0], 1e-2, 0.1)
+    assert float((got.cpu() - ref).abs().max()) <= 1e-5 * 3.5e-2  # z's error times lr * sum |g| / q
+
+
+# ------------------------------------------------------------------ full optimiser runs
+
+
+def _run(model, steps, lr, eps, wd=0.1, q=1, torch_path=False):
+    opt = ZOOptimizer(model, lr=lr, eps=eps, weight_decay=wd, directions=q, seed=0)
+    if torch_path:
+        opt._fused = None  # the reference path, on whatever device the model is
+    stats = [opt.step(tiny_batch(seed=t)) for t in range(steps)]
+    opt.flush()
+    return stats
+
+
+def _weights(model):
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_fp32_run_on_cuda_matches_reference_on_cpu(q):
+    cpu = tiny_model("llama")
+    ref = copy.deepcopy(cpu)
+    gpu = copy.deepcopy(cpu).cuda()
+    stats = _run(gpu, 10, lr=1e-3, eps=1e-3, q=q)
+    assert gpu.model.embed_tokens.weight.device.type == "cuda"
+    for t, s in enumerate(stats):
+        plus, minus, grads = mezo_step(ref, tiny_batch(seed=t), t, lr=1e-3, eps=1e-3, weight_decay=0.1, q=q,
+                                       loss_fn=causal_lm_loss)
+        assert s.losses_plus == pytest.approx(plus, abs=2e-5)
+        assert s.losses_other == pytest.approx(minus, abs=2e-5)
+        assert s.projected_grads == pytest.approx(grads, abs=2e-2)
+    got, want = _weights(gpu), _weights(ref)
+    assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-4
+
+
+def test_bf16_run_on_cuda_matches_torch_path_and_cpu():
+    # Same device, fused vs torch path: the forwards see shadows that differ in a few
+    # elements by one ulp (z's error), so the losses agree to bf16 noise and g to that noise
+    # over 2 eps; the weights then differ by at most lr * sum_t |dg_t| * |z| plus one ulp
+    # per step where the two runs' roundings went different ways.
+    lr, eps, steps = 1e-4, 1e-2, 6
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    fused, plain, cpu = copy.deepcopy(base).cuda(), copy.deepcopy(base).cuda(), copy.deepcopy(base)
+    s_fused = _run(fused, steps, lr=lr, eps=eps)
+    s_plain = _run(plain, steps, lr=lr, eps=eps, torch_path=True)
+    s_cpu = _run(cpu, steps, lr=lr, eps=eps)
+    dloss = [max(abs(x - y) for x, y in zip(a.losses_plus + a.losses_other, b.losses_plus + b.losses_other))
+             for a, b in zip(s_fused, s_plain)]
+    dg = [abs(a.projected_grads[0] - b.projected_grads[0]) for a, b in zip(s_fused, s_plain)]
+    dcpu = [abs(a.loss - c.loss) for a, c in zip(s_fused, s_cpu)]
+    wf, wp = _weights(fused), _weights(plain)
+    # an ulp of w is at most 2^-7 |w|; each step's rounding may differ by one
+    excess = max(float(((wf[n] - wp[n]).abs() - steps * 2.0**-7 * torch.maximum(wf[n].abs(), wp[n].abs())).max())
+                 for n in wf)
+    differ = sum(int((wf[n] != wp[n]).sum()) for n in wf) / sum(w.numel() for w in wf.values())
+    print(f"bf16 runs: loss diff {max(dloss):.2e}, g diff {max(dg):.2e} (g ~ {abs(s_fused[0].projected_grads[0]):.2f}), "
+          f"cpu loss diff {max(dcpu):.2e}, weights differing {differ:.2e}, beyond rounding {excess:.2e}")
+    assert max(dloss) <= 2e-3
+    assert max(dg) <= 2e-3 / eps
+    assert max(dcpu) <= 3e-2
+    assert excess <= lr * sum(dg) * 6.0 + 1e-7
