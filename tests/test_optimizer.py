@@ -235,3 +235,19 @@ def test_gradient_estimate_approaches_autograd():
     expected = math.sqrt(n_dirs / (n_dirs + grad.numel()))
     assert grad.numel() < 600
     assert cosine > 0.8 * expected, (cosine, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streams_of_any_count_agree(family):
+    # one stream per scale: K = 1 (one side of a pair) and K = 3 give the dual forward's losses
+    model = tiny_model(family, dtype=torch.float64)
+    opt = ZOOptimizer(model, eps=1e-3)
+    batch = tiny_batch(rows=3)
+    opt._seed = step_seed(0, 0, 0)
+    plus, minus = opt.stream_losses(batch, (1e-3, -1e-3))
+    assert opt.stream_losses(batch, (1e-3,)) == pytest.approx([plus], abs=1e-12)
+    assert opt.stream_losses(batch, (-1e-3,)) == pytest.approx([minus], abs=1e-12)
+    three = opt.stream_losses(batch, (-1e-3, 0.0, 1e-3))
+    assert three == pytest.approx([minus, three[1], plus], abs=1e-12)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert three[1] == pytest.approx(float(causal_lm_loss(out, batch)), abs=1e-12)

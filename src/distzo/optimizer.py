@@ -201,18 +201,22 @@ class ZOOptimizer:
     # ------------------------------------------------------------------ internals
 
     def _dual_losses(self, batch: Mapping[str, Any]) -> tuple[float, float]:
+        plus, other = self.stream_losses(batch, estimator.half_scales(self.eps, self.estimator))
+        return plus, other
+
+    def stream_losses(self, batch: Mapping[str, Any], scales: tuple[float, ...]) -> list[float]:
+        """L(theta + s z) for each scale s, from one forward of the batch stacked len(scales) times."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-        rows = _rows(inputs)
+        rows, parts = _rows(inputs), len(scales)
         device = self.params[0].param.device
-        stacked = {k: torch.cat((v, v)).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        scales = estimator.half_scales(self.eps, self.estimator)
+        stacked = {k: torch.cat([v] * parts).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with self._stream.active(rows, scales):
             outputs = self.model(**stacked, use_cache=False)
         losses = []
-        for half in (0, 1):
-            loss = self.loss_fn(split_rows(outputs, rows, half), batch)
+        for part in range(parts):
+            loss = self.loss_fn(split_rows(outputs, rows, part, parts), batch)
             losses.append(float(loss.to(torch.float64).mean()))
-        return losses[0], losses[1]
+        return losses
 
     def _direction_of(self, p: TrainableParam) -> torch.Tensor:
         cache = self._z.get(p.name)

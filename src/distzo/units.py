@@ -9,7 +9,8 @@ During a dual-stream forward the model runs once on the batch stacked twice
 (2R rows). Each unit's ``forward`` is replaced, on that instance only and only for
 the duration, by a wrapper that splits its inputs by rows, runs the original forward
 on rows [0, R) with shadow weights theta + a*z and on rows [R, 2R) with theta + b*z,
-and concatenates the results. theta itself is never written. The model family's own
+and concatenates the results. The same machinery runs K streams (K*R rows, one
+scale each); K = 1 serves a rank that evaluates only one side of the pair. theta itself is never written. The model family's own
 forward code runs unchanged, so no family needs code of its own.
 """
 
@@ -107,20 +108,19 @@ def _slots(unit: nn.Module, canonical: dict[int, str]) -> list[tuple[nn.Module, 
 # ---------------------------------------------------------------- batch splitting
 
 
-def split_rows(obj, rows: int, half: int):
-    """Rows [half*rows, (half+1)*rows) of every batch-shaped tensor in a nested structure."""
+def split_rows(obj, rows: int, part: int, parts: int = 2):
+    """Rows [part*rows, (part+1)*rows) of every batch-shaped tensor (parts*rows leading rows)."""
     if isinstance(obj, torch.Tensor):
-        if obj.ndim >= 2 and obj.shape[0] == 2 * rows:
-            return obj[half * rows : (half + 1) * rows]
+        if obj.ndim >= 2 and obj.shape[0] == parts * rows:
+            return obj[part * rows : (part + 1) * rows]
         return obj
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(split_rows(o, rows, half) for o in obj)
+        return tuple(split_rows(o, rows, part, parts) for o in obj)
     if isinstance(obj, list):
-        return [split_rows(o, rows, half) for o in obj]
+        return [split_rows(o, rows, part, parts) for o in obj]
     if isinstance(obj, dict):
-        return type(obj)(**{k: split_rows(v, rows, half) for k, v in obj.items()}) if _is_model_output(obj) else {
-            k: split_rows(v, rows, half) for k, v in obj.items()
-        }
+        items = {k: split_rows(v, rows, part, parts) for k, v in obj.items()}
+        return type(obj)(**items) if _is_model_output(obj) else items
     return obj
 
 
@@ -128,46 +128,47 @@ def _is_model_output(obj) -> bool:
     return type(obj).__name__.endswith("Output") or hasattr(obj, "to_tuple")
 
 
-def _has_batch(obj, rows: int) -> bool:
+def _has_batch(obj, rows: int, parts: int) -> bool:
     if isinstance(obj, torch.Tensor):
-        return obj.ndim >= 2 and obj.shape[0] == 2 * rows
+        return obj.ndim >= 2 and obj.shape[0] == parts * rows
     if isinstance(obj, (tuple, list)):
-        return any(_has_batch(o, rows) for o in obj)
+        return any(_has_batch(o, rows, parts) for o in obj)
     if isinstance(obj, dict):
-        return any(_has_batch(v, rows) for v in obj.values())
+        return any(_has_batch(v, rows, parts) for v in obj.values())
     return False
 
 
-def _merge(a, b, rows: int, unit_name: str):
-    """Stack the two halves' outputs back into 2R rows."""
+def _merge(outs: list, rows: int, unit_name: str):
+    """Stack the streams' outputs back into K*R rows."""
+    a = outs[0]
     if a is None:
         return None
     if isinstance(a, torch.Tensor):
         if a.ndim >= 1 and a.shape[0] == rows:
-            return torch.cat((a, b), dim=0)
+            return torch.cat(outs, dim=0) if len(outs) > 1 else a
         if a.ndim >= 2 and a.shape[0] == 1:  # broadcast output (e.g. positions of shape (1, S))
-            return torch.cat((a.expand(rows, *a.shape[1:]), b.expand(rows, *b.shape[1:])), dim=0)
+            return torch.cat([o.expand(rows, *o.shape[1:]) for o in outs], dim=0)
         raise UnsupportedModel(
             f"unit '{unit_name}' returned a tensor of shape {tuple(a.shape)} without a batch dimension; "
-            "distzo cannot tell its two perturbed halves apart"
+            "distzo cannot tell its perturbed streams apart"
         )
     if isinstance(a, tuple) and not hasattr(a, "_fields"):
-        return tuple(_merge(x, y, rows, unit_name) for x, y in zip(a, b))
+        return tuple(_merge(list(xs), rows, unit_name) for xs in zip(*outs))
     if isinstance(a, list):
-        return [_merge(x, y, rows, unit_name) for x, y in zip(a, b)]
+        return [_merge(list(xs), rows, unit_name) for xs in zip(*outs)]
     if isinstance(a, dict):
-        merged = {k: _merge(a[k], b[k], rows, unit_name) for k in a}
+        merged = {k: _merge([o[k] for o in outs], rows, unit_name) for k in a}
         return type(a)(**merged) if _is_model_output(a) else merged
-    if a == b:
+    if all(o == a for o in outs):
         return a
-    raise UnsupportedModel(f"unit '{unit_name}' returned {type(a).__name__} values that differ between halves")
+    raise UnsupportedModel(f"unit '{unit_name}' returned {type(a).__name__} values that differ between streams")
 
 
 # ---------------------------------------------------------------- dual-stream forward
 
 
-# shadow(name, param, scales) -> (theta + scales[0] z, theta + scales[1] z)
-ShadowFn = Callable[[str, torch.Tensor, tuple[float, float]], tuple[torch.Tensor, torch.Tensor]]
+# shadow(name, param, scales) -> (theta + scales[0] z, theta + scales[1] z, ...)
+ShadowFn = Callable[[str, torch.Tensor, tuple[float, ...]], tuple[torch.Tensor, ...]]
 
 
 @contextlib.contextmanager
@@ -186,8 +187,8 @@ def _swapped(slots: list[tuple[nn.Module, str, str]], values: dict[str, torch.Te
 class DualStream:
     """Installs the row-splitting wrappers on every unit while active.
 
-    ``shadow(name, param, scales)`` returns the two shadows theta + a*z and
-    theta + b*z of a canonical parameter name. It is called once per parameter and
+    ``shadow(name, param, scales)`` returns the shadows theta + s*z, one per
+    stream scale s, of a canonical parameter name. It is called once per parameter and
     unit call, so an engine decides where z comes from (regenerated, cached, or a
     fused kernel); at most one unit's shadows are alive at a time.
     """
@@ -195,11 +196,11 @@ class DualStream:
     def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn):
         self.units, self.params, self.shadow = units, params, shadow
         self.rows = 0
-        self.scales = (0.0, 0.0)
+        self.scales: tuple[float, ...] = (0.0, 0.0)
         self.calls: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def active(self, rows: int, scales: tuple[float, float]) -> Iterator[None]:
+    def active(self, rows: int, scales: tuple[float, ...]) -> Iterator[None]:
         self.rows, self.scales = rows, scales
         self.calls = {u.name: 0 for u in self.units}
         try:
@@ -224,13 +225,17 @@ class DualStream:
             rows = self.rows
             names = {name for _, _, name in unit.slots}
             shadows = {n: self.shadow(n, self.params[n], self.scales) for n in names}
-            split = _has_batch((args, kwargs), rows)
+            parts = len(self.scales)
+            split = parts > 1 and _has_batch((args, kwargs), rows, parts)
             outs = []
-            for half in (0, 1):
-                a, k = (split_rows(args, rows, half), split_rows(kwargs, rows, half)) if split else (args, kwargs)
-                with _swapped(unit.slots, {n: pair[half] for n, pair in shadows.items()}):
+            for part in range(parts):
+                a, k = (split_rows(args, rows, part, parts), split_rows(kwargs, rows, part, parts)) if split else (
+                    args,
+                    kwargs,
+                )
+                with _swapped(unit.slots, {n: pair[part] for n, pair in shadows.items()}):
                     outs.append(original(*a, **k))
             del shadows
-            return _merge(outs[0], outs[1], rows, unit.name)
+            return _merge(outs, rows, unit.name)
 
         return forward
