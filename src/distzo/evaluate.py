@@ -67,15 +67,19 @@ def score_candidates(
     last position, and a model that takes ``logits_to_keep`` projects only the last
     few positions instead of producing (rows, length, vocab) logits.
     """
-    out: list[torch.Tensor] = []
+    # Batch examples of similar length together (padding is computed like real tokens),
+    # then hand the scores back in the caller's order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     with eval_mode(model):
-        for chunk in batches(examples, batch_size):
-            batch = collate_classification(chunk, tokenizer, max_length, fallback_side="left")
+        for chunk in batches(order, batch_size):
+            batch = collate_classification([examples[i] for i in chunk], tokenizer, max_length, fallback_side="left")
             shared = "candidate_ids" in batch
             keep = batch["logits_to_keep"] if shared else _answer_span(batch["labels"])
             logits = forward_logits(model, batch, keep_last=keep)
             scores = candidate_scores(logits, batch).cpu()
-            out += [row[:n] for row, n in zip(scores, batch["num_candidates"].tolist())]
+            for i, row, n in zip(chunk, scores, batch["num_candidates"].tolist()):
+                out[i] = row[:n]
     return out
 
 
@@ -169,7 +173,7 @@ def _answer_span(labels: torch.Tensor) -> int:
     return labels.shape[1] - max(int(columns[0]) - 1, 0)
 
 
-def batches(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     if size < 1:
         raise ValueError(f"batch_size must be positive, got {size}")
     for start in range(0, len(items), size):
