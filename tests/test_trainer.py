@@ -43,7 +43,8 @@ def sst2_dir(tmp_path_factory) -> Path:
 
 
 def _args(model_dir, data_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--task", "sst2", "--data", str(data_dir), "--output-dir", str(out),
+    # full-parameter unless a test passes --lora true
+    return ["train", "--lora", "false", "--model", str(model_dir), "--task", "sst2", "--data", str(data_dir), "--output-dir", str(out),
             "--task.num_train", "32", "--task.num_dev", "8", "--task.num_test", "16", "--batch-size", "4",
             "--lr", "1e-2", "--eps", "1e-2", "--progress", "false", "--tensorboard", "false", *extra]
 
@@ -66,7 +67,7 @@ def test_logged_losses_match_reference_mezo(tiny_model_dir, sst2_dir, tmp_path):
                                  "task.data_path": str(sst2_dir), "task.num_train": 32, "task.num_dev": 8,
                                  "task.num_test": 16})
     model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir)))
-    stream = BatchStream(load_task(cfg.task).train, 4, 0)
+    stream = BatchStream(load_task(cfg.task).train, 4, 0, cfg.group_by_length)
     for t, record in enumerate(logged):
         batch = collate_train(stream.at(t), tokenizer, get_task("sst2").kind, cfg.task.max_length)
         plus, minus, grads = mezo_step(model, batch, t, lr=1e-2, eps=1e-2,
@@ -99,7 +100,7 @@ def test_replay_equals_checkpoint(tiny_model_dir, sst2_dir, tmp_path):
 
 
 def test_lora_run_resumes_and_replays(tiny_model_dir, sst2_dir, tmp_path):
-    lora = ["--lora", "--lora.target_modules", "q_proj,v_proj", "--lr", "1e-1"]
+    lora = ["--lora", "true", "--lora.target_modules", "q_proj,v_proj", "--lr", "1e-1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(_args(tiny_model_dir, sst2_dir, whole, "--steps", "4", *lora)) == 0
     assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "2", *lora)) == 0
@@ -185,3 +186,18 @@ def test_non_finite_weights_are_never_saved(tiny_model_dir, sst2_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite"):
         trainer._save(trainer.last_dir)
     assert not trainer.last_dir.exists()
+
+
+def test_batch_stream_epochs_and_grouping():
+    from distzo.tasks import Example
+
+    examples = [Example(prompt="x" * random.Random(i).randint(1, 60)) for i in range(50)]
+    for grouped in (False, True):
+        stream = BatchStream(examples, 4, seed=3, group_by_length=grouped)
+        again = BatchStream(examples, 4, seed=3, group_by_length=grouped)
+        epoch = [id(e) for t in range(25) for e in stream.at(t)]  # two epochs of 50
+        assert sorted(epoch[:50]) == sorted(map(id, examples)) == sorted(epoch[50:])
+        assert [id(e) for e in again.at(7)] == epoch[28:32]  # a pure function of (seed, step)
+    def padding(s):
+        return sum(max(len(e.prompt) for e in s.at(t)) * 4 - sum(len(e.prompt) for e in s.at(t)) for t in range(12))
+    assert padding(BatchStream(examples, 4, 3, True)) < 0.5 * padding(BatchStream(examples, 4, 3, False))

@@ -5,16 +5,19 @@
     distzo train --model facebook/opt-1.3b --task sst2 --dtype bf16
     distzo eval --model runs/distzo/checkpoints/best --task rotten_tomatoes
     distzo replay BASE runs/distzo/trajectory.jsonl --output rebuilt/
-    torchrun --nproc-per-node 2 -m distzo.cli train ...
+    torchrun --nproc-per-node 2 -m distzo.cli train --parallel.pert 2 ...
 
 Bad input (unknown model or task, missing file, bad value) ends with one line on
-stderr and exit code 2; nothing already written is overwritten.
+stderr and exit code 2; nothing already written is overwritten. Under torchrun, a rank
+that loses its peers (one died or hung past parallel.timeout_s) ends with one line and
+exit code 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -91,7 +94,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     cfg = load_config(args.config, overrides)
     results = train(cfg)
-    print(_summary(results, cfg.output_dir))
+    if os.environ.get("RANK", "0") == "0":  # one summary per job, not one per rank
+        print(_summary(results, cfg.output_dir))
     return 0
 
 
@@ -132,6 +136,7 @@ def _summary(results: dict[str, Any], output_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distzo.parallel import ParallelError
     from distzo.trainer import Interrupted, TrainingDiverged
     from distzo.units import UnsupportedModel
 
@@ -147,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"distzo: error: {_one_line(exc)}", file=sys.stderr)
         return 3
+    except ParallelError as exc:
+        print(f"distzo: error: {_one_line(exc)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The process group lost a peer: its threads can abort the interpreter's teardown
+        # (SIGABRT) and replace this exit code. The run's files are already durable.
+        os._exit(4)
     except Interrupted as exc:
         print(f"distzo: {exc}", file=sys.stderr)
         return 128 + exc.signum

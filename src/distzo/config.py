@@ -20,6 +20,7 @@ import yaml
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
+from distzo.parallel import ParallelConfig
 from distzo.schedules import Schedule
 from distzo.tasks import TaskConfig
 
@@ -59,17 +60,21 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run. The defaults are the offline default job."""
+    """One training run. The defaults are the offline default job: full-parameter ZO on the
+    packaged SmolLM2-135M-Instruct and rotten_tomatoes, sized for under 10 minutes on 2 CPU cores."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(num_test=500))
     """The default job holds out 500 balanced examples; MeZO's protocol uses 1,000 (configs/)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, eps=1e-3))
+    """The default job's values (135M parameters, 120 steps); MeZO uses lr 1e-6..1e-7 on 1B+ models."""
     use_lora: bool = False
     """Train LoRA adapters (settings under `lora`) instead of all weights."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    steps: int = 1000
+    steps: int = 120
     batch_size: int = 16
+    group_by_length: bool = True
+    """Batch training examples of similar length together (less padding, faster steps)."""
     eval_every: int = 0
     """Evaluate on the dev split (and keep the best checkpoint) every N steps; 0 = never."""
     eval_batch_size: int = 32
@@ -88,6 +93,8 @@ class TrainConfig:
     """Continue the run in `output_dir` from its last checkpoint."""
     max_skipped_steps: int = 10
     """Abort after this many consecutive steps with a non-finite loss."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the ranks of a torchrun job split each step (`batch_size` is the global batch)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "log_every"):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distzo import directions, estimator, kernels
+from distzo import directions, estimator, kernels, parallel
 from distzo.directions import Kind
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
@@ -80,6 +80,7 @@ class ZOOptimizer:
         schedule: Schedule | None = None,
         estimator: estimator.Estimator = "two-sided",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        mesh: parallel.Mesh | None = None,
     ):
         _validate(lr, eps, weight_decay, directions, perturbation, estimator)
         self.model = model
@@ -88,11 +89,16 @@ class ZOOptimizer:
         self.loss_fn = loss_fn or causal_lm_loss
         self.schedule = schedule or Schedule()
         self.estimator = estimator
+        # Ranks of a torchrun job share seeds and exchange only losses (distzo.parallel).
+        self.mesh = mesh
+        self.loss_weight = parallel.loss_weight  # a data shard's share of a loss_fn mean
         self.params: list[TrainableParam] = trainable_params(model)
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
         numel = sum(p.param.numel() for p in self.params)
-        self.cache_directions = numel * 4 * directions <= cache_bytes
+        # A rank that measures only some directions would cache only those z's.
+        shares_directions = mesh is not None and mesh.size("dir") > 1
+        self.cache_directions = numel * 4 * directions <= cache_bytes and not shares_directions
         self._z: dict[str, list[torch.Tensor]] = {}  # this step's directions, when cached
         self._z_prev: dict[str, list[torch.Tensor]] = {}  # the pending update's directions
         self._applying: PendingUpdate | None = None
@@ -118,20 +124,22 @@ class ZOOptimizer:
         """
         t = self.step_count
         seeds = [directions.step_seed(self.seed, t, j) for j in range(self.num_directions)]
-        plus, other = [], []
+        scales = estimator.half_scales(self.eps, self.estimator)
+        halves = parallel.my_halves(self.mesh)
+        measured: dict[tuple[int, int], float] = {}
         was_training = self.model.training
         self.model.eval()  # no dropout: both halves must see the same function
         self._begin_update()
         try:
-            for j, seed in enumerate(seeds):
-                self._seed, self._direction = seed, j
-                lp, lo = self._dual_losses(batch)
-                plus.append(lp)
-                other.append(lo)
+            for j in parallel.my_directions(self.mesh, self.num_directions):
+                self._seed, self._direction = seeds[j], j
+                losses = self.stream_losses(batch, tuple(scales[h] for h in halves))
+                measured.update({(j, h): loss for h, loss in zip(halves, losses)})
                 self._finish_update()
         finally:
             self.model.train(was_training)
-            self._finish_update()
+            self._finish_update()  # a rank that measured no direction still applies the update
+        plus, other = parallel.assemble(self.mesh, measured, self.num_directions, self._shard_weight(batch))
         grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
         loss = estimator.reported_loss(plus, other, self.estimator)
         lr = self.lr_at(t)
@@ -204,6 +212,12 @@ class ZOOptimizer:
         plus, other = self.stream_losses(batch, estimator.half_scales(self.eps, self.estimator))
         return plus, other
 
+    def _shard_weight(self, batch: Mapping[str, Any]) -> float:
+        """This data shard's weight in the global loss; 1 when there is one shard (exact)."""
+        if self.mesh is None or self.mesh.size("data") == 1:
+            return 1.0
+        return self.loss_weight(batch)
+
     def stream_losses(self, batch: Mapping[str, Any], scales: tuple[float, ...]) -> list[float]:
         """L(theta + s z) for each scale s, from one forward of the batch stacked len(scales) times."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
@@ -233,9 +247,12 @@ class ZOOptimizer:
         if self._fused is not None:
             update = self._applying if p.name in self._unapplied else None
             self._unapplied.discard(p.name)
-            return self._fused.update_and_shadows(
-                param, p.key, update, self.weight_decay, self.perturbation, self._seed, scales
+            # The kernel builds two shadows; a single stream (a pert rank) asks for one.
+            pair = scales if len(scales) == 2 else (scales[0], 0.0)
+            shadows = self._fused.update_and_shadows(
+                param, p.key, update, self.weight_decay, self.perturbation, self._seed, pair
             )
+            return shadows[: len(scales)]
         if p.name in self._unapplied:
             self._apply_pending(p)
         z = self._direction_of(p)

@@ -9,12 +9,17 @@ Files in ``output_dir``:
     checkpoints/last/      weights (save_pretrained) + trainer and optimizer state
     checkpoints/best/      the best dev-metric checkpoint, when evaluating during training
     results.json           zero-shot and final metrics, wall time
+    launch.json            the torchrun launch that wrote the run (to resume it after a restart)
+
+Under torchrun every rank runs this loop on its shard of the same global batch
+(``distzo.parallel``); rank 0 alone evaluates and writes files, the others wait for it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from distzo import parallel
 from distzo.checkpoint import (
     TrajectoryHeader,
     TrajectoryLog,
@@ -31,6 +37,7 @@ from distzo.checkpoint import (
     atomic_write_text,
     is_complete,
     load_checkpoint_state,
+    readable_checkpoint,
     save_checkpoint,
 )
 from distzo.config import TrainConfig, dump_yaml
@@ -43,6 +50,7 @@ from distzo.tasks.collate import collate_train
 
 # The metric each task kind selects the best checkpoint by, and whether higher is better.
 SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
+LAUNCH_FILE = "launch.json"
 
 
 class Interrupted(Exception):
@@ -92,20 +100,35 @@ def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
 
 
 class BatchStream:
-    """Step t's batch is a pure function of (seed, t): a fresh permutation per epoch."""
+    """Step t's batch is a pure function of (seed, t): a fresh permutation per epoch.
 
-    def __init__(self, examples: list, batch_size: int, seed: int):
+    With ``group_by_length``, each run of 8 batches of the permutation is sorted by prompt
+    length, so a batch holds examples of similar length and pads less (padding costs as
+    much compute as real tokens); which examples share the 8 batches stays random.
+    """
+
+    GROUP = 8
+
+    def __init__(self, examples: list, batch_size: int, seed: int, group_by_length: bool = False):
         if not examples:
             raise ValueError("the training split is empty")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.group_by_length = group_by_length
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             order = list(range(len(self.examples)))
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            if self.group_by_length:
+                order = self._grouped(order)
             self._perms = {epoch: order}  # keep one epoch: steps only move forward
         return self._perms[epoch]
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        span = self.GROUP * self.batch_size
+        length = lambda i: len(self.examples[i].prompt) + len(self.examples[i].target or "")  # noqa: E731
+        return [i for lo in range(0, len(order), span) for i in sorted(order[lo : lo + span], key=length)]
 
     def at(self, step: int) -> list:
         n = len(self.examples)
@@ -115,10 +138,17 @@ class BatchStream:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.last_dir = self.out / "checkpoints" / "last"
         self.best_dir = self.out / "checkpoints" / "best"
+        self.mesh = parallel.init(cfg.parallel, cfg.model.device)
+        self._restarted = _restart_of_this_launch(self.out)
+        if self._restarted and not cfg.resume and _has_checkpoint(self.last_dir):
+            cfg = replace(cfg, resume=True)  # torchrun restarted the job: go on from its last checkpoint
+        self.cfg = cfg
+        data_ranks = self.mesh.size("data")
+        if cfg.batch_size < data_ranks:
+            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {data_ranks} data ranks")
         self._check_output_dir()
         self.task = get_task(cfg.task.name)
         self.data = load_task(cfg.task)
@@ -139,8 +169,9 @@ class Trainer:
             loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
             schedule=cfg.optim.schedule_for(cfg.steps),
             estimator=cfg.optim.estimator,
+            mesh=self.mesh,
         )
-        self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed)
+        self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
             self.opt.load_state_dict(saved["optimizer_state"])
         self.log = TrajectoryLog(self.out / "trajectory.jsonl")
@@ -151,7 +182,7 @@ class Trainer:
 
     def _check_output_dir(self) -> None:
         has_run = (self.out / "trajectory.jsonl").exists() or self.last_dir.exists()
-        if has_run and not self.cfg.resume:
+        if has_run and not self.cfg.resume and not self._restarted:
             raise FileExistsError(
                 f"output directory '{self.out}' already holds a run; pass --resume to continue it "
                 "or choose another --output-dir"
@@ -160,8 +191,15 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no run to continue in '{self.out}'")
 
     def _start(self) -> None:
+        """Rank 0: create or reopen the run's files."""
         self.out.mkdir(parents=True, exist_ok=True)
+        if self._restarted and not self.cfg.resume:  # restarted before its first checkpoint: from step 0
+            for name in ("trajectory.jsonl", "metrics.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+        if self._restarted and self.cfg.resume:
+            print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming at step {self.state['step']}")
         atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+        atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
         self.log.start(trajectory_header(self.cfg))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
             self.log.truncate_after(self.state["step"] - 1)
@@ -181,10 +219,13 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         start_time = time.time()
-        self._start()
+        self.mesh.barrier()  # every rank has read the output folder before rank 0 writes to it
+        if self.mesh.is_main:
+            self._start()
         cfg = self.cfg
         if cfg.zero_shot and self.state["zero_shot"] is None:
             self.state["zero_shot"] = self._evaluate(self.data.test, "zero_shot")
+            self.mesh.barrier()
         previous = _install_signal_handlers(self._on_signal)
         try:
             self._loop(start_time)
@@ -203,7 +244,8 @@ class Trainer:
             "test_examples": len(self.data.test),
             "wall_seconds": round(time.time() - start_time, 1),
         }
-        atomic_write_json(self.out / "results.json", results)
+        if self.mesh.is_main:
+            atomic_write_json(self.out / "results.json", results)
         self.log.close()
         if self._writer:
             self._writer.close()
@@ -212,14 +254,15 @@ class Trainer:
     def _loop(self, start_time: float) -> None:
         cfg = self.cfg
         deadline = start_time + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else math.inf
-        bar = _progress(cfg, self.state["step"])
+        bar = _progress(cfg, self.state["step"]) if self.mesh.is_main else None
         skipped_in_row = 0
         tokens, window_start, rate = 0, time.time(), 0.0
         while self.state["step"] < cfg.steps:
             t = self.state["step"]
             batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
-            stats = self.opt.step(batch)
-            self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss, skipped=stats.skipped)
+            stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
+            if self.mesh.is_main:
+                self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss, skipped=stats.skipped)
             self.state["step"] = t + 1
             tokens += int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
@@ -235,48 +278,65 @@ class Trainer:
                 tokens, window_start = 0, time.time()
             _advance(bar, stats, rate)
             self._maybe_eval_and_save(t + 1)
-            if self._signal is not None:
+            signalled, out_of_time = self._should_stop(deadline)
+            if signalled:
                 self.opt.flush()
                 self._save(self.last_dir)
-                raise Interrupted(self._signal)
-            if time.time() > deadline:
-                print(f"time limit of {cfg.time_limit_minutes} min reached after {t + 1} steps")
+                raise Interrupted(self._signal or signal.SIGTERM)
+            if out_of_time:
+                if self.mesh.is_main:
+                    print(f"time limit of {cfg.time_limit_minutes} min reached after {t + 1} steps")
                 break
         if bar is not None:
             bar.close()
+
+    def _should_stop(self, deadline: float) -> tuple[bool, bool]:
+        """(a signal arrived, the time limit passed) on any rank: all ranks stop at the same step."""
+        flags = torch.tensor([self._signal is not None, time.time() > deadline], dtype=torch.float64)
+        if self.mesh.distributed:
+            flags = self.mesh.all_reduce_sum(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _maybe_eval_and_save(self, step: int) -> None:
         cfg = self.cfg
         if cfg.eval_every and step % cfg.eval_every == 0:
             self.opt.flush()
-            metrics = self._evaluate(self.data.dev, "dev")
-            name, higher = SELECT_BY[self.task.kind]
-            best = self.state["best"]
-            if best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name]):
-                self.state["best"] = {**metrics, "step": step}
-                self._save(self.best_dir)
+            if self.mesh.is_main:
+                metrics = self._evaluate(self.data.dev, "dev")
+                name, higher = SELECT_BY[self.task.kind]
+                best = self.state["best"]
+                if best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name]):
+                    self.state["best"] = {**metrics, "step": step}
+                    self._save(self.best_dir, wait=False)
             self._save(self.last_dir)
         elif cfg.save_every and step % cfg.save_every == 0:
             self._save(self.last_dir)
 
     def _evaluate(self, examples, split: str) -> dict[str, float]:
-        if not examples:
+        """The split's metrics, measured by rank 0 (the weights are the same on every rank)."""
+        if not examples or not self.mesh.is_main:
             return {}
         metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
                            self.cfg.task.max_length)
         self._metric({"step": self.state["step"], "split": split, **metrics})
         return metrics
 
-    def _save(self, directory: Path) -> None:
+    def _save(self, directory: Path, wait: bool = True) -> None:
+        """Rank 0 writes the checkpoint; with ``wait`` every rank waits until it is written."""
         self.opt.flush()
         if not all(torch.isfinite(p.param).all() for p in self.opt.params):
             raise TrainingDiverged(
                 f"the weights became non-finite by step {self.state['step']} (lower optim.lr); "
                 f"not saving over the checkpoint in {directory}"
             )
-        save_checkpoint(directory, self.model, self.tokenizer, self.state, self.opt.state_dict())
+        if self.mesh.is_main:
+            save_checkpoint(directory, self.model, self.tokenizer, self.state, self.opt.state_dict())
+        if wait:
+            self.mesh.barrier()
 
     def _metric(self, row: dict[str, Any]) -> None:
+        if not self.mesh.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._writer is not None:
@@ -292,7 +352,39 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    broken = False
+    try:
+        return trainer.run()
+    except parallel.ParallelError:
+        broken = True  # a group that lost a peer cannot be torn down in order: the process exits
+        raise
+    finally:
+        if not broken:
+            trainer.mesh.close()
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    try:
+        readable_checkpoint(directory)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _launch_record(mesh: parallel.Mesh) -> dict[str, Any]:
+    return {"run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "world_size": mesh.world_size, "mesh": mesh.sizes}
+
+
+def _restart_of_this_launch(out: Path) -> bool:
+    """Whether torchrun restarted the job that wrote ``out`` (not a new job pointed at an old folder)."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return False
+    try:
+        launch = json.loads((out / LAUNCH_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return launch.get("run_id") == os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,0 +1,113 @@
+"""Time distzo's perturbation and data parallelism on 2 GPUs against one GPU.
+
+    PYTHONPATH=src python bench/bench_parallel.py --out base.json                    # 1 GPU
+    PYTHONPATH=src torchrun --standalone --nproc-per-node 2 bench/bench_parallel.py --out par.json
+
+The model (random-init bf16, built on the GPU as bench/bench_step.py builds it) and the
+global batch (--rows x --seq random tokens) are the same in every run. One process times
+ZOOptimizer.step on the whole batch. Under torchrun every rank builds the same model and
+batch and times, in turn:
+
+    pert      parallel.pert = 2: rank 0 runs theta + eps z, rank 1 theta - eps z, each on the
+              whole global batch (one forward of R rows instead of 2R)
+    data      parallel.data = 2: each rank runs both halves on its half of the global batch
+    data-x2   parallel.data = 2 with a global batch twice as large (each rank holds --rows rows)
+
+A step's time is wall time around ``opt.step`` (which returns only when its losses are on the
+host), median over --steps after --warmup. tokens/s counts 2 x rows x seq per step (both
+halves), as bench_step.py does. Rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MODES = {"pert": dict(pert=2), "data": dict(data=2), "data-x2": dict(data=2)}
+
+
+def timed_steps(opt, batch, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """Median seconds per step and the first step's losses (L+, L-)."""
+    times, first = [], None
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        stats = opt.step(batch)
+        elapsed = time.perf_counter() - start
+        if first is None:
+            first = [stats.losses_plus[0], stats.losses_other[0]]
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times), first
+
+
+def run(model, batch, rows: int, seq: int, args, mesh=None) -> dict:
+    from distzo.optimizer import ZOOptimizer, causal_lm_loss
+
+    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, loss_fn=causal_lm_loss, mesh=mesh)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    seconds, first = timed_steps(opt, batch, args.steps, args.warmup)
+    opt.flush()
+    return {"rows": rows, "seq": seq, "ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 3),
+            "tokens_per_s": round(2 * rows * seq / seconds), "first_losses": first,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="opt-6.7b")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from bench_step import build, make_batch, model_config
+
+    from distzo import parallel
+
+    world = parallel.world_size()
+    # Rank r's device is set before the model is built, so "cuda" below is its own GPU.
+    first_mesh = parallel.init(parallel.ParallelConfig(**MODES[args.modes[0]]), "cuda") if world > 1 else None
+    model, build_s = build(args.model)
+    vocab = model_config(args.model).vocab_size
+    report = {"model": args.model, "world_size": world, "card": torch.cuda.get_device_name(),
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__, "build_s": round(build_s, 1),
+              "steps": args.steps, "warmup": args.warmup, "runs": {}}
+    if world == 1:
+        report["runs"]["1gpu"] = run(model, make_batch(args.rows, args.seq, vocab), args.rows, args.seq, args)
+        report["runs"]["1gpu-x2"] = run(model, make_batch(2 * args.rows, args.seq, vocab), 2 * args.rows, args.seq,
+                                        args)
+    for mode in args.modes if world > 1 else []:
+        try:
+            mesh = first_mesh if mode == args.modes[0] else parallel.init(parallel.ParallelConfig(**MODES[mode]))
+            rows = 2 * args.rows if mode == "data-x2" else args.rows
+            batch = make_batch(rows, args.seq, vocab)
+            local = parallel.shard_batch(batch, mesh.coord("data"), mesh.size("data"))
+            report["runs"][mode] = run(model, local, rows, args.seq, args, mesh)
+        except Exception as exc:  # keep the other modes' numbers
+            report["runs"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(f"rank {os.environ.get('RANK')}: {mode} {json.dumps(report['runs'][mode])}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(report, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if first_mesh is not None:
+        first_mesh.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Distributed ZO on CPU (gloo): every mode reproduces the single-process reference.
+
+Ranks are real processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
+... in the environment), or by torchrun itself; each runs this file as a script (see
+``worker`` at the bottom). Optimizer-level modes run in float64 with MeZO's loss in float64,
+so they match the four-pass reference as tightly as the single-process engine does
+(tests/test_optimizer.py). Runs of the real entry point train in float32, where a shard's
+loss and a one-half forward round differently from the global stacked forward: they
+match to float32 precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+LR, EPS, WD, STEPS = 1e-3, 1e-3, 0.1, 3
+# Modes per world size: (name, pert, dir, data, q, estimator, model size)
+MODES = {
+    2: [
+        ("data2", 1, 1, 2, 1, "two-sided", "tiny"),
+        ("pert2", 2, 1, 1, 1, "two-sided", "tiny"),
+        ("pert2-one-sided", 2, 1, 1, 1, "one-sided", "tiny"),
+        ("dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
+        ("data2-larger", 1, 1, 2, 1, "two-sided", "larger"),
+    ],
+    4: [
+        ("pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
+        ("dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny"),
+        ("pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
+        ("data4", 1, 1, 4, 1, "two-sided", "tiny"),
+    ],
+}
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "barrier")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This process computes references while ranks run beside it: one thread each, no
+    contention for the cores (two threads made a tiny matmul 1000x slower on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- launching ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict[str, str]:
+    # One thread per rank: up to four ranks share the machine's cores.
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def _start_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
+    """``world`` processes running this file with torchrun's environment variables."""
+    port = _free_port()
+    return [
+        subprocess.Popen([sys.executable, str(HERE), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE,
+                         env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for r in range(world)
+    ]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), text=True, capture_output=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- optimizer-level modes
+
+
+def _model(size: str):
+    from tiny_models import tiny_model
+
+    if size == "tiny":
+        return tiny_model("llama", dtype=torch.float64)
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+
+
+def _batch(t: int):
+    from tiny_models import tiny_batch
+
+    # Four rows, the last right-padded: data shards hold different numbers of label tokens.
+    return tiny_batch(rows=4, seq=7, seed=t)
+
+
+@pytest.fixture(scope="module")
+def mode_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every mode of MODES run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
+    out = tmp_path_factory.mktemp("modes")
+    for world in MODES:
+        results = _finish(_start_ranks(world, ["modes", str(out), str(world)]))
+        for code, _, err in results:
+            assert code == 0, err[-3000:]
+    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
+            for world, modes in MODES.items() for name, *_ in modes}
+
+
+def _reference(mode) -> dict:
+    """The same steps in one process: MeZO's four-pass reference (two-sided) or the
+    single-process engine (one-sided, which the reference does not implement)."""
+    from reference_mezo import mezo_step
+
+    from distzo.optimizer import ZOOptimizer, causal_lm_loss
+
+    _, _, _, _, q, est, size = mode
+    model = _model(size)
+    opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
+    plus, other, grads = [], [], []
+    for t in range(STEPS):
+        if est == "two-sided":
+            p, o, g = mezo_step(model, _batch(t), t, lr=LR, eps=EPS, weight_decay=WD, q=q, loss_fn=causal_lm_loss)
+        else:
+            stats = opt.step(_batch(t))
+            p, o, g = stats.losses_plus, stats.losses_other, stats.projected_grads
+        plus.append(p)
+        other.append(o)
+        grads.append(g)
+    opt.flush()
+    return {"plus": plus, "other": other, "grads": grads, "weights": copy.deepcopy(model.state_dict())}
+
+
+ALL_MODES = [(world, mode) for world, modes in MODES.items() for mode in modes]
+
+
+@pytest.mark.parametrize("world,mode", ALL_MODES, ids=[m[0] for _, m in ALL_MODES])
+def test_mode_matches_single_process_reference(mode_results, world, mode):
+    # float64 throughout: shard losses combined by label-token weights equal the global
+    # mean to ~1e-16, so the bounds are those of the single-process engine.
+    ranks = mode_results[mode[0]]
+    assert len(ranks) == world
+    ref = _reference(mode)
+    for rec in ranks:  # every rank ends with all q losses and g's of every step
+        for t in range(STEPS):
+            assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
+            assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
+            assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
+        diff = max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"])
+        assert diff < 1e-12
+    first = ranks[0]["weights"]
+    for rec in ranks[1:]:  # no weight ever crosses the network, yet the copies agree bit for bit
+        assert all(torch.equal(first[k], rec["weights"][k]) for k in first)
+    assert any(not torch.equal(first[k], _model(mode[6]).state_dict()[k]) for k in first)  # they did train
+
+
+def test_each_step_sends_only_scalars(mode_results):
+    # One all-reduce per step of a (q, 2 halves, [loss x weight, weight]) float64 vector:
+    # 32 bytes per direction whatever the model size.
+    for world, modes in MODES.items():
+        for name, _, _, _, q, _, _ in modes:
+            for rec in mode_results[name]:
+                assert rec["mesh_bytes"] == [32 * q] * STEPS, name
+                assert rec["dist_bytes"] == [32 * q] * STEPS, name  # counted at torch.distributed's API
+                assert rec["dist_calls"] == {"all_reduce": STEPS}, name
+    small, large = mode_results["data2"][0], mode_results["data2-larger"][0]
+    assert large["params"] > 4 * small["params"]
+    assert large["dist_bytes"] == small["dist_bytes"]
+
+
+def _run_modes(out: Path, world: int) -> None:
+    from distzo import parallel
+    from distzo.optimizer import ZOOptimizer, causal_lm_loss
+
+    counts = _count_collectives()
+    for name, pert, dir_, data, q, est, size in MODES[world]:
+        mesh = parallel.init(parallel.ParallelConfig(pert=pert, dir=dir_, data=data, timeout_s=60))
+        assert mesh.sizes == {"pert": pert, "dir": dir_, "data": data}
+        assert all(torch.distributed.get_world_size(mesh.group(a)) == n for a, n in mesh.sizes.items())
+        model = _model(size)
+        opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est,
+                          loss_fn=causal_lm_loss, mesh=mesh)
+        rec = {"plus": [], "other": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],
+               "params": sum(p.numel() for p in model.parameters())}
+        counts.clear()
+        for t in range(STEPS):
+            before, sent = counts.get("bytes", 0), mesh.bytes_sent
+            stats = opt.step(parallel.shard_batch(_batch(t), mesh.coord("data"), mesh.size("data")))
+            rec["plus"].append(stats.losses_plus)
+            rec["other"].append(stats.losses_other)
+            rec["grads"].append(stats.projected_grads)
+            rec["mesh_bytes"].append(mesh.bytes_sent - sent)
+            rec["dist_bytes"].append(counts.get("bytes", 0) - before)
+        opt.flush()
+        rec["dist_calls"] = {k: v for k, v in counts.items() if k != "bytes"}
+        rec["weights"] = model.state_dict()
+        torch.save(rec, out / f"{name}-rank{mesh.rank}.pt")
+    mesh.close()
+
+
+def _count_collectives() -> dict[str, int]:
+    """Wrap torch.distributed's collectives to count calls and tensor bytes."""
+    import torch.distributed as dist
+
+    counts: dict[str, int] = {}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            counts["bytes"] = counts.get("bytes", 0) + sum(t.numel() * t.element_size() for t in tensors)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name in COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+    return counts
+
+
+def test_shards_recombine_to_the_global_loss():
+    # In one process: the weighted shard losses equal the global batch's loss for each
+    # batch format (LM rows, candidate rows, single-token candidates), also for uneven shards.
+    from distzo import parallel
+    from distzo.losses import default_loss
+
+    g = torch.Generator().manual_seed(0)
+    lm = _batch(0)
+    cand = {"input_ids": torch.randint(1, 50, (7, 5), generator=g),
+            "attention_mask": torch.ones(7, 5, dtype=torch.long),
+            "num_candidates": torch.tensor([2, 3, 2]), "gold": torch.tensor([1, 0, 1])}
+    cand["labels"] = cand["input_ids"].masked_fill(torch.rand(7, 5, generator=g) < 0.4, -100)
+    cand["labels"][:, -1] = 7  # every candidate row keeps a label
+    single = {"input_ids": torch.randint(1, 50, (5, 4), generator=g),
+              "attention_mask": torch.ones(5, 4, dtype=torch.long),
+              "candidate_ids": torch.tensor([[3, 4], [3, 4], [5, -1], [3, 4], [6, 7]]),
+              "gold": torch.tensor([0, 1, 0, 1, 1]), "num_candidates": torch.tensor([2, 2, 1, 2, 2]),
+              "logits_to_keep": 1}
+    for batch in (lm, cand, single):
+        rows, length = batch["input_ids"].shape
+        logits = torch.randn(rows, length, 97, generator=g, dtype=torch.float64)
+        whole = float(default_loss(logits, batch))
+        for count in (2, 3):
+            num, den = 0.0, 0.0
+            for i in range(count):
+                # a "row" column tells which logits belong to the shard's rows
+                shard = parallel.shard_batch({**batch, "row": torch.arange(rows)[:, None]}, i, count)
+                part = default_loss(logits[shard.pop("row")[:, 0]], shard)
+                w = parallel.loss_weight(shard)
+                num, den = num + float(part) * w, den + w
+            assert num / den == pytest.approx(whole, rel=1e-6), (sorted(batch), count)
+    with pytest.raises(ValueError, match="cannot be split"):
+        parallel.shard_batch(lm, 0, 5)
+
+
+def test_config_checks_the_world_size(monkeypatch):
+    from distzo import parallel
+
+    assert parallel.ParallelConfig(pert=2).sizes(8) == {"pert": 2, "dir": 1, "data": 4}
+    assert parallel.ParallelConfig(pert=2, dir=2, data=2).sizes(8) == {"pert": 2, "dir": 2, "data": 2}
+    with pytest.raises(ValueError, match="does not match the world size 6"):
+        parallel.ParallelConfig(pert=2, dir=2).sizes(6)
+    with pytest.raises(ValueError, match="does not match the world size 4"):
+        parallel.ParallelConfig(data=3).sizes(4)
+    with pytest.raises(ValueError, match="pert must be 1 or 2"):
+        parallel.ParallelConfig(pert=3)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mesh = parallel.init()  # one process: a trivial mesh and no process group
+    assert (mesh.world_size, mesh.sizes, mesh.group("data")) == (1, {"pert": 1, "dir": 1, "data": 1}, None)
+    with pytest.raises(ValueError, match="world size 1"):
+        parallel.init(parallel.ParallelConfig(pert=2))
+
+
+# ---------------------------------------------------------------- the real entry point
+
+GOOD = {"good", "great"}
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    from conftest import TINY_WORDS
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("sst2")
+    for split, n in (("train", 64), ("validation", 16)):
+        rows = []
+        for i in range(n):
+            words = rng.sample(TINY_WORDS, 5)
+            rows.append({"sentence": " ".join(words), "label": int(bool(GOOD & set(words))), "idx": i})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _args(model_dir, data_dir, out, *extra) -> list[str]:
+    return ["train", "--lora", "false", "--model", str(model_dir), "--task", "sst2", "--data", str(data_dir),
+            "--output-dir", str(out), "--task.num_train", "32", "--task.num_dev", "8", "--task.num_test", "16",
+            "--batch-size", "4",
+            "--lr", "1e-2", "--eps", "1e-2", "--progress", "false", "--tensorboard", "false", "--zero_shot", "false",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model_dir, sst2_dir, tmp_path_factory) -> Path:
+    """Six uninterrupted single-process steps: what every distributed run must reproduce."""
+    from distzo.cli import main
+
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "6")) == 0
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    from distzo.checkpoint import TrajectoryLog
+
+    return TrajectoryLog(out / "trajectory.jsonl").read()
+
+
+def _assert_same_run(run: Path, reference: Path, steps: int) -> None:
+    # float32 training: a shard's (or a half's) forward rounds differently from the stacked
+    # global forward by ~1e-7 in the loss; g = dL / 2eps (eps 1e-2) carries that as ~1e-5.
+    got, want = _records(run), _records(reference)[:steps]
+    assert [r["step"] for r in got] == list(range(steps))
+    for a, b in zip(got, want):
+        assert a["seeds"] == b["seeds"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grads"] == pytest.approx(b["grads"], abs=1e-3)
+    if steps == len(_records(reference)):
+        from safetensors.torch import load_file
+
+        x = load_file(run / "checkpoints" / "last" / "model.safetensors")
+        y = load_file(reference / "checkpoints" / "last" / "model.safetensors")
+        assert x.keys() == y.keys()
+        assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
+
+
+def test_resume_at_another_world_size(tiny_model_dir, sst2_dir, whole, tmp_path):
+    from distzo.cli import main
+
+    out = tmp_path / "run"
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("3 steps") == 1  # one summary: rank 0's
+    assert json.loads((out / "launch.json").read_text())["mesh"] == {"pert": 1, "dir": 1, "data": 2}
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "6", "--resume")) == 0
+    _assert_same_run(out, whole, 6)
+
+
+def test_two_nodes_on_loopback(tiny_model_dir, sst2_dir, whole, tmp_path):
+    out, port = tmp_path / "run", _free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    cli = ["-m", "distzo.cli", *_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--parallel.pert", "2")]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, "--node-rank", str(n), *cli],
+                              cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for n in (0, 1)]
+    for code, _, err in _finish(nodes):
+        assert code == 0, err[-3000:]
+    _assert_same_run(out, whole, 4)
+
+
+def _dying(mode: str, at_step: int, cli_args: list[str]) -> list[str]:
+    return ["dying", mode, str(at_step), *cli_args]
+
+
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_dir, tmp_path, fault):
+    from transformers import AutoModelForCausalLM
+
+    from distzo.checkpoint import readable_checkpoint
+
+    out, timeout = tmp_path / "run", 15
+    args = _args(tiny_model_dir, sst2_dir, out, "--steps", "50", "--save-every", "2",
+                 "--parallel.timeout_s", str(timeout))
+    rank0, rank1 = _start_ranks(2, _dying(fault, 3, args))
+    _, err0 = rank0.communicate(timeout=120)
+    # rank 0 waits at most one timeout after reaching step 3 (a few seconds of startup)
+    log = out / "trajectory.jsonl"
+    waited = time.time() - log.stat().st_mtime
+    if fault == "exit":
+        assert rank1.wait(timeout=60) == 17
+    else:
+        rank1.kill()
+        rank1.communicate()
+    assert rank0.returncode == 4, err0[-3000:]
+    lines = [line for line in err0.splitlines() if line.startswith("distzo:")]
+    assert len(lines) == 1 and "rank 0" in lines[0] and "another rank died or did not answer" in lines[0]
+    assert waited < timeout + 10
+    folder = readable_checkpoint(out / "checkpoints" / "last")  # the last checkpoint is whole
+    assert json.loads((folder / "trainer_state.json").read_text())["step"] == 2
+    assert [r["step"] for r in _records(out)] == [0, 1, 2]
+    AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tiny_model_dir, sst2_dir, whole, tmp_path):
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, sst2_dir, out, "--steps", "6", "--save-every", "2", "--parallel.timeout_s", "30")
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(HERE),
+                     *_dying("exit", 3, args))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torchrun restart 1: resuming at step 2" in done.stdout
+    _assert_same_run(out, whole, 6)
+
+
+def _run_dying(mode: str, at_step: int, cli_args: list[str]) -> int:
+    """The real CLI, except that rank 1 of the first attempt dies (or hangs) before ``at_step``."""
+    from distzo.cli import main
+    from distzo.optimizer import ZOOptimizer
+
+    step = ZOOptimizer.step
+
+    def failing(self, batch):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if os.environ["RANK"] == "1" and first_attempt and self.step_count == at_step:
+            if mode == "exit":
+                os._exit(17)
+            time.sleep(3600)
+        return step(self, batch)
+
+    ZOOptimizer.step = failing
+    return main(cli_args)
+
+
+def worker(argv: list[str]) -> int:
+    sys.path.insert(0, str(HERE.parent))
+    if argv[0] == "modes":
+        _run_modes(Path(argv[1]), int(argv[2]))
+        return 0
+    if argv[0] == "dying":
+        return _run_dying(argv[1], int(argv[2]), argv[3:])
+    raise SystemExit(f"unknown worker command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1:]))
