@@ -54,3 +54,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    """A local SST-2 copy in the hub's schema, written in the tiny model's vocabulary:
+    a sentence is positive when it holds "good" or "great"."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("sst2")
+    for split, n in (("train", 64), ("validation", 16)):
+        rows = []
+        for i in range(n):
+            words = rng.sample(TINY_WORDS, 5)
+            rows.append({"sentence": " ".join(words), "label": int(bool({"good", "great"} & set(words))), "idx": i})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -302,23 +301,6 @@ def test_config_checks_the_world_size(monkeypatch):
 
 
 # ---------------------------------------------------------------- the real entry point
-
-GOOD = {"good", "great"}
-
-
-@pytest.fixture(scope="module")
-def sst2_dir(tmp_path_factory) -> Path:
-    from conftest import TINY_WORDS
-
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("sst2")
-    for split, n in (("train", 64), ("validation", 16)):
-        rows = []
-        for i in range(n):
-            words = rng.sample(TINY_WORDS, 5)
-            rows.append({"sentence": " ".join(words), "label": int(bool(GOOD & set(words))), "idx": i})
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 def _args(model_dir, data_dir, out, *extra) -> list[str]:

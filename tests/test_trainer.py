@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_WORDS
 from reference_mezo import mezo_step
 from safetensors.torch import load_file
 
@@ -24,22 +23,6 @@ from distzo.replay import replay
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
 from distzo.trainer import BatchStream
-
-GOOD = {"good", "great"}
-
-
-@pytest.fixture(scope="module")
-def sst2_dir(tmp_path_factory) -> Path:
-    """A local SST-2 copy in the hub's schema, written in the tiny model's vocabulary."""
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("sst2")
-    for split, n in (("train", 64), ("validation", 16)):
-        rows = []
-        for i in range(n):
-            words = rng.sample(TINY_WORDS, 5)
-            rows.append({"sentence": " ".join(words), "label": int(bool(GOOD & set(words))), "idx": i})
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 def _args(model_dir, data_dir, out, *extra):

@@ -35,7 +35,6 @@ from distzo.checkpoint import (
     TrajectoryLog,
     atomic_write_json,
     atomic_write_text,
-    is_complete,
     load_checkpoint_state,
     readable_checkpoint,
     save_checkpoint,
