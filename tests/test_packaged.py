@@ -33,7 +33,6 @@ def test_zo_sgd_lowers_the_loss_on_a_fixed_batch(packaged_model_dir):
     steps = [opt.step(batch) for _ in range(8)]
     opt.flush()
     after = loss()
-    assert steps[0].loss == pytest.approx(before, abs=1e-3)  # the mean of L(θ±εz) is the base loss
     # On a fixed batch each step changes the loss by -lr g^2 to first order: the loss must fall,
     # by at least half that prediction (the rest is second-order curvature along z).
     predicted = sum(s.lr * s.projected_grads[0] ** 2 for s in steps)
