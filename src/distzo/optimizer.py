@@ -208,10 +208,6 @@ class ZOOptimizer:
 
     # ------------------------------------------------------------------ internals
 
-    def _dual_losses(self, batch: Mapping[str, Any]) -> tuple[float, float]:
-        plus, other = self.stream_losses(batch, estimator.half_scales(self.eps, self.estimator))
-        return plus, other
-
     def _shard_weight(self, batch: Mapping[str, Any]) -> float:
         """This data shard's weight in the global loss; 1 when there is one shard (exact)."""
         if self.mesh is None or self.mesh.size("data") == 1:
