@@ -113,12 +113,17 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown perturbation kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def _chunks(count: int):
+    """(offset, length) of the cache-sized pieces of ``count`` elements."""
+    for lo in range(0, count, _CHUNK):
+        yield lo, min(_CHUNK, count - lo)
+
+
 def draw(seed: int, key: int, start: int, count: int, kind: Kind = "gaussian") -> torch.Tensor:
     """z for elements [start, start+count) of the tensor keyed ``key``: float32, on the CPU."""
     check_kind(kind)
     out = torch.empty(count, dtype=torch.float32)
-    for lo in range(0, count, _CHUNK):
-        n = min(_CHUNK, count - lo)
+    for lo, n in _chunks(count):
         out[lo : lo + n] = _draw_chunk(seed, key, start + lo, n, kind)
     return out
 
@@ -126,8 +131,7 @@ def draw(seed: int, key: int, start: int, count: int, kind: Kind = "gaussian") -
 def uniform(seed: int, key: int, start: int, count: int) -> torch.Tensor:
     """Uniform float32 in (0, 1) for elements [start, start+count), one word each."""
     out = torch.empty(count, dtype=torch.float32)
-    for lo in range(0, count, _CHUNK):
-        n = min(_CHUNK, count - lo)
+    for lo, n in _chunks(count):
         out[lo : lo + n] = _uniform(raw_words(seed, key, start + lo, n))
     return out
 
@@ -141,8 +145,7 @@ def add_direction_(target: torch.Tensor, seed: int, key: int, alpha: float, kind
     """``target += alpha * z`` without materialising the whole of z (float targets, any device)."""
     check_kind(kind)
     flat = target.view(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        n = min(_CHUNK, flat.numel() - lo)
+    for lo, n in _chunks(flat.numel()):
         z = _draw_chunk(seed, key, lo, n, kind).to(device=flat.device)
         flat[lo : lo + n].add_(z.to(flat.dtype), alpha=alpha)
     return target
