@@ -30,29 +30,26 @@ def load_base(base: str, log: TrajectoryLog, device: str = "auto"):
 
 @torch.no_grad()
 def replay_into(model, log: TrajectoryLog, upto: int | None = None) -> int:
-    """Apply the logged updates (steps <= upto) to ``model`` in place; returns steps applied."""
+    """Apply the logged updates (steps <= upto) to ``model`` in place; returns the steps covered."""
     header = log.header()
     params = trainable_params(model)
-    applied = 0
+    covered = 0
     for record in log.read():
         if upto is not None and record["step"] > upto:
             break
+        covered = record["step"] + 1
         if record.get("skipped") or not record["grads"]:
             continue
         for p in params:
             apply_update_(p.param, p.key, record["seeds"], record["grads"], record["lr"], header.weight_decay,
                           header.perturbation)
-        applied += 1
-    return applied
+    return covered
 
 
 def replay(base: str, log_path: str | Path, output: str | Path, upto: int | None = None, device: str = "auto") -> Path:
-    log = TrajectoryLog(log_path)
     if not Path(log_path).is_file():
         raise FileNotFoundError(f"trajectory log '{log_path}' does not exist")
+    log = TrajectoryLog(log_path)
     model, tokenizer = load_base(base, log, device)
-    records = log.read()
-    last = records[-1]["step"] if records else -1
-    steps = last + 1 if upto is None else min(upto, last) + 1
-    replay_into(model, log, upto)
+    steps = replay_into(model, log, upto)
     return save_checkpoint(output, model, tokenizer, {"step": steps, "replayed_from": str(log_path)})
