@@ -1,17 +1,18 @@
-"""Time distzo's perturbation and data parallelism on 2 GPUs against one GPU.
+"""Time distzo's perturbation and data parallelism on N GPUs against one GPU.
 
     PYTHONPATH=src python bench/bench_parallel.py --out base.json                    # 1 GPU
     PYTHONPATH=src torchrun --standalone --nproc-per-node 2 bench/bench_parallel.py --out par.json
+    PYTHONPATH=src torchrun --standalone --nproc-per-node 4 bench/bench_parallel.py --out par4.json
 
 The model (random-init bf16, built on the GPU as bench/bench_step.py builds it) and the
 global batch (--rows x --seq random tokens) are the same in every run. One process times
 ZOOptimizer.step on the whole batch. Under torchrun every rank builds the same model and
 batch and times, in turn:
 
-    pert      parallel.pert = 2: rank 0 runs theta + eps z, rank 1 theta - eps z, each on the
-              whole global batch (one forward of R rows instead of 2R)
-    data      parallel.data = 2: each rank runs both halves on its half of the global batch
-    data-x2   parallel.data = 2 with a global batch twice as large (each rank holds --rows rows)
+    pert      parallel.pert = 2: pert-rank 0 runs theta + eps z, pert-rank 1 theta - eps z (one
+              forward of R rows instead of 2R); with N > 2 GPUs, data = N/2 beside it
+    data      parallel.data = N: each rank runs both halves on its 1/N of the global batch
+    data-xN   parallel.data = N with a global batch N times as large (each rank holds --rows rows)
 
 A step's time is wall time around ``opt.step`` (which returns only when its losses are on the
 host), median over --steps after --warmup. tokens/s counts 2 x rows x seq per step (both
@@ -33,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MODES = {"pert": dict(pert=2), "data": dict(data=2), "data-x2": dict(data=2)}
+# data = 0: every rank not on another axis (all of them, or half beside pert = 2).
+MODES = {"pert": dict(pert=2), "data": dict(data=0), "data-xN": dict(data=0)}
 
 
 def timed_steps(opt, batch, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     for mode in args.modes if world > 1 else []:
         try:
             mesh = first_mesh if mode == args.modes[0] else parallel.init(parallel.ParallelConfig(**MODES[mode]))
-            rows = 2 * args.rows if mode == "data-x2" else args.rows
+            rows = world * args.rows if mode == "data-xN" else args.rows
             batch = make_batch(rows, args.seq, vocab)
             local = parallel.shard_batch(batch, mesh.coord("data"), mesh.size("data"))
             report["runs"][mode] = run(model, local, rows, args.seq, args, mesh)

@@ -251,3 +251,15 @@ def test_streams_of_any_count_agree(family):
     assert three == pytest.approx([minus, three[1], plus], abs=1e-12)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert three[1] == pytest.approx(float(causal_lm_loss(out, batch)), abs=1e-12)
+
+
+def test_chunked_lm_loss_equals_the_one_shot_loss(monkeypatch):
+    import distzo.optimizer as optimizer
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 97, dtype=torch.float64)
+    batch = tiny_batch(rows=3, seq=9)
+    whole = optimizer.causal_lm_loss(SimpleNamespace(logits=logits), batch)
+    monkeypatch.setattr(optimizer, "LOSS_CHUNK", 2 * 97 + 5)  # two positions at a time
+    chunked = optimizer.causal_lm_loss(SimpleNamespace(logits=logits), batch)
+    assert float(chunked) == pytest.approx(float(whole), abs=1e-14)

@@ -42,6 +42,12 @@ MODES = {
         ("data4", 1, 1, 4, 1, "two-sided", "tiny"),
     ],
 }
+# Sliced offload (one host copy per node, each rank uploads 1/P of a block): the same modes.
+OFFLOAD_MODES = {
+    2: [("offload-data2", 1, 1, 2, 1, "two-sided", "larger"), ("offload-pert2", 2, 1, 1, 1, "two-sided", "larger")],
+    4: [("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
+        ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
+}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
                "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "barrier")
@@ -183,6 +189,39 @@ def test_mode_matches_single_process_reference(mode_results, world, mode):
     assert any(not torch.equal(first[k], _model(mode[6]).state_dict()[k]) for k in first)  # they did train
 
 
+@pytest.fixture(scope="module")
+def offload_results(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("offload-modes")
+    for world in OFFLOAD_MODES:
+        results = _finish(_start_ranks(world, ["offload-modes", str(out), str(world)]))
+        for code, _, err in results:
+            assert code == 0, err[-3000:]
+    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
+            for world, modes in OFFLOAD_MODES.items() for name, *_ in modes}
+
+
+OFFLOAD_ALL = [(world, mode) for world, modes in OFFLOAD_MODES.items() for mode in modes]
+
+
+@pytest.mark.parametrize("world,mode", OFFLOAD_ALL, ids=[m[0] for _, m in OFFLOAD_ALL])
+def test_sliced_offload_matches_single_process_reference(offload_results, world, mode):
+    # Each rank uploads 1/P of every block and writes back only its own slice of the
+    # update into the node's one shared host copy. The final weights are read from that
+    # copy, so they match the reference only if every rank's slices landed in it.
+    ranks = offload_results[mode[0]]
+    ref = _reference(mode)
+    for rec in ranks:
+        for t in range(STEPS):
+            assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
+            assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
+            assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
+        assert max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"]) < 1e-12
+        assert rec["slices"] == world
+        assert rec["uploads"] >= STEPS * 4  # four blocks a step at least
+        assert rec["bytes_up"] == rec["uploads"] * rec["block_bytes"] // world  # 1/P of each block per rank
+        assert rec["dist_calls"]["all_gather_into_tensor"] == rec["uploads"]
+
+
 def test_each_step_sends_only_scalars(mode_results):
     # One all-reduce per step of a (q, 2 halves, [loss x weight, weight]) float64 vector:
     # 32 bytes per direction whatever the model size.
@@ -197,18 +236,22 @@ def test_each_step_sends_only_scalars(mode_results):
     assert large["dist_bytes"] == small["dist_bytes"]
 
 
-def _run_modes(out: Path, world: int) -> None:
+def _run_modes(out: Path, world: int, offload: bool = False) -> None:
     from distzo import parallel
+    from distzo.offload import OffloadConfig, OffloadEngine
     from distzo.optimizer import ZOOptimizer, causal_lm_loss
 
     counts = _count_collectives()
-    for name, pert, dir_, data, q, est, size in MODES[world]:
+    for name, pert, dir_, data, q, est, size in (OFFLOAD_MODES if offload else MODES)[world]:
         mesh = parallel.init(parallel.ParallelConfig(pert=pert, dir=dir_, data=data, timeout_s=60))
         assert mesh.sizes == {"pert": pert, "dir": dir_, "data": data}
         assert all(torch.distributed.get_world_size(mesh.group(a)) == n for a, n in mesh.sizes.items())
         model = _model(size)
+        engine = None
+        if offload:
+            engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=parallel.node_slices(mesh))
         opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est,
-                          loss_fn=causal_lm_loss, mesh=mesh)
+                          loss_fn=causal_lm_loss, mesh=mesh, offload=engine)
         rec = {"plus": [], "other": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],
                "params": sum(p.numel() for p in model.parameters())}
         counts.clear()
@@ -222,7 +265,10 @@ def _run_modes(out: Path, world: int) -> None:
             rec["dist_bytes"].append(counts.get("bytes", 0) - before)
         opt.flush()
         rec["dist_calls"] = {k: v for k, v in counts.items() if k != "bytes"}
-        rec["weights"] = model.state_dict()
+        rec["weights"] = {k: v.clone() for k, v in model.state_dict().items()}  # read from the shared host copy
+        if engine is not None:
+            rec["uploads"], rec["bytes_up"] = engine.uploads, engine.bytes_up
+            rec["block_bytes"], rec["slices"] = engine.block_bytes, engine.slices.size
         torch.save(rec, out / f"{name}-rank{mesh.rank}.pt")
     mesh.close()
 
@@ -358,6 +404,17 @@ def test_resume_at_another_world_size(tiny_model_dir, sst2_dir, whole, tmp_path)
     _assert_same_run(out, whole, 6)
 
 
+def test_sliced_offload_run_of_the_entry_point(tiny_model_dir, sst2_dir, whole, tmp_path):
+    # torchrun, two ranks, --offload cpu: one host copy in shared memory, evaluated by all
+    # ranks together (every forward is collective), saved by rank 0.
+    out = tmp_path / "run"
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "6", "--offload", "cpu", "--eval-every", "3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(out, whole, 6)
+    assert not list(Path("/dev/shm").glob("distzo-*"))  # the shared buffers leave nothing behind
+
+
 def test_two_nodes_on_loopback(tiny_model_dir, sst2_dir, whole, tmp_path):
     out, port = tmp_path / "run", _free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
@@ -434,8 +491,8 @@ def _run_dying(mode: str, at_step: int, cli_args: list[str]) -> int:
 
 def worker(argv: list[str]) -> int:
     sys.path.insert(0, str(HERE.parent))
-    if argv[0] == "modes":
-        _run_modes(Path(argv[1]), int(argv[2]))
+    if argv[0] in ("modes", "offload-modes"):
+        _run_modes(Path(argv[1]), int(argv[2]), offload=argv[0] == "offload-modes")
         return 0
     if argv[0] == "dying":
         return _run_dying(argv[1], int(argv[2]), argv[3:])

@@ -34,6 +34,8 @@ ALIASES = {
     "eps": "optim.eps",
     "directions": "optim.directions",
     "lora": "use_lora",
+    "offload": "offload.mode",
+    "gpu-memory": "offload.gpu_memory",
 }
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
 

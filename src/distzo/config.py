@@ -20,6 +20,7 @@ import yaml
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
+from distzo.offload import OffloadConfig
 from distzo.parallel import ParallelConfig
 from distzo.schedules import Schedule
 from distzo.tasks import TaskConfig
@@ -95,6 +96,8 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the ranks of a torchrun job split each step (`batch_size` is the global batch)."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    """Stream the decoder blocks from host memory (models larger than the GPU); under torchrun, one host copy per node, sliced."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "log_every"):

@@ -11,6 +11,7 @@ into the next pass over the weights.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import nn
 
 from distzo import directions, estimator, kernels, parallel
 from distzo.directions import Kind
+from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
 from distzo.update import FULL_PRECISION, apply_update_
@@ -30,18 +32,32 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids",
 # Keep the step's z in memory between the forward and the update when it fits:
 # it saves regenerating z, the main cost of a step on the CPU.
 DEFAULT_CACHE_BYTES = 2 << 30
+LOSS_CHUNK = 1 << 26  # logits elements reduced at once by causal_lm_loss
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
 
 def causal_lm_loss(outputs, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Mean next-token NLL over the label tokens (labels = input_ids when absent)."""
-    labels = batch.get("labels", batch["input_ids"])
+    """Mean next-token NLL over the label tokens (labels = input_ids when absent).
+
+    Large logits are reduced a slice of positions at a time, so the float32 copy and the
+    softmax never hold more than LOSS_CHUNK elements (a 2048-token row of a 50k vocabulary
+    would otherwise need two 400 MB temporaries: the peak of an offloaded step).
+    """
+    labels = batch.get("labels", batch["input_ids"])[:, 1:].to(outputs.logits.device)
     logits = outputs.logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
-    )
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    if logits.numel() <= LOSS_CHUNK:
+        return nn.functional.cross_entropy(logits.to(wide).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100)
+    span = max(1, LOSS_CHUNK // logits.shape[-1])
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):
+        for lo in range(0, logits.shape[1], span):
+            part = logits[row, lo : lo + span].to(wide)
+            nll = nn.functional.cross_entropy(part, labels[row, lo : lo + span], ignore_index=-100, reduction="sum")
+            total += nll.to(torch.float64)
+    return (total / (labels != -100).sum()).to(wide)
 
 
 @dataclass
@@ -81,6 +97,7 @@ class ZOOptimizer:
         estimator: estimator.Estimator = "two-sided",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         mesh: parallel.Mesh | None = None,
+        offload: OffloadEngine | None = None,
     ):
         _validate(lr, eps, weight_decay, directions, perturbation, estimator)
         self.model = model
@@ -91,6 +108,9 @@ class ZOOptimizer:
         self.estimator = estimator
         # Ranks of a torchrun job share seeds and exchange only losses (distzo.parallel).
         self.mesh = mesh
+        # Blocks in host memory stream through the GPU (distzo.offload); the optimiser tells the
+        # engine which parameters it updated so they are written back.
+        self.offload = offload
         self.loss_weight = parallel.loss_weight  # a data shard's share of a loss_fn mean
         self.params: list[TrainableParam] = trainable_params(model)
         self.units = find_units(model, self.params)
@@ -103,7 +123,8 @@ class ZOOptimizer:
         self._z_prev: dict[str, list[torch.Tensor]] = {}  # the pending update's directions
         self._applying: PendingUpdate | None = None
         self._unapplied: set[str] = set()
-        self._fused = kernels.fused_for(self.params[0].param)
+        self.device = offload.device if offload is not None else self.params[0].param.device
+        self._fused = kernels.fused_for(torch.empty(0, device=self.device))
         self._seed = 0
         self._direction = 0
         self.pending: PendingUpdate | None = None
@@ -139,6 +160,8 @@ class ZOOptimizer:
         finally:
             self.model.train(was_training)
             self._finish_update()  # a rank that measured no direction still applies the update
+        if self.offload is not None:
+            self.offload.after_step()
         plus, other = parallel.assemble(self.mesh, measured, self.num_directions, self._shard_weight(batch))
         grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
         loss = estimator.reported_loss(plus, other, self.estimator)
@@ -158,6 +181,8 @@ class ZOOptimizer:
         """Apply the pending update, if any, to the weights (before eval, save or replay)."""
         self._begin_update()
         self._finish_update()
+        if self.offload is not None:
+            self.offload.synchronize()  # the host copies are what eval and save read
 
     def _begin_update(self) -> None:
         self._applying, self.pending = self.pending, None
@@ -166,8 +191,17 @@ class ZOOptimizer:
 
     def _finish_update(self) -> None:
         """Apply the pending update to every parameter the forward did not reach."""
-        for name in list(self._unapplied):
-            self._apply_pending(self._by_name[name])
+        left = [self._by_name[name] for name in self._unapplied]
+        if self.offload is None:
+            for p in left:
+                self._apply_pending(p)
+        else:  # an offloaded block comes up once for all its parameters
+            blocks = {p.name: self.offload.block_of(p.param) for p in left}
+            left.sort(key=lambda p: -1 if blocks[p.name] is None else blocks[p.name].index)
+            for block, group in itertools.groupby(left, key=lambda p: blocks[p.name]):
+                with self.offload.holding(block):
+                    for p in group:
+                        self._apply_pending(p)
         self._applying = None
         self._z_prev = {}
 
@@ -179,6 +213,8 @@ class ZOOptimizer:
             self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
         else:
             apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
+        if self.offload is not None:
+            self.offload.updated(p.param)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else vars(self.pending).copy()
@@ -218,7 +254,7 @@ class ZOOptimizer:
         """L(theta + s z) for each scale s, from one forward of the batch stacked len(scales) times."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
         rows, parts = _rows(inputs), len(scales)
-        device = self.params[0].param.device
+        device = self.device
         stacked = {k: torch.cat([v] * parts).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with self._stream.active(rows, scales):
             outputs = self.model(**stacked, use_cache=False)
@@ -248,6 +284,8 @@ class ZOOptimizer:
             shadows = self._fused.update_and_shadows(
                 param, p.key, update, self.weight_decay, self.perturbation, self._seed, pair
             )
+            if update is not None and self.offload is not None:
+                self.offload.updated(p.param)
             return shadows[: len(scales)]
         if p.name in self._unapplied:
             self._apply_pending(p)

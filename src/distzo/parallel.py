@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distzo.offload import SliceGroup
+
 AXES = ("pert", "dir", "data")
 # Keys of a candidate batch that hold one entry per example rather than per row.
 EXAMPLE_KEYS = ("gold", "num_candidates", "candidate_ids")
@@ -197,6 +199,18 @@ def _init_process_group(device: torch.device, timeout_s: float) -> None:
         dist.init_process_group("nccl", device_id=device, **kwargs)
     else:
         dist.init_process_group("gloo", **kwargs)
+
+
+def node_slices(mesh: Mesh) -> SliceGroup | None:
+    """This node's ranks, which share one host copy of offloaded blocks (None in one process)."""
+    if not mesh.distributed:
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))
+    group, _ = dist.new_subgroups(group_size=local)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    port = os.environ.get("MASTER_PORT", "0")
+    return SliceGroup(group, dist.get_rank(group), local, tag=f"distzo-{run}-{port}-{attempt}")
 
 
 # ---------------------------------------------------------------- what a rank measures

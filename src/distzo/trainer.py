@@ -42,7 +42,8 @@ from distzo.checkpoint import (
 from distzo.config import TrainConfig, dump_yaml
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
-from distzo.models import apply_lora, load_model
+from distzo.models import apply_lora, load_model, resolve_device
+from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
@@ -68,10 +69,12 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None):
     """The model as the run trains it: base weights, then LoRA adapters seeded by the run.
 
     From a checkpoint: its full weights, or for LoRA the base model with its adapter.
+    An offloaded model is loaded into host memory (the engine moves what stays resident).
     """
+    model_cfg = replace(cfg.model, device="cpu") if cfg.offload.enabled else cfg.model
     if checkpoint is not None and not cfg.use_lora:
-        return load_model(replace(cfg.model, name=str(checkpoint)))
-    model, tokenizer = load_model(cfg.model)
+        return load_model(replace(model_cfg, name=str(checkpoint)))
+    model, tokenizer = load_model(model_cfg)
     if cfg.use_lora and checkpoint is not None:
         from peft import PeftModel
 
@@ -80,6 +83,13 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None):
         torch.manual_seed(cfg.seed)  # adapter init is random: replay must redo it identically
         model = apply_lora(model, cfg.lora)
     return model, tokenizer
+
+
+def offload_engine(cfg: TrainConfig, model, mesh: parallel.Mesh) -> OffloadEngine | None:
+    """The offload engine of the run, if it offloads; ranks of a node share one host copy."""
+    if not cfg.offload.enabled:
+        return None
+    return OffloadEngine(model, resolve_device(cfg.model.device), cfg.offload, slices=parallel.node_slices(mesh))
 
 
 def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
@@ -157,6 +167,9 @@ class Trainer:
             saved = load_checkpoint_state(self.last_dir)
             self.state = saved["trainer_state"]
         self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None)
+        self.engine = offload_engine(cfg, self.model, self.mesh)
+        # With sliced offload every forward is collective: all ranks evaluate, rank 0 reports.
+        self._all_evaluate = self.engine is not None and self.engine.slices is not None
         self.opt = ZOOptimizer(
             self.model,
             lr=cfg.optim.lr,
@@ -169,6 +182,7 @@ class Trainer:
             schedule=cfg.optim.schedule_for(cfg.steps),
             estimator=cfg.optim.estimator,
             mesh=self.mesh,
+            offload=self.engine,
         )
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
@@ -300,8 +314,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.eval_every and step % cfg.eval_every == 0:
             self.opt.flush()
+            metrics = self._evaluate(self.data.dev, "dev")
             if self.mesh.is_main:
-                metrics = self._evaluate(self.data.dev, "dev")
                 name, higher = SELECT_BY[self.task.kind]
                 best = self.state["best"]
                 if best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name]):
@@ -313,7 +327,7 @@ class Trainer:
 
     def _evaluate(self, examples, split: str) -> dict[str, float]:
         """The split's metrics, measured by rank 0 (the weights are the same on every rank)."""
-        if not examples or not self.mesh.is_main:
+        if not examples or not (self.mesh.is_main or self._all_evaluate):
             return {}
         metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
                            self.cfg.task.max_length)

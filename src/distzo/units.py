@@ -56,14 +56,17 @@ def trainable_params(model: nn.Module) -> list[TrainableParam]:
     return found
 
 
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(name, list) of every ModuleList of identical blocks: the model's layer stacks."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+    ]
+
+
 def _layer_lists(model: nn.Module) -> set[int]:
-    """ids of ModuleLists of identical blocks: the model's layer stacks."""
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1:
-                ids.add(id(module))
-    return ids
+    return {id(stack) for _, stack in layer_stacks(model)}
 
 
 def find_units(model: nn.Module, params: list[TrainableParam]) -> list[Unit]:

@@ -1,0 +1,586 @@
+"""Offloading: the decoder blocks live in pinned host memory and stream through the GPU.
+
+    model = build_on_meta(config)                                   # or any loaded model
+    engine = OffloadEngine(model, "cuda", OffloadConfig("cpu", prefetch=1))
+    opt = ZOOptimizer(model, lr=1e-6, offload=engine)
+
+Each block of the model's layer stack keeps its parameters in one flat host buffer
+(pinned with ``cudaHostRegister``, so copies are asynchronous and run at full PCIe
+speed, and no power-of-two rounding wastes host memory). Everything else (embeddings,
+final norm, head) stays on the GPU. When the forward reaches a block, a forward
+pre-hook binds the block's parameters to a GPU *slot* the block was uploaded into
+ahead of time; a forward hook gives the slot back. Per step, each block crosses
+PCIe once up and once down:
+
+    upload stream   H2D copy of block k+1 (and up to ``prefetch`` ahead, cyclically, so the
+                    next step's first block is on its way while the head runs)
+    compute stream  block k: the pending update and both shadows in one fused pass
+                    (``ZOOptimizer._shadow``), then the two perturbed streams
+    offload stream  D2H copy of each parameter of block k as soon as its update is applied;
+                    that is at the start of the block, so it overlaps block k's compute
+
+Streams are ordered with events only; the host never blocks. A slot is reused once its
+previous block has finished computing and its write-backs have landed, which with
+``prefetch + 1`` slots keeps the upload stream busy back to back.
+
+With ``slices`` (a ``SliceGroup``: the GPUs of one node) the host buffers are one shared
+copy per node; each rank uploads 1/P of every block over its own PCIe link and the
+slices are all-gathered over NVLink; each rank writes back only its own slice (all ranks
+hold the same updated block, so the slices make the whole).
+
+With ``gpu_memory`` the engine measures the first step's peak and then keeps as many
+blocks resident as the budget leaves room for (evenly spaced through the stack), which
+takes them out of the transfer volume without changing a single result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distzo.directions import stable_key
+from distzo.units import UnsupportedModel, layer_stacks
+
+MODES = ("none", "cpu")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+ALIGN = 512  # bytes; the CUDA caching allocator's alignment
+# Share of the budget left unplanned: the caching allocator's fragmentation and batches
+# somewhat longer than the first one.
+BUDGET_MARGIN = 0.05
+
+InitFn = Callable[[str, torch.Tensor], None]
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """``"18GiB"`` -> 19327352832; ``""``/None -> None. Decimal (GB) and binary (GiB) units."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"'{text}' is not a memory size (use e.g. 18GiB, 16GB or 500MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class OffloadConfig:
+    """Where the decoder blocks live between their turns on the GPU."""
+
+    mode: str = "none"
+    """none | cpu (blocks in pinned host memory, streamed through the GPU every step)"""
+    gpu_memory: str = ""
+    """GPU memory budget, e.g. 18GiB: after the first step, as many blocks as fit stay on the GPU ('' = stream all)."""
+    prefetch: int = 1
+    """Blocks uploaded ahead of the one computing (each costs one block of GPU memory; 0 = no overlap)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"offload.mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.prefetch < 0:
+            raise ValueError(f"offload.prefetch must be >= 0, got {self.prefetch}")
+        budget = parse_bytes(self.gpu_memory)
+        if budget is not None and budget <= 0:
+            raise ValueError(f"offload.gpu_memory must be positive, got '{self.gpu_memory}'")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass
+class SliceGroup:
+    """The ranks of one node that share one host copy of the blocks (sliced offload)."""
+
+    group: object  # a torch.distributed process group of this node's ranks
+    rank: int
+    size: int
+    shared_dir: str = "/dev/shm"
+    tag: str = "distzo"
+
+
+# ---------------------------------------------------------------- host memory
+
+
+def pin(t: torch.Tensor) -> None:
+    """Page-lock ``t``'s memory in place (no copy, no rounding), for async full-speed copies."""
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1))
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister failed with CUDA error {err} (host memory exhausted or locked?)")
+
+
+def unpin(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+def _host_buffer(numel: int, dtype: torch.dtype, pinned: bool, shared: str | None, create: bool) -> torch.Tensor:
+    if shared is None:
+        # Touch every page first (torch fills with all cores): registering present pages is
+        # several times faster than letting cudaHostRegister fault them in one by one.
+        buf = torch.zeros(numel, dtype=dtype) if pinned else torch.empty(numel, dtype=dtype)
+    else:  # a file in shared memory, mapped by every rank of the node
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if create:
+            with open(shared, "wb") as f:
+                f.truncate(nbytes)
+        buf = torch.from_file(shared, shared=True, size=numel, dtype=dtype)
+        if create and pinned:
+            buf.zero_()
+    if pinned:
+        pin(buf)
+    return buf
+
+
+# ---------------------------------------------------------------- streams
+
+
+class _Copies:
+    """Copies on an upload and an offload stream ordered by events (CUDA); plain copies on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self.up = torch.cuda.Stream(device)
+            self.down = torch.cuda.Stream(device)
+
+    def mark(self):
+        """An event at the current point of the compute stream."""
+        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+
+    def wait(self, events) -> None:
+        """Make the compute stream wait for ``events``."""
+        for ev in events:
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+
+    @contextlib.contextmanager
+    def on(self, stream_name: str, after) -> Iterator[None]:
+        if not self.cuda:
+            yield
+            return
+        stream = getattr(self, stream_name)
+        for ev in after:
+            if ev is not None:
+                stream.wait_event(ev)
+        with torch.cuda.stream(stream):
+            yield
+
+    def record(self, stream_name: str):
+        return getattr(self, stream_name).record_event() if self.cuda else None
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.up.synchronize()
+            self.down.synchronize()
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@dataclass
+class _Entry:
+    param: nn.Parameter
+    name: str
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+class HostBlock:
+    """One offloaded block: its parameters as views of one flat host buffer."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, entries: list[_Entry], flat: torch.Tensor):
+        self.index, self.name, self.module = index, name, module
+        self.entries, self.flat = entries, flat
+        self.by_param = {id(e.param): e for e in entries}
+        self.host_ready = None  # event: the last write-back into ``flat`` has landed
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def bind(self, flat: torch.Tensor) -> None:
+        for e in self.entries:
+            e.param.data = flat[e.offset : e.offset + e.numel].view(e.shape)
+
+    def bind_host(self) -> None:
+        self.bind(self.flat)
+
+
+@dataclass
+class _Slot:
+    buf: torch.Tensor
+    free_after: list  # events the next upload into this slot must wait for
+
+
+class OffloadEngine:
+    """Streams a model's layer-stack blocks through ``device`` from pinned host memory."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device,
+        cfg: OffloadConfig | None = None,
+        init: InitFn | None = None,
+        slices: SliceGroup | None = None,
+        pinned: bool | None = None,
+    ):
+        self.cfg = cfg or OffloadConfig("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model, self.slices = model, slices
+        self.budget = parse_bytes(self.cfg.gpu_memory)
+        self.copies = _Copies(self.device)
+        # Pageable host memory (pinned=False) is only for measuring what pinning buys.
+        self.pinned = self.device.type == "cuda" if pinned is None else pinned
+        modules = _offloadable_blocks(model)
+        owned = {id(p) for _, m in modules for p in m.parameters()}
+        self._where = _param_slots(model)
+        _place_resident(model, self._where, owned, self.device, init)
+        self.blocks = [self._host_block(i, name, m, init) for i, (name, m) in enumerate(modules)]
+        self._block_of = {id(b.module): b for b in self.blocks}
+        self._param_block = {id(e.param): b for b in self.blocks for e in b.entries}
+        self.streamed: list[HostBlock] = list(self.blocks)  # promoted blocks leave this list
+        self._order = {b.index: i for i, b in enumerate(self.streamed)}
+        self.block_bytes = max(b.nbytes for b in self.blocks)
+        width = max(b.flat.numel() for b in self.blocks)
+        dtype = self.blocks[0].flat.dtype
+        self.slots = [_Slot(torch.empty(width, dtype=dtype, device=self.device), []) for _ in range(self.cfg.prefetch + 1)]
+        self._free: deque[_Slot] = deque(self.slots)
+        self._loaded: dict[int, tuple[_Slot, object]] = {}  # block index -> (slot, upload event)
+        self._bound: dict[int, _Slot] = {}
+        self._measured = self.budget is None
+        if slices is not None and self.budget is not None:
+            warnings.warn("offload.gpu_memory is ignored with sliced offload: every block is streamed", stacklevel=2)
+            self._measured = True
+        self.bytes_up = self.bytes_down = 0  # this rank's PCIe traffic, for tests and benchmarks
+        self.uploads = 0
+        self._written = False  # write-backs issued since the last synchronize
+        self._hooks = [h for b in self.blocks for h in self._install(b)]
+
+    # ------------------------------------------------------------------ construction
+
+    def _host_block(self, index: int, name: str, module: nn.Module, init: InitFn | None) -> HostBlock:
+        params = _unique_params(module)
+        dtypes = {p.dtype for _, p in params}
+        if len(dtypes) != 1:
+            raise UnsupportedModel(f"block '{name}' mixes parameter dtypes {sorted(map(str, dtypes))}; "
+                                   "offloading needs one dtype per block")
+        # Trainable parameters first, so a block's updated part is one contiguous prefix.
+        params.sort(key=lambda item: not item[1].requires_grad)
+        entries, offset = [], 0
+        # Every parameter starts ALIGN bytes into the buffer, as a fresh allocation would:
+        # cuBLAS picks kernels by pointer alignment, and a different kernel is different bits.
+        step = max(1, ALIGN // params[0][1].element_size())
+        for pname, p in params:
+            entries.append(_Entry(p, f"{name}.{pname}", offset, p.numel(), p.shape))
+            offset += -(-p.numel() // step) * step
+        numel = offset if self.slices is None else -(-offset // self.slices.size) * self.slices.size
+        flat = self._allocate(index, numel, dtypes.pop())
+        for e in entries:
+            view = flat[e.offset : e.offset + e.numel].view(e.shape)
+            if self.slices is None or self.slices.rank == 0:
+                _fill(view, e.param, e.name, init, self.device)
+            # The source (if any) is freed here: never two copies on the host.
+            e.param = _rehome(self._where, e.param, view)
+        for _, buf in module.named_buffers():
+            if buf.device != self.device and not buf.is_meta:
+                buf.data = buf.data.to(self.device)
+        if self.slices is not None:
+            torch.distributed.barrier(self.slices.group)  # rank 0 of the node has filled the shared copy
+            if self.slices.rank == 0:
+                os.unlink(self._shared_path(index))  # every rank has it mapped; nothing is left behind
+        return HostBlock(index, name, module, entries, flat)
+
+    def _allocate(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.slices is None:
+            return _host_buffer(numel, dtype, self.pinned, None, True)
+        s = self.slices
+        path = self._shared_path(index)
+        if s.rank != 0:
+            torch.distributed.barrier(s.group)  # wait until rank 0 created the file
+        buf = _host_buffer(numel, dtype, self.pinned, path, create=s.rank == 0)
+        if s.rank == 0:
+            torch.distributed.barrier(s.group)
+        return buf
+
+    def _shared_path(self, index: int) -> str:
+        return os.path.join(self.slices.shared_dir, f"{self.slices.tag}-block{index}")
+
+    def _install(self, block: HostBlock):
+        pre = block.module.register_forward_pre_hook(lambda m, args: self._acquire(block))
+        post = block.module.register_forward_hook(lambda m, args, out: self._release(block))
+        return pre, post
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _take_slot(self) -> _Slot:
+        if not self._free:  # every slot holds a block uploaded ahead: give back the furthest one
+            ahead = [i for i in self._loaded if i not in self._bound]
+            if not ahead:
+                raise RuntimeError("offload: every GPU slot is in use (nested blocks?); raise offload.prefetch")
+            slot, _ = self._loaded.pop(ahead[-1])
+            self._free.append(slot)
+        return self._free.popleft()
+
+    def drop_prefetched(self) -> None:
+        """Forget blocks uploaded ahead (call after changing host weights outside the engine)."""
+        for index in [i for i in self._loaded if i not in self._bound]:
+            slot, _ = self._loaded.pop(index)
+            self._free.append(slot)
+
+    def _upload(self, block: HostBlock) -> None:
+        slot = self._take_slot()
+        with self.copies.on("up", slot.free_after + [block.host_ready]):
+            if self.slices is None:
+                slot.buf[: block.flat.numel()].copy_(block.flat, non_blocking=True)
+                self.bytes_up += block.nbytes
+            else:
+                self._upload_slice(block, slot.buf)
+            event = self.copies.record("up")
+        self.uploads += 1
+        slot.free_after = []
+        self._loaded[block.index] = (slot, event)
+
+    def _upload_slice(self, block: HostBlock, buf: torch.Tensor) -> None:
+        """This rank's 1/P of the block over its own link; the rest from its peers over NVLink."""
+        s, n = self.slices, block.flat.numel()
+        part = n // s.size
+        mine = buf[s.rank * part : (s.rank + 1) * part]
+        mine.copy_(block.flat[s.rank * part : (s.rank + 1) * part], non_blocking=True)
+        torch.distributed.all_gather_into_tensor(buf[:n], mine, group=s.group)
+        self.bytes_up += part * block.flat.element_size()
+
+    def _prefetch_after(self, block: HostBlock) -> None:
+        """Start uploads of the blocks after ``block`` (cyclically) while slots are free."""
+        count = len(self.streamed)
+        start = self._order[block.index]
+        for step in range(1, count):
+            if not self._free:
+                return
+            nxt = self.streamed[(start + step) % count]
+            if nxt.index not in self._loaded:
+                self._upload(nxt)
+
+    def _acquire(self, block: HostBlock) -> None:
+        if block.index in self._bound or block.index not in self._order:
+            return  # re-entered, or promoted to the GPU
+        if block.index not in self._loaded:
+            self._upload(block)
+        slot, event = self._loaded.pop(block.index)
+        self._bound[block.index] = slot
+        self._prefetch_after(block)
+        self.copies.wait([event])
+        block.bind(slot.buf)
+
+    def _release(self, block: HostBlock) -> None:
+        slot = self._bound.pop(block.index, None)
+        if slot is None:
+            return
+        block.bind_host()
+        slot.free_after.append(self.copies.mark())
+        self._free.append(slot)
+
+    def updated(self, param: torch.Tensor) -> None:
+        """The optimiser changed ``param`` in place: copy it (this rank's slice) back to the host."""
+        block = self._param_block.get(id(param))
+        if block is None or block.index not in self._bound:
+            return
+        slot = self._bound[block.index]
+        e = block.by_param[id(param)]
+        lo, hi = e.offset, e.offset + e.numel
+        if self.slices is not None:
+            part = block.flat.numel() // self.slices.size
+            lo, hi = max(lo, self.slices.rank * part), min(hi, (self.slices.rank + 1) * part)
+            if lo >= hi:
+                return
+        with self.copies.on("down", [self.copies.mark()]):
+            block.flat[lo:hi].copy_(slot.buf[lo:hi], non_blocking=True)
+            event = self.copies.record("down")
+        block.host_ready = event
+        self._written = True
+        slot.free_after.append(event)
+        self.bytes_down += (hi - lo) * block.flat.element_size()
+
+    # ------------------------------------------------------------------ outside the forward
+
+    def block_of(self, param: torch.Tensor) -> HostBlock | None:
+        """The streamed block holding ``param`` (None for parameters that live on the GPU)."""
+        block = self._param_block.get(id(param))
+        return block if block is not None and block.index in self._order else None
+
+    @contextlib.contextmanager
+    def holding(self, block: HostBlock | None) -> Iterator[None]:
+        """Keep ``block`` on the GPU for the duration (e.g. to apply an update outside a forward)."""
+        if block is None or block.index in self._bound:
+            yield
+            return
+        self._acquire(block)
+        try:
+            yield
+        finally:
+            self._release(block)
+
+    def synchronize(self) -> None:
+        """Wait for every copy in flight: the host copies are current afterwards.
+
+        With slices, also for the node's other ranks, which write back the other slices (every
+        rank writes back after the same steps, so all of them or none reach the barrier)."""
+        self.copies.synchronize()
+        if self.slices is not None and self._written:
+            torch.distributed.barrier(self.slices.group)
+        self._written = False
+
+    def after_step(self) -> None:
+        """After the first step: promote as many blocks to the GPU as the budget leaves room for."""
+        if self._measured or self.device.type != "cuda":
+            self._measured = True
+            return
+        self._measured = True
+        # The budget is what nvidia-smi shows: the CUDA context and libraries' workspaces count.
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside = (total - free) - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_reserved(self.device) + outside
+        spare = self.budget * (1 - BUDGET_MARGIN) - peak
+        per_block = self.block_bytes
+        count = min(int(spare // per_block), len(self.streamed) - 1) if spare > 0 else 0
+        if count > 0:
+            self.promote(count)
+
+    def promote(self, count: int) -> None:
+        """Move ``count`` evenly spaced blocks to the GPU for good (results do not change)."""
+        if self.slices is not None:
+            return  # every rank of a node must agree; sliced runs keep streaming every block
+        self.synchronize()
+        self.drop_prefetched()
+        n = len(self.streamed)
+        chosen = {self.streamed[math.floor((i + 0.5) * n / count)].index for i in range(count)}
+        for block in [b for b in self.streamed if b.index in chosen]:
+            block.bind(block.flat.to(self.device))
+            if self.pinned:
+                unpin(block.flat)
+            block.flat = block.entries[0].param.data.new_empty(0)
+        self.streamed = [b for b in self.streamed if b.index not in chosen]
+        self._order = {b.index: i for i, b in enumerate(self.streamed)}
+
+    @property
+    def resident_blocks(self) -> int:
+        return len(self.blocks) - len(self.streamed)
+
+    def close(self) -> None:
+        """Remove the hooks and unpin the host buffers (the model is unusable afterwards)."""
+        self.synchronize()
+        for h in self._hooks:
+            h.remove()
+        if self.pinned:
+            for b in self.streamed:
+                unpin(b.flat)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _offloadable_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stacks = layer_stacks(model)
+    if not stacks:
+        raise UnsupportedModel("offloading needs a model with a stack of identical blocks (nn.ModuleList)")
+    name, stack = max(stacks, key=lambda item: len(item[1]))
+    return [(f"{name}.{i}", block) for i, block in enumerate(stack)]
+
+
+def _unique_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen, out = set(), []
+    for name, p in module.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _param_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) holding it (tied parameters have several)."""
+    where: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                where.setdefault(id(p), []).append((module, attr))
+    return where
+
+
+def _rehome(where, param: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """Make ``param`` hold ``data``; a meta parameter is replaced (in every slot) by a new one."""
+    if not param.is_meta:
+        param.data = data
+        return param
+    new = nn.Parameter(data, requires_grad=param.requires_grad)
+    slots = where.pop(id(param))
+    for module, attr in slots:
+        module._parameters[attr] = new
+    where[id(new)] = slots
+    return new
+
+
+def _place_resident(model, where, blocks: set[int], device: torch.device, init: InitFn | None) -> None:
+    """Every parameter and buffer outside the blocks onto ``device`` (materialised if on meta)."""
+    for pname, p in list(model.named_parameters()):  # tied parameters are listed once
+        if id(p) in blocks or (not p.is_meta and p.device == device):
+            continue
+        target = torch.empty(p.shape, dtype=p.dtype, device=device)
+        _fill(target, p, pname, init, device)
+        _rehome(where, p, target)
+    for module in model.modules():
+        for attr, b in module._buffers.items():
+            if b is not None and b.device != device and not b.is_meta:
+                module._buffers[attr] = b.to(device)
+
+
+def _fill(dest: torch.Tensor, param: torch.Tensor, name: str, init: InitFn | None, device: torch.device) -> None:
+    """Copy ``param``'s values into ``dest``; a parameter on the meta device gets ``init`` instead."""
+    if not param.is_meta:
+        dest.copy_(param.data)
+        return
+    if init is None:
+        raise ValueError(f"parameter '{name}' is on the meta device and no init was given")
+    if dest.device == device:
+        init(name, dest)
+        return
+    scratch = torch.empty(dest.shape, dtype=dest.dtype, device=device)  # random init on the GPU, then down
+    init(name, scratch)
+    dest.copy_(scratch)
+
+
+def random_init(std: float = 0.02) -> InitFn:
+    """Benchmark weights: N(0, std) matrices, unit norm weights, zero biases and 1-D others."""
+
+    def init(name: str, t: torch.Tensor) -> None:
+        if t.ndim >= 2:  # seeded by the name: every rank of a job builds the same model
+            t.normal_(0.0, std, generator=torch.Generator(t.device).manual_seed(stable_key(name) >> 1))
+        elif "norm" in name.lower() and name.endswith("weight"):
+            t.fill_(1.0)
+        else:
+            t.zero_()
+
+    return init
+
+
+def build_on_meta(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A causal LM of ``config``'s architecture with no storage: for ``OffloadEngine(init=...)``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model
+
