@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scale-out on one multi-GPU host: data/pert parallel (resident) and sliced offload vs one GPU.
 #   OUT=/some/dir STAGE=1 bash bench/multi_gpu_check.sh     # tests, link, resident DP/pert, OPT-30B sliced, OPT-66B x1
-#   OUT=/some/dir STAGE=2 bash bench/multi_gpu_check.sh     # OPT-66B sliced, the largest model under 16 GiB
+#   OUT=/some/dir STAGE=2 bash bench/multi_gpu_check.sh     # ZO2's settings, sliced OPT-30B/66B, OPT-175B under 16 GiB
 # Every JSON goes to $WORK; $OUT gets summary.json (all of them), topo.txt and the test log.
 set -u
 OUT=${OUT:-bench-out}; WORK=${WORK:-/tmp/distzo-bench}; STAGE=${STAGE:-1}
@@ -22,8 +22,15 @@ if [ "$STAGE" = 1 ]; then
   for n in 2 $N; do run off30-$n 240 $TR $n $B step --model opt-30b --batch 4x512 --pert 2 --steps 4 --warmup 1 --out "$WORK/off30-$n.json"; done
   run off66-zo2 300 python $B step --model opt-66b --batch 1x2048 --steps 3 --warmup 1 --out "$WORK/off66-zo2.json"
 else
-  for n in 2 $N; do run off66-$n 300 $TR $n $B step --model opt-66b --batch 4x512 --pert 2 --steps 3 --warmup 1 --out "$WORK/off66-$n.json"; done
-  run off175-16g 420 python $B step --model opt-175b --batch 1x512 --gpu-memory 16GiB --steps 2 --warmup 1 --out "$WORK/off175-16g.json"
+  timeout 200 python -m pytest tests/test_offload.py -q -rfE --tb=short -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  tail -n 3 "$OUT/tests.log"
+  run zo2-13b 150 python $B step --model opt-13b --batch 1x2048 --out "$WORK/zo2-13b.json"
+  run zo2-13b-budget 150 python $B step --model opt-13b --batch 1x2048 --gpu-memory 6.18GB --out "$WORK/zo2-13b-budget.json"
+  run zo2-66b 200 python $B step --model opt-66b --batch 1x2048 --steps 3 --warmup 1 --out "$WORK/zo2-66b.json"
+  run off30-1 150 python $B step --model opt-30b --batch 4x512 --steps 4 --warmup 1 --out "$WORK/off30-1.json"
+  for n in 2 $N; do run off30-$n 200 $TR $n $B step --model opt-30b --batch 4x512 --pert 2 --steps 4 --warmup 1 --out "$WORK/off30-$n.json"; done
+  run off66-$N 240 $TR $N $B step --model opt-66b --batch 4x512 --pert 2 --steps 3 --warmup 1 --out "$WORK/off66-$N.json"
+  run off175-16g 300 python $B step --model opt-175b --batch 1x512 --gpu-memory 16GiB --steps 2 --warmup 1 --out "$WORK/off175-16g.json"
 fi
 python - "$WORK" "$OUT/summary-$STAGE.json" <<'PY'
 import json, pathlib, sys

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ MODES = ("none", "cpu")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 ALIGN = 512  # bytes; the CUDA caching allocator's alignment
+PAGE = 1 << 21  # host buffers are whole (huge-page sized) pages
 # Share of the budget left unplanned: the caching allocator's fragmentation and batches
 # somewhat longer than the first one.
 BUDGET_MARGIN = 0.05
@@ -123,11 +125,29 @@ def unpin(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
+def _unpin_all(buffers: list[torch.Tensor]) -> None:
+    """Unregister before the memory can be freed: a freed, still-registered range that
+    malloc hands out again cannot be registered a second time."""
+    for buf in buffers:
+        unpin(buf)
+    buffers.clear()
+
+
+def _page_aligned(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer that owns every page it touches: registered pages are never shared with
+    other allocations (registering a page twice fails), and whole pages are registered."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    nbytes = -(-numel * size // PAGE) * PAGE
+    # zeros: every page is touched by all cores first; registering present pages is
+    # several times faster than letting cudaHostRegister fault them in one by one.
+    raw = torch.zeros(nbytes + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start : start + nbytes].view(dtype)[:numel]
+
+
 def _host_buffer(numel: int, dtype: torch.dtype, pinned: bool, shared: str | None, create: bool) -> torch.Tensor:
     if shared is None:
-        # Touch every page first (torch fills with all cores): registering present pages is
-        # several times faster than letting cudaHostRegister fault them in one by one.
-        buf = torch.zeros(numel, dtype=dtype) if pinned else torch.empty(numel, dtype=dtype)
+        buf = _page_aligned(numel, dtype) if pinned else torch.empty(numel, dtype=dtype)
     else:  # a file in shared memory, mapped by every rank of the node
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if create:
@@ -245,6 +265,9 @@ class OffloadEngine:
         self.copies = _Copies(self.device)
         # Pageable host memory (pinned=False) is only for measuring what pinning buys.
         self.pinned = self.device.type == "cuda" if pinned is None else pinned
+        self._pinned: list[torch.Tensor] = []
+        # The engine holds every host buffer, so none is freed before this runs.
+        self._unpin = weakref.finalize(self, _unpin_all, self._pinned)
         modules = _offloadable_blocks(model)
         owned = {id(p) for _, m in modules for p in m.parameters()}
         self._where = _param_slots(model)
@@ -305,6 +328,12 @@ class OffloadEngine:
         return HostBlock(index, name, module, entries, flat)
 
     def _allocate(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._allocate_buffer(index, numel, dtype)
+        if self.pinned:
+            self._pinned.append(buf)
+        return buf
+
+    def _allocate_buffer(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if self.slices is None:
             return _host_buffer(numel, dtype, self.pinned, None, True)
         s = self.slices
@@ -441,6 +470,8 @@ class OffloadEngine:
         self.copies.synchronize()
         if self.slices is not None and self._written:
             torch.distributed.barrier(self.slices.group)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the group waits on the GPU, not the host
         self._written = False
 
     def after_step(self) -> None:
@@ -469,8 +500,9 @@ class OffloadEngine:
         chosen = {self.streamed[math.floor((i + 0.5) * n / count)].index for i in range(count)}
         for block in [b for b in self.streamed if b.index in chosen]:
             block.bind(block.flat.to(self.device))
-            if self.pinned:
+            if any(buf is block.flat for buf in self._pinned):
                 unpin(block.flat)
+                self._pinned[:] = [buf for buf in self._pinned if buf is not block.flat]
             block.flat = block.entries[0].param.data.new_empty(0)
         self.streamed = [b for b in self.streamed if b.index not in chosen]
         self._order = {b.index: i for i, b in enumerate(self.streamed)}
@@ -484,9 +516,7 @@ class OffloadEngine:
         self.synchronize()
         for h in self._hooks:
             h.remove()
-        if self.pinned:
-            for b in self.streamed:
-                unpin(b.flat)
+        self._unpin()
 
 
 # ---------------------------------------------------------------- helpers

@@ -129,7 +129,11 @@ class ZOOptimizer:
         self._direction = 0
         self.pending: PendingUpdate | None = None
         self.step_count = 0
-        self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow)
+        # Offloaded blocks build one stream's shadows at a time: their memory is what limits
+        # the model size, and the second read of theta hides behind the PCIe transfers.
+        offloaded = {id(b.module) for b in offload.blocks} if offload is not None else set()
+        self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
+                                  lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
 
     # ------------------------------------------------------------------ public API
 

@@ -196,8 +196,12 @@ class DualStream:
     fused kernel); at most one unit's shadows are alive at a time.
     """
 
-    def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn):
+    def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn,
+                 lean: Callable[[Unit], bool] | None = None):
         self.units, self.params, self.shadow = units, params, shadow
+        # A lean unit builds one stream's shadows at a time (shadow() is then called once per
+        # stream with that stream's scale): half the shadow memory, one more read of theta.
+        self.lean = lean
         self.rows = 0
         self.scales: tuple[float, ...] = (0.0, 0.0)
         self.calls: dict[str, int] = {}
@@ -227,7 +231,8 @@ class DualStream:
             self.calls[unit.name] += 1
             rows = self.rows
             names = {name for _, _, name in unit.slots}
-            shadows = {n: self.shadow(n, self.params[n], self.scales) for n in names}
+            lean = self.lean is not None and self.lean(unit)
+            shadows = {} if lean else {n: self.shadow(n, self.params[n], self.scales) for n in names}
             parts = len(self.scales)
             split = parts > 1 and _has_batch((args, kwargs), rows, parts)
             outs = []
@@ -236,8 +241,13 @@ class DualStream:
                     args,
                     kwargs,
                 )
-                with _swapped(unit.slots, {n: pair[part] for n, pair in shadows.items()}):
+                if lean:
+                    current = {n: self.shadow(n, self.params[n], (self.scales[part],))[0] for n in names}
+                else:
+                    current = {n: pair[part] for n, pair in shadows.items()}
+                with _swapped(unit.slots, current):
                     outs.append(original(*a, **k))
+                del current
             del shadows
             return _merge(outs, rows, unit.name)
 
