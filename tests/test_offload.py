@@ -167,7 +167,9 @@ def test_gpu_offloaded_equals_gpu_resident(family, prefetch, dtype):
     base = tiny_model(family, dtype=dtype)
     resident = copy.deepcopy(base).cuda()
     engine = OffloadEngine(base, "cuda", OffloadConfig("cpu", prefetch=prefetch))
-    assert all(b.flat.is_pinned() for b in engine.blocks)
+    # registered page-aligned windows of larger allocations: is_pinned() looks at the storage's
+    # start, outside the window, so check the engine's record of what it registered
+    assert {b.flat.data_ptr() for b in engine.blocks} == {t.data_ptr() for t in engine._pinned}
     a, b = _train(resident, 8), _train(base, 8, engine)
     for x, y in zip(a, b):
         assert (x.losses_plus, x.losses_other, x.projected_grads) == (y.losses_plus, y.losses_other, y.projected_grads)
