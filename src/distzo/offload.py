@@ -360,37 +360,48 @@ class OffloadEngine:
             ahead = [i for i in self._loaded if i not in self._bound]
             if not ahead:
                 raise RuntimeError("offload: every GPU slot is in use (nested blocks?); raise offload.prefetch")
-            slot, _ = self._loaded.pop(ahead[-1])
-            self._free.append(slot)
+            self._free.append(self._unload(ahead[-1]))
         return self._free.popleft()
+
+    def _unload(self, index: int) -> _Slot:
+        """Forget a block uploaded ahead; its slot is reusable once its gather (if any) landed."""
+        slot, _, gather = self._loaded.pop(index)
+        if gather is not None:
+            gather.wait()
+            slot.free_after.append(self.copies.mark())
+        return slot
 
     def drop_prefetched(self) -> None:
         """Forget blocks uploaded ahead (call after changing host weights outside the engine)."""
         for index in [i for i in self._loaded if i not in self._bound]:
-            slot, _ = self._loaded.pop(index)
-            self._free.append(slot)
+            self._free.append(self._unload(index))
 
     def _upload(self, block: HostBlock) -> None:
         slot = self._take_slot()
+        gather = None
         with self.copies.on("up", slot.free_after + [block.host_ready]):
             if self.slices is None:
                 slot.buf[: block.flat.numel()].copy_(block.flat, non_blocking=True)
                 self.bytes_up += block.nbytes
             else:
-                self._upload_slice(block, slot.buf)
+                gather = self._upload_slice(block, slot.buf)
             event = self.copies.record("up")
         self.uploads += 1
         slot.free_after = []
-        self._loaded[block.index] = (slot, event)
+        self._loaded[block.index] = (slot, event, gather)
 
-    def _upload_slice(self, block: HostBlock, buf: torch.Tensor) -> None:
-        """This rank's 1/P of the block over its own link; the rest from its peers over NVLink."""
+    def _upload_slice(self, block: HostBlock, buf: torch.Tensor):
+        """This rank's 1/P of the block over its own link; the rest from its peers over NVLink.
+
+        The gather is asynchronous and waited for only when the block's turn comes: a
+        synchronous collective (or NCCL's blocking wait) would hold the host here until the
+        block had landed, and the host could not queue the block computing meanwhile."""
         s, n = self.slices, block.flat.numel()
         part = n // s.size
         mine = buf[s.rank * part : (s.rank + 1) * part]
         mine.copy_(block.flat[s.rank * part : (s.rank + 1) * part], non_blocking=True)
-        torch.distributed.all_gather_into_tensor(buf[:n], mine, group=s.group)
         self.bytes_up += part * block.flat.element_size()
+        return torch.distributed.all_gather_into_tensor(buf[:n], mine, group=s.group, async_op=True)
 
     def _prefetch_after(self, block: HostBlock) -> None:
         """Start uploads of the blocks after ``block`` (cyclically) while slots are free."""
@@ -408,9 +419,11 @@ class OffloadEngine:
             return  # re-entered, or promoted to the GPU
         if block.index not in self._loaded:
             self._upload(block)
-        slot, event = self._loaded.pop(block.index)
+        slot, event, gather = self._loaded.pop(block.index)
         self._bound[block.index] = slot
-        self._prefetch_after(block)
+        self._prefetch_after(block)  # before waiting: the next uploads start meanwhile
+        if gather is not None:
+            gather.wait()  # the compute stream waits for the slices (the host, under blocking wait)
         self.copies.wait([event])
         block.bind(slot.buf)
 

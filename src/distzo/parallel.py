@@ -206,16 +206,7 @@ def node_slices(mesh: Mesh) -> SliceGroup | None:
     if not mesh.distributed:
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))
-    # The slices are all-gathered on the upload stream, ahead of the compute: with NCCL's
-    # blocking wait (the mesh's setting) each gather would stall the host until it lands and
-    # the pipeline would serialise. This group alone waits on the GPU; a lost peer still
-    # fails the mesh's next collective within parallel.timeout_s.
-    saved = os.environ.pop("TORCH_NCCL_BLOCKING_WAIT", None)
-    try:
-        group, _ = dist.new_subgroups(group_size=local)
-    finally:
-        if saved is not None:
-            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = saved
+    group, _ = dist.new_subgroups(group_size=local)
     run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     port = os.environ.get("MASTER_PORT", "0")
