@@ -297,3 +297,10 @@ def test_lora_bad_target_names_it(tiny_model_dir):
 def test_lora_settings_validate(kwargs):
     with pytest.raises(ValueError):
         LoraSettings(**kwargs)
+
+
+def test_skeleton_reads_no_weights(tiny_model_dir):
+    # What a sliced-offload rank builds: the architecture from the config, every tensor on meta.
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"), skeleton=True)
+    assert all(p.is_meta for p in model.parameters())
+    assert tokenizer.pad_token is not None and model.config.use_cache is False

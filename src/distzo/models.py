@@ -266,17 +266,25 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(cfg: ModelConfig, skeleton: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``cfg.name`` in ``cfg.dtype`` onto ``cfg.device``, ready for training.
 
     The KV cache is switched off (training never decodes, and the cache costs memory).
-    The tokenizer always has a pad token (eos when the model defines none).
+    The tokenizer always has a pad token (eos when the model defines none). With
+    ``skeleton`` the model is built on the meta device from its config alone (no weights
+    read): for ranks that receive their weights from a peer (sliced offload).
     """
     device = resolve_device(cfg.device)
     dtype = torch_dtype(cfg.dtype)
     source = resolve_source(cfg.name)
     if source.kind == "default":
         source = ModelSource("local", str(packaged_model_dir(cfg.cache_dir)))
+    if skeleton and source.kind != "gguf":
+        model = _skeleton(source.location, cfg, dtype)
+        tokenizer = _load_tokenizer(source.location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        _ensure_pad_token(model, tokenizer)
+        model.config.use_cache = False
+        return model, tokenizer
     if source.kind == "gguf":
         model = _load_gguf(Path(source.location) / source.gguf_file, dtype, cfg.attn_implementation)
         tokenizer = _load_tokenizer(source.location, gguf_file=source.gguf_file)
@@ -300,6 +308,20 @@ def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype) -> Pre
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+def _skeleton(location: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    if cfg.attn_implementation is not None:
+        config._attn_implementation = cfg.attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return model.eval()
 
 
 def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype):

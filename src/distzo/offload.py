@@ -271,8 +271,13 @@ class OffloadEngine:
         modules = _offloadable_blocks(model)
         owned = {id(p) for _, m in modules for p in m.parameters()}
         self._where = _param_slots(model)
-        _place_resident(model, self._where, owned, self.device, init)
+        first = slices is None or slices.rank == 0
+        # The node's other ranks get the resident weights by broadcast (below) and the blocks
+        # through the shared host copy: they may hold a skeleton without any weights.
+        _place_resident(model, self._where, owned, self.device, init if first else _left_empty)
         self.blocks = [self._host_block(i, name, m, init) for i, (name, m) in enumerate(modules)]
+        if slices is not None:
+            self._share_resident({id(e.param) for b in self.blocks for e in b.entries})
         self._block_of = {id(b.module): b for b in self.blocks}
         self._param_block = {id(e.param): b for b in self.blocks for e in b.entries}
         self.streamed: list[HostBlock] = list(self.blocks)  # promoted blocks leave this list
@@ -344,6 +349,21 @@ class OffloadEngine:
         if s.rank == 0:
             torch.distributed.barrier(s.group)
         return buf
+
+    def _share_resident(self, blocks: set[int]) -> None:  # ids of the (re-homed) block parameters
+        """Every parameter outside the blocks and every buffer, as the node's first rank has them."""
+        src = torch.distributed.get_global_rank(self.slices.group, 0)
+        tensors = [p.data for _, p in self.model.named_parameters() if id(p) not in blocks]
+        for module in self.model.modules():
+            for attr, buf in module._buffers.items():
+                if buf is None:
+                    continue
+                if buf.is_meta or buf.device != self.device:
+                    buf = torch.empty(buf.shape, dtype=buf.dtype, device=self.device) if buf.is_meta else buf.to(self.device)
+                    module._buffers[attr] = buf
+                tensors.append(buf)
+        for t in tensors:
+            torch.distributed.broadcast(t, src=src, group=self.slices.group)
 
     def _shared_path(self, index: int) -> str:
         return os.path.join(self.slices.shared_dir, f"{self.slices.tag}-block{index}")
@@ -602,6 +622,10 @@ def _fill(dest: torch.Tensor, param: torch.Tensor, name: str, init: InitFn | Non
     scratch = torch.empty(dest.shape, dtype=dest.dtype, device=device)  # random init on the GPU, then down
     init(name, scratch)
     dest.copy_(scratch)
+
+
+def _left_empty(name: str, t: torch.Tensor) -> None:
+    """No values: a peer provides them."""
 
 
 def random_init(std: float = 0.02) -> InitFn:

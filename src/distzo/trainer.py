@@ -65,16 +65,17 @@ class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps."""
 
 
-def build_model(cfg: TrainConfig, checkpoint: Path | None = None):
+def build_model(cfg: TrainConfig, checkpoint: Path | None = None, skeleton: bool = False):
     """The model as the run trains it: base weights, then LoRA adapters seeded by the run.
 
     From a checkpoint: its full weights, or for LoRA the base model with its adapter.
-    An offloaded model is loaded into host memory (the engine moves what stays resident).
+    An offloaded model is loaded into host memory (the engine moves what stays resident);
+    a ``skeleton`` holds no weights (a sliced-offload rank that gets them from its node's first rank).
     """
     model_cfg = replace(cfg.model, device="cpu") if cfg.offload.enabled else cfg.model
     if checkpoint is not None and not cfg.use_lora:
-        return load_model(replace(model_cfg, name=str(checkpoint)))
-    model, tokenizer = load_model(model_cfg)
+        return load_model(replace(model_cfg, name=str(checkpoint)), skeleton=skeleton)
+    model, tokenizer = load_model(model_cfg, skeleton=skeleton and not cfg.use_lora)
     if cfg.use_lora and checkpoint is not None:
         from peft import PeftModel
 
@@ -85,11 +86,7 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None):
     return model, tokenizer
 
 
-def offload_engine(cfg: TrainConfig, model, mesh: parallel.Mesh) -> OffloadEngine | None:
-    """The offload engine of the run, if it offloads; ranks of a node share one host copy."""
-    if not cfg.offload.enabled:
-        return None
-    return OffloadEngine(model, resolve_device(cfg.model.device), cfg.offload, slices=parallel.node_slices(mesh))
+
 
 
 def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
@@ -166,8 +163,14 @@ class Trainer:
         if cfg.resume:
             saved = load_checkpoint_state(self.last_dir)
             self.state = saved["trainer_state"]
-        self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None)
-        self.engine = offload_engine(cfg, self.model, self.mesh)
+        # Offloaded under torchrun: the ranks of a node share one host copy, which the node's
+        # first rank loads; the others build the model without weights (no P copies in host memory).
+        slices = parallel.node_slices(self.mesh) if cfg.offload.enabled else None
+        skeleton = slices is not None and slices.rank != 0 and not cfg.use_lora
+        self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None, skeleton)
+        self.engine = None
+        if cfg.offload.enabled:
+            self.engine = OffloadEngine(self.model, resolve_device(cfg.model.device), cfg.offload, slices=slices)
         # With sliced offload every forward is collective: all ranks evaluate, rank 0 reports.
         self._all_evaluate = self.engine is not None and self.engine.slices is not None
         self.opt = ZOOptimizer(
