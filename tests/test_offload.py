@@ -19,15 +19,20 @@ def _train(model, steps, offload=None, **kwargs):
     return stats
 
 
+def _twins(family: str, prefetch: int = 1):
+    """A tiny model, and a copy of it whose blocks the engine offloads (on the CPU)."""
+    resident = tiny_model(family)
+    offloaded = copy.deepcopy(resident)
+    return resident, offloaded, OffloadEngine(offloaded, "cpu", OffloadConfig("cpu", prefetch=prefetch))
+
+
 def _same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_offloaded_training_equals_resident_bit_for_bit(family):
-    resident = tiny_model(family)
-    offloaded = copy.deepcopy(resident)
-    engine = OffloadEngine(offloaded, "cpu", OffloadConfig("cpu", prefetch=1))
+    resident, offloaded, engine = _twins(family)
     a, b = _train(resident, 6), _train(offloaded, 6, engine)
     for x, y in zip(a, b):
         assert (x.losses_plus, x.losses_other, x.projected_grads) == (y.losses_plus, y.losses_other, y.projected_grads)
@@ -55,9 +60,7 @@ def test_offloaded_matches_the_reference_in_float64():
 
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_prefetch_depth_changes_nothing(prefetch):
-    resident = tiny_model("opt")
-    offloaded = copy.deepcopy(resident)
-    engine = OffloadEngine(offloaded, "cpu", OffloadConfig("cpu", prefetch=prefetch))
+    resident, offloaded, engine = _twins("opt", prefetch)
     assert len(engine.slots) == prefetch + 1
     a, b = _train(resident, 4), _train(offloaded, 4, engine)
     assert [s.projected_grads for s in a] == [s.projected_grads for s in b]
@@ -73,9 +76,7 @@ def test_blocks_live_on_the_host_between_forwards():
 
 
 def test_eval_and_flush_go_through_the_engine():
-    resident = tiny_model("llama")
-    offloaded = copy.deepcopy(resident)
-    engine = OffloadEngine(offloaded, "cpu", OffloadConfig("cpu"))
+    resident, offloaded, engine = _twins("llama")
     a = ZOOptimizer(resident, lr=1e-2, eps=1e-3, seed=3)
     b = ZOOptimizer(offloaded, lr=1e-2, eps=1e-3, seed=3, offload=engine)
     batch = tiny_batch()
@@ -89,9 +90,7 @@ def test_eval_and_flush_go_through_the_engine():
 
 
 def test_promoted_blocks_give_the_same_results():
-    resident = tiny_model("opt")
-    offloaded = copy.deepcopy(resident)
-    engine = OffloadEngine(offloaded, "cpu", OffloadConfig("cpu"))
+    resident, offloaded, engine = _twins("opt")
     opt_a = ZOOptimizer(resident, lr=1e-3, eps=1e-3, seed=0)
     opt_b = ZOOptimizer(offloaded, lr=1e-3, eps=1e-3, seed=0, offload=engine)
     for t in range(5):
