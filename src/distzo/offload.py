@@ -278,7 +278,6 @@ class OffloadEngine:
         self.blocks = [self._host_block(i, name, m, init) for i, (name, m) in enumerate(modules)]
         if slices is not None:
             self._share_resident({id(e.param) for b in self.blocks for e in b.entries})
-        self._block_of = {id(b.module): b for b in self.blocks}
         self._param_block = {id(e.param): b for b in self.blocks for e in b.entries}
         self.streamed: list[HostBlock] = list(self.blocks)  # promoted blocks leave this list
         self._order = {b.index: i for i, b in enumerate(self.streamed)}
@@ -287,7 +286,8 @@ class OffloadEngine:
         dtype = self.blocks[0].flat.dtype
         self.slots = [_Slot(torch.empty(width, dtype=dtype, device=self.device), []) for _ in range(self.cfg.prefetch + 1)]
         self._free: deque[_Slot] = deque(self.slots)
-        self._loaded: dict[int, tuple[_Slot, object]] = {}  # block index -> (slot, upload event)
+        # block index -> (slot, upload event, the slices' gather or None)
+        self._loaded: dict[int, tuple[_Slot, object, object]] = {}
         self._bound: dict[int, _Slot] = {}
         self._measured = self.budget is None
         if slices is not None and self.budget is not None:
@@ -309,7 +309,7 @@ class OffloadEngine:
         # Trainable parameters first, so a block's updated part is one contiguous prefix.
         params.sort(key=lambda item: not item[1].requires_grad)
         entries, offset = [], 0
-        # Every parameter starts ALIGN bytes into the buffer, as a fresh allocation would:
+        # Every parameter starts at a multiple of ALIGN bytes, as a fresh allocation would:
         # cuBLAS picks kernels by pointer alignment, and a different kernel is different bits.
         step = max(1, ALIGN // params[0][1].element_size())
         for pname, p in params:
