@@ -57,6 +57,8 @@ def test_yaml_then_flags(tmp_path):
     (["train", "--config", "/nonexistent/run.yaml"], "does not exist"),
     (["train", "--model", "./no/such/model"], "does not exist"),
     (["eval", "--task", "nosuchtask"], "unknown task"),
+    (["train", "--offload", "disk"], "offload.mode must be one of"),
+    (["train", "--offload", "cpu", "--gpu-memory", "lots"], "is not a memory size"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message):
     assert message in _fail(capsys, argv)
