@@ -136,8 +136,7 @@ def _unpin_all(buffers: list[torch.Tensor]) -> None:
 def _page_aligned(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A buffer that owns every page it touches: registered pages are never shared with
     other allocations (registering a page twice fails), and whole pages are registered."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    nbytes = -(-numel * size // PAGE) * PAGE
+    nbytes = -(-numel * dtype.itemsize // PAGE) * PAGE
     # zeros: every page is touched by all cores first; registering present pages is
     # several times faster than letting cudaHostRegister fault them in one by one.
     raw = torch.zeros(nbytes + PAGE, dtype=torch.uint8)
@@ -149,10 +148,9 @@ def _host_buffer(numel: int, dtype: torch.dtype, pinned: bool, shared: str | Non
     if shared is None:
         buf = _page_aligned(numel, dtype) if pinned else torch.empty(numel, dtype=dtype)
     else:  # a file in shared memory, mapped by every rank of the node
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if create:
             with open(shared, "wb") as f:
-                f.truncate(nbytes)
+                f.truncate(numel * dtype.itemsize)
         buf = torch.from_file(shared, shared=True, size=numel, dtype=dtype)
         if create and pinned:
             buf.zero_()
@@ -323,9 +321,6 @@ class OffloadEngine:
                 _fill(view, e.param, e.name, init, self.device)
             # The source (if any) is freed here: never two copies on the host.
             e.param = _rehome(self._where, e.param, view)
-        for _, buf in module.named_buffers():
-            if buf.device != self.device and not buf.is_meta:
-                buf.data = buf.data.to(self.device)
         if self.slices is not None:
             torch.distributed.barrier(self.slices.group)  # rank 0 of the node has filled the shared copy
             if self.slices.rank == 0:
@@ -358,9 +353,8 @@ class OffloadEngine:
             for attr, buf in module._buffers.items():
                 if buf is None:
                     continue
-                if buf.is_meta or buf.device != self.device:
-                    buf = torch.empty(buf.shape, dtype=buf.dtype, device=self.device) if buf.is_meta else buf.to(self.device)
-                    module._buffers[attr] = buf
+                if buf.is_meta:  # a skeleton's (the others are on the device already)
+                    buf = module._buffers[attr] = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
                 tensors.append(buf)
         for t in tensors:
             torch.distributed.broadcast(t, src=src, group=self.slices.group)
@@ -509,10 +503,11 @@ class OffloadEngine:
 
     def after_step(self) -> None:
         """After the first step: promote as many blocks to the GPU as the budget leaves room for."""
-        if self._measured or self.device.type != "cuda":
-            self._measured = True
+        if self._measured:
             return
         self._measured = True
+        if self.device.type != "cuda":
+            return
         # The budget is what nvidia-smi shows: the CUDA context and libraries' workspaces count.
         free, total = torch.cuda.mem_get_info(self.device)
         outside = (total - free) - torch.cuda.memory_reserved(self.device)
@@ -596,7 +591,8 @@ def _rehome(where, param: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
 
 
 def _place_resident(model, where, blocks: set[int], device: torch.device, init: InitFn | None) -> None:
-    """Every parameter and buffer outside the blocks onto ``device`` (materialised if on meta)."""
+    """Every parameter outside the blocks, and every buffer, onto ``device`` (parameters on meta
+    are materialised with ``init``)."""
     for pname, p in list(model.named_parameters()):  # tied parameters are listed once
         if id(p) in blocks or (not p.is_meta and p.device == device):
             continue

@@ -86,9 +86,6 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None, skeleton: bool
     return model, tokenizer
 
 
-
-
-
 def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
     extra: dict[str, Any] = {"revision": cfg.model.revision}
     if cfg.use_lora:
