@@ -22,6 +22,7 @@ halves), as bench_step.py does. Rank 0 writes the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -58,11 +59,69 @@ def run(model, batch, rows: int, seq: int, args, mesh=None) -> dict:
     opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, loss_fn=causal_lm_loss, mesh=mesh)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    seconds, first = timed_steps(opt, batch, args.steps, args.warmup)
+    with timed_parts(opt) as parts:
+        seconds, first = timed_steps(opt, batch, args.steps, args.warmup)
+    out = {"rows": rows, "seq": seq, "ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 3),
+           "tokens_per_s": round(2 * rows * seq / seconds), "first_losses": first,
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           # medians: the forward (until its losses are on the host) and the exchange of the losses
+           "forward_ms": round(statistics.median(parts["forward"][args.warmup:]) * 1e3, 2),
+           "exchange_ms": round(statistics.median(parts["exchange"][args.warmup:] or [0.0]) * 1e3, 3)}
+    if args.profile:
+        out["gpu_ms_per_step"] = profile_kernels(opt, batch)
     opt.flush()
-    return {"rows": rows, "seq": seq, "ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 3),
-            "tokens_per_s": round(2 * rows * seq / seconds), "first_losses": first,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return out
+
+
+@contextlib.contextmanager
+def timed_parts(opt):
+    """Wall time of each step's forward(s) and of its exchange of losses (parallel.assemble)."""
+    from distzo import optimizer, parallel
+
+    parts = {"forward": [], "exchange": []}
+    forward, assemble = opt.stream_losses, parallel.assemble
+
+    def timed_forward(*a, **k):
+        t = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            parts["forward"].append(time.perf_counter() - t)
+
+    def timed_assemble(*a, **k):
+        t = time.perf_counter()
+        try:
+            return assemble(*a, **k)
+        finally:
+            if a[0] is not None and a[0].distributed:
+                parts["exchange"].append(time.perf_counter() - t)
+
+    opt.stream_losses, optimizer.parallel.assemble = timed_forward, timed_assemble
+    try:
+        yield parts
+    finally:
+        del opt.stream_losses
+        optimizer.parallel.assemble = assemble
+
+
+def profile_kernels(opt, batch, steps: int = 2) -> dict:
+    """GPU time per step by kernel kind (torch.profiler): the fused pass, matrix products, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            opt.step(batch)
+        torch.cuda.synchronize()
+    kinds = {"fused": 0.0, "gemm": 0.0, "nccl": 0.0, "other": 0.0}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = ("fused" if "_step_kernel" in name else "nccl" if "nccl" in name
+                else "gemm" if any(k in name for k in ("gemm", "cutlass", "sm90", "nvjet", "xmma")) else "other")
+        kinds[kind] += e.device_time_total / 1e3 / steps
+    kinds["total"] = sum(kinds.values())
+    return {k: round(v, 2) for k, v in kinds.items()}
 
 
 def main(argv=None) -> int:
@@ -73,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--profile", action="store_true", help="also GPU time per step by kernel kind")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 

@@ -67,6 +67,20 @@ def test_prefetch_depth_changes_nothing(prefetch):
     assert _same_weights(resident, offloaded)
 
 
+def test_prefetch_depth_changes_between_steps():
+    resident, offloaded, engine = _twins("opt", prefetch=1)
+    a = ZOOptimizer(resident, lr=1e-3, eps=1e-3, seed=0)
+    b = ZOOptimizer(offloaded, lr=1e-3, eps=1e-3, seed=0, offload=engine)
+    for t, depth in enumerate([1, 3, 0, 2]):
+        engine.set_prefetch(depth)
+        assert len(engine.slots) == depth + 1
+        assert a.step(tiny_batch(seed=t)).projected_grads == b.step(tiny_batch(seed=t)).projected_grads
+    a.flush(), b.flush()
+    assert _same_weights(resident, offloaded)
+    with pytest.raises(ValueError, match="prefetch must be >= 0"):
+        engine.set_prefetch(-1)
+
+
 def test_blocks_live_on_the_host_between_forwards():
     model = tiny_model("llama")
     engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"))

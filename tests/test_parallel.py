@@ -431,15 +431,27 @@ def _dying(mode: str, at_step: int, cli_args: list[str]) -> list[str]:
     return ["dying", mode, str(at_step), *cli_args]
 
 
-@pytest.mark.parametrize("fault", ["exit", "hang"])
-def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_dir, tmp_path, fault):
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+FAULT_CASES = [
+    pytest.param(fault, engine, device, marks=TWO_GPUS if device == "cuda" else ())
+    for device in ("cpu", "cuda")  # gloo, NCCL
+    for engine in ("resident", "sliced")
+    for fault in ("exit", "hang")
+]
+
+
+@pytest.mark.parametrize(("fault", "engine", "device"), FAULT_CASES)
+def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_dir, tmp_path, fault, engine, device):
+    # Resident, rank 0 waits in the step's all-reduce; sliced, in the gather of a block's
+    # slices (every forward is collective there).
     from transformers import AutoModelForCausalLM
 
     from distzo.checkpoint import readable_checkpoint
 
     out, timeout = tmp_path / "run", 15
     args = _args(tiny_model_dir, sst2_dir, out, "--steps", "50", "--save-every", "2",
-                 "--parallel.timeout_s", str(timeout))
+                 "--parallel.timeout_s", str(timeout), "--device", device,
+                 *(["--offload", "cpu"] if engine == "sliced" else []))
     rank0, rank1 = _start_ranks(2, _dying(fault, 3, args))
     _, err0 = rank0.communicate(timeout=120)
     # rank 0 waits at most one timeout after reaching step 3 (a few seconds of startup)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distzo import collectives
 from distzo.directions import stable_key
 from distzo.units import UnsupportedModel, layer_stacks
 
@@ -109,6 +110,14 @@ class SliceGroup:
     size: int
     shared_dir: str = "/dev/shm"
     tag: str = "distzo"
+    timeout_s: float = 600.0
+    """A peer that has not joined a gather or barrier by then has died or hung."""
+
+    def wait(self, work, what: str) -> None:
+        collectives.wait(work, torch.distributed.get_rank(), self.timeout_s, what)
+
+    def barrier(self, what: str) -> None:
+        self.wait(torch.distributed.barrier(self.group, async_op=True), what)
 
 
 # ---------------------------------------------------------------- host memory
@@ -280,10 +289,6 @@ class OffloadEngine:
         self.streamed: list[HostBlock] = list(self.blocks)  # promoted blocks leave this list
         self._order = {b.index: i for i, b in enumerate(self.streamed)}
         self.block_bytes = max(b.nbytes for b in self.blocks)
-        width = max(b.flat.numel() for b in self.blocks)
-        dtype = self.blocks[0].flat.dtype
-        self.slots = [_Slot(torch.empty(width, dtype=dtype, device=self.device), []) for _ in range(self.cfg.prefetch + 1)]
-        self._free: deque[_Slot] = deque(self.slots)
         # block index -> (slot, upload event, the slices' gather or None)
         self._loaded: dict[int, tuple[_Slot, object, object]] = {}
         self._bound: dict[int, _Slot] = {}
@@ -294,6 +299,8 @@ class OffloadEngine:
         self.bytes_up = self.bytes_down = 0  # this rank's PCIe traffic, for tests and benchmarks
         self.uploads = 0
         self._written = False  # write-backs issued since the last synchronize
+        self.slots: list[_Slot] = []
+        self.set_prefetch(self.cfg.prefetch)
         self._hooks = [h for b in self.blocks for h in self._install(b)]
 
     # ------------------------------------------------------------------ construction
@@ -322,7 +329,7 @@ class OffloadEngine:
             # The source (if any) is freed here: never two copies on the host.
             e.param = _rehome(self._where, e.param, view)
         if self.slices is not None:
-            torch.distributed.barrier(self.slices.group)  # rank 0 of the node has filled the shared copy
+            self.slices.barrier("loading the shared host copy")  # rank 0 of the node has filled it
             if self.slices.rank == 0:
                 os.unlink(self._shared_path(index))  # every rank has it mapped; nothing is left behind
         return HostBlock(index, name, module, entries, flat)
@@ -339,10 +346,10 @@ class OffloadEngine:
         s = self.slices
         path = self._shared_path(index)
         if s.rank != 0:
-            torch.distributed.barrier(s.group)  # wait until rank 0 created the file
+            s.barrier("creating the shared host copy")  # wait until rank 0 created the file
         buf = _host_buffer(numel, dtype, self.pinned, path, create=s.rank == 0)
         if s.rank == 0:
-            torch.distributed.barrier(s.group)
+            s.barrier("creating the shared host copy")
         return buf
 
     def _share_resident(self, blocks: set[int]) -> None:  # ids of the (re-homed) block parameters
@@ -357,7 +364,8 @@ class OffloadEngine:
                     buf = module._buffers[attr] = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
                 tensors.append(buf)
         for t in tensors:
-            torch.distributed.broadcast(t, src=src, group=self.slices.group)
+            self.slices.wait(torch.distributed.broadcast(t, src=src, group=self.slices.group, async_op=True),
+                             "sharing the resident weights")
 
     def _shared_path(self, index: int) -> str:
         return os.path.join(self.slices.shared_dir, f"{self.slices.tag}-block{index}")
@@ -381,7 +389,7 @@ class OffloadEngine:
         """Forget a block uploaded ahead; its slot is reusable once its gather (if any) landed."""
         slot, _, gather = self._loaded.pop(index)
         if gather is not None:
-            gather.wait()
+            self.slices.wait(gather, "gathering a block's slices")
             slot.free_after.append(self.copies.mark())
         return slot
 
@@ -408,8 +416,8 @@ class OffloadEngine:
         """This rank's 1/P of the block over its own link; the rest from its peers over NVLink.
 
         The gather is asynchronous and waited for only when the block's turn comes: a
-        synchronous collective (or NCCL's blocking wait) would hold the host here until the
-        block had landed, and the host could not queue the block computing meanwhile."""
+        synchronous collective would hold the host here until the block had landed, and the
+        host could not queue the block computing meanwhile."""
         s, n = self.slices, block.flat.numel()
         part = n // s.size
         mine = buf[s.rank * part : (s.rank + 1) * part]
@@ -437,7 +445,7 @@ class OffloadEngine:
         self._bound[block.index] = slot
         self._prefetch_after(block)  # before waiting: the next uploads start meanwhile
         if gather is not None:
-            gather.wait()  # the compute stream waits for the slices (the host, under blocking wait)
+            self.slices.wait(gather, "gathering a block's slices")  # then the compute stream follows it
         self.copies.wait([event])
         block.bind(slot.buf)
 
@@ -496,7 +504,7 @@ class OffloadEngine:
         rank writes back after the same steps, so all of them or none reach the barrier)."""
         self.copies.synchronize()
         if self.slices is not None and self._written:
-            torch.distributed.barrier(self.slices.group)
+            self.slices.barrier("waiting for the other slices' write-back")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the group waits on the GPU, not the host
         self._written = False
@@ -534,6 +542,20 @@ class OffloadEngine:
             block.flat = block.entries[0].param.data.new_empty(0)
         self.streamed = [b for b in self.streamed if b.index not in chosen]
         self._order = {b.index: i for i, b in enumerate(self.streamed)}
+
+    def set_prefetch(self, prefetch: int) -> None:
+        """Keep ``prefetch + 1`` GPU slots from now on (between steps; results do not change)."""
+        if prefetch < 0:
+            raise ValueError(f"offload.prefetch must be >= 0, got {prefetch}")
+        if self._bound:
+            raise RuntimeError("offload: the prefetch depth can only change between steps")
+        self.synchronize()
+        self.drop_prefetched()
+        self.cfg.prefetch = prefetch
+        width = max(b.flat.numel() for b in self.blocks)
+        dtype = self.blocks[0].flat.dtype
+        self.slots = [_Slot(torch.empty(width, dtype=dtype, device=self.device), []) for _ in range(prefetch + 1)]
+        self._free: deque[_Slot] = deque(self.slots)
 
     @property
     def resident_blocks(self) -> int:

@@ -31,16 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distzo import collectives
+from distzo.collectives import ParallelError
 from distzo.offload import SliceGroup
+
+__all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init", "loss_weight", "my_directions",
+           "my_halves", "node_slices", "shard_batch", "shard_bounds", "world_size"]
 
 AXES = ("pert", "dir", "data")
 # Keys of a candidate batch that hold one entry per example rather than per row.
 EXAMPLE_KEYS = ("gold", "num_candidates", "candidate_ids")
 IGNORE_INDEX = -100
-
-
-class ParallelError(RuntimeError):
-    """A collective failed: a peer died, hung past the timeout, or the job is misconfigured."""
 
 
 @dataclass
@@ -120,23 +121,15 @@ class Mesh:
             return values
         buf = values.to(self.device)
         self.bytes_sent += buf.numel() * buf.element_size()
-        self._checked("all-reduce", lambda: dist.all_reduce(buf))
+        work = collectives.checked(self.rank, self.timeout_s, "all-reduce",
+                                   lambda: dist.all_reduce(buf, async_op=True))
+        collectives.wait(work, self.rank, self.timeout_s, "all-reduce")
         return buf.cpu()
 
     def barrier(self) -> None:
         """Wait for every rank (for rank 0's eval or save), within the timeout."""
         if self.distributed:
-            self._checked("barrier", dist.barrier)
-
-    def _checked(self, what: str, fn) -> None:
-        try:
-            fn()
-        except Exception as exc:  # backend errors differ (DistBackendError, RuntimeError): report them as one
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ParallelError(
-                f"rank {self.rank}: {what} failed: another rank died or did not answer within "
-                f"{self.timeout_s:g} s ({detail[:200]})"
-            ) from exc
+            collectives.checked(self.rank, self.timeout_s, "barrier", dist.barrier)
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -210,7 +203,8 @@ def node_slices(mesh: Mesh) -> SliceGroup | None:
     run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     port = os.environ.get("MASTER_PORT", "0")
-    return SliceGroup(group, dist.get_rank(group), local, tag=f"distzo-{run}-{port}-{attempt}")
+    return SliceGroup(group, dist.get_rank(group), local, tag=f"distzo-{run}-{port}-{attempt}",
+                      timeout_s=mesh.timeout_s)
 
 
 # ---------------------------------------------------------------- what a rank measures
