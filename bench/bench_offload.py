@@ -144,7 +144,7 @@ def step(args) -> dict:
     cfg = model_config(args.model, args.layers)
     t0 = time.perf_counter()
     model = build_on_meta(cfg)
-    engine = OffloadEngine(model, "cuda", OffloadConfig("cpu", args.gpu_memory or "", args.prefetch),
+    engine = OffloadEngine(model, "cuda", OffloadConfig("cpu", args.gpu_memory or "", args.prefetch[0]),
                            init=random_init(), slices=parallel.node_slices(mesh), pinned=not args.pageable)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0

@@ -5,7 +5,7 @@
 #   OUT=/some/dir MODELS="opt-30b" PARTS="sliced" bash bench/two_gpu_check.sh
 set -u
 OUT=${OUT:-bench-out}; WORK=${WORK:-/tmp/distzo-two}
-PARTS=${PARTS:-sliced resident faults}
+PARTS=${PARTS:-faults sliced resident}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 { nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv; nproc; } > "$OUT/topo.txt"

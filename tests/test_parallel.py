@@ -454,15 +454,14 @@ def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_di
                  *(["--offload", "cpu"] if engine == "sliced" else []))
     rank0, rank1 = _start_ranks(2, _dying(fault, 3, args))
     _, err0 = rank0.communicate(timeout=120)
-    # rank 0 waits at most one timeout after reaching step 3 (a few seconds of startup)
-    log = out / "trajectory.jsonl"
-    waited = time.time() - log.stat().st_mtime
-    if fault == "exit":
-        assert rank1.wait(timeout=60) == 17
-    else:
+    finished = time.time()
+    if fault == "hang":
         rank1.kill()
-        rank1.communicate()
+    _, err1 = rank1.communicate(timeout=60)
     assert rank0.returncode == 4, err0[-3000:]
+    assert fault == "hang" or rank1.returncode == 17, err1[-3000:]
+    # rank 0 waits at most one timeout after reaching step 3 (a few seconds of startup)
+    waited = finished - (out / "trajectory.jsonl").stat().st_mtime
     lines = [line for line in err0.splitlines() if line.startswith("distzo:")]
     assert len(lines) == 1 and "rank 0" in lines[0] and "another rank died or did not answer" in lines[0]
     assert waited < timeout + 10
