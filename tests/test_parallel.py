@@ -432,16 +432,11 @@ def _dying(mode: str, at_step: int, cli_args: list[str]) -> list[str]:
 
 
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-FAULT_CASES = [
-    pytest.param(fault, engine, device, marks=TWO_GPUS if device == "cuda" else ())
-    for device in ("cpu", "cuda")  # gloo, NCCL
-    for engine in ("resident", "sliced")
-    for fault in ("exit", "hang")
-]
+ENGINES_AND_FAULTS = [(fault, engine) for engine in ("resident", "sliced") for fault in ("exit", "hang")]
 
 
-@pytest.mark.parametrize(("fault", "engine", "device"), FAULT_CASES)
-def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_dir, tmp_path, fault, engine, device):
+@pytest.mark.parametrize(("fault", "engine"), ENGINES_AND_FAULTS)
+def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_dir, tmp_path, fault, engine):
     # Resident, rank 0 waits in the step's all-reduce; sliced, in the gather of a block's
     # slices (every forward is collective there).
     from transformers import AutoModelForCausalLM
@@ -450,8 +445,7 @@ def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_di
 
     out, timeout = tmp_path / "run", 15
     args = _args(tiny_model_dir, sst2_dir, out, "--steps", "50", "--save-every", "2",
-                 "--parallel.timeout_s", str(timeout), "--device", device,
-                 *(["--offload", "cpu"] if engine == "sliced" else []))
+                 "--parallel.timeout_s", str(timeout), *(["--offload", "cpu"] if engine == "sliced" else []))
     rank0, rank1 = _start_ranks(2, _dying(fault, 3, args))
     _, err0 = rank0.communicate(timeout=120)
     finished = time.time()
@@ -469,6 +463,55 @@ def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_di
     assert json.loads((folder / "trainer_state.json").read_text())["step"] == 2
     assert [r["step"] for r in _records(out)] == [0, 1, 2]
     AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])  # gloo, NCCL
+@pytest.mark.parametrize(("fault", "engine"), ENGINES_AND_FAULTS)
+def test_a_lost_peer_fails_the_step_within_the_timeout(fault, engine, device):
+    # The optimizer alone (the entry point above needs `datasets`): rank 1 dies or hangs
+    # before step 2, rank 0 must leave its step with one ParallelError within the timeout.
+    timeout = 10
+    rank0, rank1 = _start_ranks(2, ["lost-peer", fault, engine, device, str(timeout)])
+    start = time.time()
+    _, err0 = rank0.communicate(timeout=120)
+    elapsed = time.time() - start
+    if fault == "hang":
+        rank1.kill()
+    _, err1 = rank1.communicate(timeout=60)
+    assert rank0.returncode == 4, err0[-3000:]
+    assert fault == "hang" or rank1.returncode == 17, err1[-3000:]
+    lines = [line for line in err0.splitlines() if line.startswith("lost peer:")]
+    assert len(lines) == 1 and "rank 0" in lines[0] and "another rank died or did not answer" in lines[0], err0
+    steps_done = int(lines[0].split("after ")[1].split(" steps")[0])
+    assert steps_done == 2 and elapsed < timeout + 60  # startup included
+
+
+def _run_lost_peer(fault: str, engine: str, device: str, timeout: float) -> int:
+    from tiny_models import tiny_batch, tiny_model
+
+    from distzo import parallel
+    from distzo.offload import OffloadConfig, OffloadEngine
+    from distzo.optimizer import ZOOptimizer
+
+    mesh = parallel.init(parallel.ParallelConfig(pert=2, timeout_s=timeout), device)
+    model = tiny_model("llama")
+    offload = None
+    if engine == "sliced":
+        offload = OffloadEngine(model, mesh.device, OffloadConfig("cpu"), slices=parallel.node_slices(mesh))
+    else:
+        model.to(mesh.device)
+    opt = ZOOptimizer(model, lr=1e-3, eps=1e-3, mesh=mesh, offload=offload)
+    for t in range(4):
+        if mesh.rank == 1 and t == 2:
+            if fault == "exit":
+                os._exit(17)
+            time.sleep(3600)
+        try:
+            opt.step(tiny_batch(seed=t))
+        except parallel.ParallelError as exc:
+            print(f"lost peer: after {t} steps: {exc}", file=sys.stderr, flush=True)
+            os._exit(4)  # a group that lost a peer cannot be torn down in order
+    return 0
 
 
 def test_torchrun_restart_resumes_from_the_last_checkpoint(tiny_model_dir, sst2_dir, whole, tmp_path):
@@ -507,6 +550,8 @@ def worker(argv: list[str]) -> int:
         return 0
     if argv[0] == "dying":
         return _run_dying(argv[1], int(argv[2]), argv[3:])
+    if argv[0] == "lost-peer":
+        return _run_lost_peer(argv[1], argv[2], argv[3], float(argv[4]))
     raise SystemExit(f"unknown worker command {argv[0]!r}")
 
 
