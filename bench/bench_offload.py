@@ -5,7 +5,7 @@
     PYTHONPATH=src python bench/bench_offload.py step --model opt-13b --gpu-memory 6GiB --out 13b-budget.json
     PYTHONPATH=src torchrun --nproc-per-node 2 bench/bench_offload.py step --model opt-30b --batch 4x512 --pert 2
     PYTHONPATH=src torchrun --nproc-per-node 2 bench/bench_offload.py step --model opt-13b --batch 4x512 --pert 2 \
-        --prefetch 1 2 3                                  # one build, each depth timed in turn
+        --prefetch 1 2 --write-every 1 2 4                # one build, each combination timed in turn
 
 ``link`` measures the host link: pinned and pageable host-to-device, device-to-host, both
 directions at once, and how fast this host's cores can regenerate z and apply an update
@@ -165,31 +165,35 @@ def step(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "host_mem_GB": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
     }
-    # One build, every prefetch depth in turn (the engine's slots change between steps).
-    runs = {str(depth): timed(args, opt, engine, mesh, batch, depth, rows * seq, bw, device) for depth in args.prefetch}
+    # One build, every (prefetch depth, write-back interval) in turn: both may change between steps.
+    runs = {f"p{depth}-w{every}": timed(args, opt, engine, mesh, batch, depth, every, rows * seq, bw, device)
+            for depth in args.prefetch for every in args.write_every}
     best = min(runs.values(), key=lambda r: r["ms_per_step"])
     return {**common, **best, "by_prefetch": runs}
 
 
-def timed(args, opt, engine, mesh, batch, depth: int, tokens: int, bw: float, device: int) -> dict:
+def timed(args, opt, engine, mesh, batch, depth: int, every: int, tokens: int, bw: float, device: int) -> dict:
     engine.set_prefetch(depth)
+    engine.cfg.write_every = every
     torch.cuda.reset_peak_memory_stats()
-    times, ups = [], []
+    times, ups, downs = [], [], []
     for i in range(args.warmup + args.steps):
         mesh.barrier()
         torch.cuda.synchronize()
-        before, t = engine.bytes_up, time.perf_counter()
+        before, down, t = engine.bytes_up, engine.bytes_down, time.perf_counter()
         stats = opt.step(batch)  # reading the losses waits for the step
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             ups.append(engine.bytes_up - before)
+            downs.append(engine.bytes_down - down)
     opt.flush()
     ms = statistics.median(times) * 1e3
     floor_ms = statistics.median(ups) / (bw * 1e9) * 1e3
     return {
-        "prefetch": depth, "resident_blocks": engine.resident_blocks,
-        "ms_per_step": ms, "steps_per_s": 1e3 / ms, "tokens_per_s": tokens / (ms / 1e3),
+        "prefetch": depth, "write_every": every, "resident_blocks": engine.resident_blocks,
+        "bytes_down_per_step_GB": statistics.mean(downs) / 1e9,
+        "ms_per_step": ms, "mean_ms": statistics.mean(times) * 1e3, "steps_per_s": 1e3 / ms, "tokens_per_s": tokens / (ms / 1e3),
         "all_ms": [round(t * 1e3, 1) for t in times],
         "bytes_up_per_step_GB": statistics.median(ups) / 1e9, "floor_ms": floor_ms,
         "vs_floor": ms / floor_ms if floor_ms else None,
@@ -207,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prefetch", type=int, nargs="+", default=[1], help="one or more depths, timed in turn")
+    p.add_argument("--write-every", type=int, nargs="+", default=[1], help="one or more write-back intervals")
     p.add_argument("--gpu-memory", default=None)
     p.add_argument("--pert", type=int, default=1)
     p.add_argument("--pageable", action="store_true")

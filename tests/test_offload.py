@@ -19,11 +19,12 @@ def _train(model, steps, offload=None, **kwargs):
     return stats
 
 
-def _twins(family: str, prefetch: int = 1):
+def _twins(family: str, prefetch: int = 1, write_every: int = 1):
     """A tiny model, and a copy of it whose blocks the engine offloads (on the CPU)."""
     resident = tiny_model(family)
     offloaded = copy.deepcopy(resident)
-    return resident, offloaded, OffloadEngine(offloaded, "cpu", OffloadConfig("cpu", prefetch=prefetch))
+    cfg = OffloadConfig("cpu", prefetch=prefetch, write_every=write_every)
+    return resident, offloaded, OffloadEngine(offloaded, "cpu", cfg)
 
 
 def _same_weights(a, b) -> bool:
@@ -81,6 +82,56 @@ def test_prefetch_depth_changes_between_steps():
         engine.set_prefetch(-1)
 
 
+@pytest.mark.parametrize("write_every", [2, 3])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_deferred_write_back_changes_nothing(family, write_every):
+    # Between write-backs the host copy lacks the last updates; the engine re-applies them
+    # each time the block comes up, so every step sees the resident weights exactly.
+    resident, offloaded, engine = _twins(family, write_every=write_every)
+    a = ZOOptimizer(resident, lr=1e-3, eps=1e-3, weight_decay=0.1, seed=0)
+    b = ZOOptimizer(offloaded, lr=1e-3, eps=1e-3, weight_decay=0.1, seed=0, offload=engine)
+    steps = 8  # 7 updates: a remainder is still missing from the host copies at the end
+    for t in range(steps):
+        sa, sb = a.step(tiny_batch(seed=t)), b.step(tiny_batch(seed=t))
+        assert (sa.losses_plus, sa.losses_other, sa.projected_grads) == (
+            sb.losses_plus, sb.losses_other, sb.projected_grads)
+    # steps 1..7 each applied one update to every block; block i wrote back at updates n with
+    # (n + i) % write_every == 0 (the blocks take turns)
+    written = [sum((n + blk.index) % write_every == 0 for n in range(1, steps)) for blk in engine.blocks]
+    assert engine.bytes_down == sum(w * e.numel * e.param.element_size()
+                                    for w, blk in zip(written, engine.blocks) for e in blk.entries)
+    stale = [blk for blk in engine.blocks if any(blk.stale.values())]
+    assert stale and not torch.equal(stale[0].flat, _host_view(resident, engine, stale[0]))
+    a.flush(), b.flush()
+    assert not any(any(blk.stale.values()) for blk in engine.blocks)
+    assert _same_weights(resident, offloaded)  # read from the host copies
+
+
+def _host_view(resident, engine, block):
+    """The resident model's values of ``block``, laid out as the engine's flat buffer."""
+    flat = torch.zeros_like(block.flat)
+    params = dict(resident.named_parameters())
+    for e in block.entries:
+        flat[e.offset : e.offset + e.numel] = params[e.name].detach().reshape(-1)
+    return flat
+
+
+def test_deferred_write_back_survives_eval_and_promotion():
+    resident, offloaded, engine = _twins("opt", write_every=3)
+    a = ZOOptimizer(resident, lr=1e-3, eps=1e-3, seed=0)
+    b = ZOOptimizer(offloaded, lr=1e-3, eps=1e-3, seed=0, offload=engine)
+    batch = tiny_batch()
+    for t in range(6):
+        if t == 3:
+            engine.promote(1)  # writes back what the host copy lacks first
+        sa, sb = a.step(tiny_batch(seed=t)), b.step(tiny_batch(seed=t))
+        assert sa.projected_grads == sb.projected_grads
+        with torch.no_grad():  # a forward between steps sees the current weights
+            assert torch.equal(resident(**batch).logits, offloaded(**batch).logits)
+    a.flush(), b.flush()
+    assert _same_weights(resident, offloaded)
+
+
 def test_blocks_live_on_the_host_between_forwards():
     model = tiny_model("llama")
     engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"))
@@ -117,13 +168,14 @@ def test_promoted_blocks_give_the_same_results():
     assert _same_weights(resident, offloaded)
 
 
-def test_lora_offload_writes_back_only_what_changed():
+@pytest.mark.parametrize("write_every", [1, 2])
+def test_lora_offload_writes_back_only_what_changed(write_every):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     base = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     other = copy.deepcopy(base)
-    engine = OffloadEngine(other, "cpu", OffloadConfig("cpu"))
+    engine = OffloadEngine(other, "cpu", OffloadConfig("cpu", write_every=write_every))
     a, b = _train(base, 4), _train(other, 4, engine)
     assert [s.projected_grads for s in a] == [s.projected_grads for s in b]
     assert _same_weights(base, other)
@@ -161,6 +213,7 @@ def test_parse_bytes(text, expected):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"mode": "disk"}, "offload.mode"), ({"prefetch": -1}, "prefetch"),
+                                          ({"write_every": 0}, "write_every"),
                                           ({"gpu_memory": "lots"}, "memory size"), ({"gpu_memory": "0GB"}, "positive")])
 def test_bad_offload_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -172,14 +225,15 @@ def test_bad_offload_config(kwargs, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("prefetch,write_every", [(0, 1), (1, 1), (2, 1), (1, 3)])
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_gpu_offloaded_equals_gpu_resident(family, prefetch, dtype):
+def test_gpu_offloaded_equals_gpu_resident(family, prefetch, write_every, dtype):
     # Pinned host blocks, three streams and events: the same fused kernels on the same
-    # values, so the same bits as the resident engine on the same GPU.
+    # values, so the same bits as the resident engine on the same GPU (also when updates
+    # are re-applied on the GPU between write-backs).
     base = tiny_model(family, dtype=dtype)
     resident = copy.deepcopy(base).cuda()
-    engine = OffloadEngine(base, "cuda", OffloadConfig("cpu", prefetch=prefetch))
+    engine = OffloadEngine(base, "cuda", OffloadConfig("cpu", prefetch=prefetch, write_every=write_every))
     # registered page-aligned windows of larger allocations: is_pinned() looks at the storage's
     # start, outside the window, so check the engine's record of what it registered
     assert {b.flat.data_ptr() for b in engine.blocks} == {t.data_ptr() for t in engine._pinned}

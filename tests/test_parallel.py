@@ -44,7 +44,8 @@ MODES = {
 }
 # Sliced offload (one host copy per node, each rank uploads 1/P of a block): the same modes.
 OFFLOAD_MODES = {
-    2: [("offload-data2", 1, 1, 2, 1, "two-sided", "larger"), ("offload-pert2", 2, 1, 1, 1, "two-sided", "larger")],
+    2: [("offload-data2", 1, 1, 2, 1, "two-sided", "larger"), ("offload-pert2", 2, 1, 1, 1, "two-sided", "larger"),
+        ("offload-pert2-deferred", 2, 1, 1, 1, "two-sided", "larger")],
     4: [("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
         ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
 }
@@ -249,7 +250,9 @@ def _run_modes(out: Path, world: int, offload: bool = False) -> None:
         model = _model(size)
         engine = None
         if offload:
-            engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=parallel.node_slices(mesh))
+            # "-deferred": each rank writes its slices back with every second update only
+            cfg = OffloadConfig("cpu", write_every=2 if name.endswith("-deferred") else 1)
+            engine = OffloadEngine(model, "cpu", cfg, slices=parallel.node_slices(mesh))
         opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est,
                           loss_fn=causal_lm_loss, mesh=mesh, offload=engine)
         rec = {"plus": [], "other": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],

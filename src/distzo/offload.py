@@ -86,12 +86,17 @@ class OffloadConfig:
     """GPU memory budget, e.g. 18GiB: after the first step, as many blocks as fit stay on the GPU ('' = stream all)."""
     prefetch: int = 1
     """Blocks uploaded ahead of the one computing (each costs one block of GPU memory; 0 = no overlap)."""
+    write_every: int = 1
+    """Copy a parameter back to host memory with every N-th update; in between, the updates its host copy
+    lacks are re-applied on the GPU each time its block comes up (exact: same kernel, order and rounding)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"offload.mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.prefetch < 0:
             raise ValueError(f"offload.prefetch must be >= 0, got {self.prefetch}")
+        if self.write_every < 1:
+            raise ValueError(f"offload.write_every must be >= 1, got {self.write_every}")
         budget = parse_bytes(self.gpu_memory)
         if budget is not None and budget <= 0:
             raise ValueError(f"offload.gpu_memory must be positive, got '{self.gpu_memory}'")
@@ -232,6 +237,9 @@ class HostBlock:
         self.entries, self.flat = entries, flat
         self.by_param = {id(e.param): e for e in entries}
         self.host_ready = None  # event: the last write-back into ``flat`` has landed
+        # id(parameter) -> the updates applied on the GPU that its host copy does not have yet
+        self.stale: dict[int, list] = {}
+        self.updates: dict[int, int] = {}  # id(parameter) -> updates applied so far
 
     @property
     def nbytes(self) -> int:
@@ -299,6 +307,9 @@ class OffloadEngine:
         self.bytes_up = self.bytes_down = 0  # this rank's PCIe traffic, for tests and benchmarks
         self.uploads = 0
         self._written = False  # write-backs issued since the last synchronize
+        # replay(param, update) re-applies an update the host copy lacks (write_every > 1); the
+        # optimiser that reports updates through ``updated`` provides it.
+        self.replay: Callable[[nn.Parameter, object], None] | None = None
         self.slots: list[_Slot] = []
         self.set_prefetch(self.cfg.prefetch)
         self._hooks = [h for b in self.blocks for h in self._install(b)]
@@ -448,6 +459,13 @@ class OffloadEngine:
             self.slices.wait(gather, "gathering a block's slices")  # then the compute stream follows it
         self.copies.wait([event])
         block.bind(slot.buf)
+        self._catch_up(block)
+
+    def _catch_up(self, block: HostBlock) -> None:
+        """Re-apply on the GPU copy the updates the host copy does not have yet, oldest first."""
+        for e in block.entries:
+            for update in block.stale.get(id(e.param), ()):
+                self.replay(e.param, update)
 
     def _release(self, block: HostBlock) -> None:
         slot = self._bound.pop(block.index, None)
@@ -457,13 +475,24 @@ class OffloadEngine:
         slot.free_after.append(self.copies.mark())
         self._free.append(slot)
 
-    def updated(self, param: torch.Tensor) -> None:
-        """The optimiser changed ``param`` in place: copy it (this rank's slice) back to the host."""
+    def updated(self, param: torch.Tensor, update) -> None:
+        """The optimiser applied ``update`` to ``param`` in place: copy it (this rank's slice) back
+        to the host, or, between write-backs, remember that the host copy lacks ``update``."""
         block = self._param_block.get(id(param))
         if block is None or block.index not in self._bound:
             return
+        count = block.updates[id(param)] = block.updates.get(id(param), 0) + 1
+        stale = block.stale.setdefault(id(param), [])
+        # Block i writes back at its updates n with (n + i) % write_every == 0: each step moves
+        # 1/write_every of the blocks down, rather than all of them every write_every-th step.
+        if (count + block.index) % self.cfg.write_every:
+            stale.append(update)
+            return
+        stale.clear()
+        self._write_back(block, block.by_param[id(param)])
+
+    def _write_back(self, block: HostBlock, e: _Entry) -> None:
         slot = self._bound[block.index]
-        e = block.by_param[id(param)]
         lo, hi = e.offset, e.offset + e.numel
         if self.slices is not None:
             part = block.flat.numel() // self.slices.size
@@ -498,16 +527,27 @@ class OffloadEngine:
             self._release(block)
 
     def synchronize(self) -> None:
-        """Wait for every copy in flight: the host copies are current afterwards.
+        """Write back what the host copies lack and wait for every copy in flight: the host
+        copies are current afterwards.
 
         With slices, also for the node's other ranks, which write back the other slices (every
         rank writes back after the same steps, so all of them or none reach the barrier)."""
+        for block in self.streamed:
+            if any(block.stale.values()):
+                self._write_stale(block)
         self.copies.synchronize()
         if self.slices is not None and self._written:
             self.slices.barrier("waiting for the other slices' write-back")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the group waits on the GPU, not the host
         self._written = False
+
+    def _write_stale(self, block: HostBlock) -> None:
+        with self.holding(block):  # comes up with its missing updates re-applied
+            for e in block.entries:
+                if block.stale.get(id(e.param)):
+                    block.stale[id(e.param)] = []
+                    self._write_back(block, e)
 
     def after_step(self) -> None:
         """After the first step: promote as many blocks to the GPU as the budget leaves room for."""

@@ -115,6 +115,7 @@ class ZOOptimizer:
         self.params: list[TrainableParam] = trainable_params(model)
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
+        self._by_id = {id(p.param): p for p in self.params}
         numel = sum(p.param.numel() for p in self.params)
         # A rank that measures only some directions would cache only those z's.
         shares_directions = mesh is not None and mesh.size("dir") > 1
@@ -132,6 +133,8 @@ class ZOOptimizer:
         # Offloaded blocks build one stream's shadows at a time: their memory is what limits
         # the model size, and the second read of theta hides behind the PCIe transfers.
         offloaded = {id(b.module) for b in offload.blocks} if offload is not None else set()
+        if offload is not None:
+            offload.replay = self._replay
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
 
@@ -218,7 +221,15 @@ class ZOOptimizer:
         else:
             apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
         if self.offload is not None:
-            self.offload.updated(p.param)
+            self.offload.updated(p.param, u)
+
+    def _replay(self, param: torch.Tensor, u: PendingUpdate) -> None:
+        """Apply a past update again (to a block whose host copy lacks it; distzo.offload)."""
+        p = self._by_id[id(param)]
+        if self._fused is not None:
+            self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
+        else:
+            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else vars(self.pending).copy()
@@ -289,7 +300,7 @@ class ZOOptimizer:
                 param, p.key, update, self.weight_decay, self.perturbation, self._seed, pair
             )
             if update is not None and self.offload is not None:
-                self.offload.updated(p.param)
+                self.offload.updated(p.param, update)
             return shadows[: len(scales)]
         if p.name in self._unapplied:
             self._apply_pending(p)
