@@ -118,11 +118,19 @@ class SliceGroup:
     timeout_s: float = 600.0
     """A peer that has not joined a gather or barrier by then has died or hung."""
 
+    def run(self, start: Callable[[], object], what: str) -> None:
+        """Start an asynchronous collective and wait for it (both fail as one ParallelError)."""
+        self.wait(self.start(start, what), what)
+
+    def start(self, start: Callable[[], object], what: str):
+        """Start an asynchronous collective: NCCL may report a lost peer here already."""
+        return collectives.checked(torch.distributed.get_rank(), self.timeout_s, what, start)
+
     def wait(self, work, what: str) -> None:
         collectives.wait(work, torch.distributed.get_rank(), self.timeout_s, what)
 
     def barrier(self, what: str) -> None:
-        self.wait(torch.distributed.barrier(self.group, async_op=True), what)
+        self.run(lambda: torch.distributed.barrier(self.group, async_op=True), what)
 
 
 # ---------------------------------------------------------------- host memory
@@ -375,8 +383,8 @@ class OffloadEngine:
                     buf = module._buffers[attr] = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
                 tensors.append(buf)
         for t in tensors:
-            self.slices.wait(torch.distributed.broadcast(t, src=src, group=self.slices.group, async_op=True),
-                             "sharing the resident weights")
+            self.slices.run(lambda: torch.distributed.broadcast(t, src=src, group=self.slices.group, async_op=True),
+                            "sharing the resident weights")
 
     def _shared_path(self, index: int) -> str:
         return os.path.join(self.slices.shared_dir, f"{self.slices.tag}-block{index}")
@@ -434,7 +442,8 @@ class OffloadEngine:
         mine = buf[s.rank * part : (s.rank + 1) * part]
         mine.copy_(block.flat[s.rank * part : (s.rank + 1) * part], non_blocking=True)
         self.bytes_up += part * block.flat.element_size()
-        return torch.distributed.all_gather_into_tensor(buf[:n], mine, group=s.group, async_op=True)
+        return s.start(lambda: torch.distributed.all_gather_into_tensor(buf[:n], mine, group=s.group, async_op=True),
+                       "gathering a block's slices")
 
     def _prefetch_after(self, block: HostBlock) -> None:
         """Start uploads of the blocks after ``block`` (cyclically) while slots are free."""

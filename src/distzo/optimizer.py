@@ -166,7 +166,7 @@ class ZOOptimizer:
                 self._finish_update()
         finally:
             self.model.train(was_training)
-            self._finish_update()  # a rank that measured no direction still applies the update
+        self._finish_update()  # a rank that measured no direction still applies the update
         if self.offload is not None:
             self.offload.after_step()
         plus, other = parallel.assemble(self.mesh, measured, self.num_directions, self._shard_weight(batch))
