@@ -174,7 +174,7 @@ def step(args) -> dict:
 
 def timed(args, opt, engine, mesh, batch, depth: int, every: int, tokens: int, bw: float, device: int) -> dict:
     engine.set_prefetch(depth)
-    engine.cfg.write_every = every
+    engine.write_every = every
     torch.cuda.reset_peak_memory_stats()
     times, ups, downs = [], [], []
     for i in range(args.warmup + args.steps):

@@ -135,6 +135,7 @@ def test_deferred_write_back_survives_eval_and_promotion():
 def test_blocks_live_on_the_host_between_forwards():
     model = tiny_model("llama")
     engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"))
+    assert (len(engine.slots), engine.write_every) == (2, 4)  # the defaults on one device
     for block in engine.blocks:
         for e in block.entries:  # every parameter is a view of its block's one flat buffer
             assert e.param.data.untyped_storage().data_ptr() == block.flat.untyped_storage().data_ptr()

@@ -217,7 +217,7 @@ def test_sliced_offload_matches_single_process_reference(offload_results, world,
             assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
             assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
         assert max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"]) < 1e-12
-        assert rec["slices"] == world
+        assert rec["slices"] == world and rec["slots"] == 3  # sliced offload prefetches two blocks by default
         assert rec["uploads"] >= STEPS * 4  # four blocks a step at least
         assert rec["bytes_up"] == rec["uploads"] * rec["block_bytes"] // world  # 1/P of each block per rank
         assert rec["dist_calls"]["all_gather_into_tensor"] == rec["uploads"]
@@ -271,7 +271,7 @@ def _run_modes(out: Path, world: int, offload: bool = False) -> None:
         rec["weights"] = {k: v.clone() for k, v in model.state_dict().items()}  # read from the shared host copy
         if engine is not None:
             rec["uploads"], rec["bytes_up"] = engine.uploads, engine.bytes_up
-            rec["block_bytes"], rec["slices"] = engine.block_bytes, engine.slices.size
+            rec["block_bytes"], rec["slices"], rec["slots"] = engine.block_bytes, engine.slices.size, len(engine.slots)
         torch.save(rec, out / f"{name}-rank{mesh.rank}.pt")
     mesh.close()
 

@@ -1,7 +1,7 @@
 """Offloading: the decoder blocks live in pinned host memory and stream through the GPU.
 
     model = build_on_meta(config)                                   # or any loaded model
-    engine = OffloadEngine(model, "cuda", OffloadConfig("cpu", prefetch=1))
+    engine = OffloadEngine(model, "cuda", OffloadConfig("cpu"))
     opt = ZOOptimizer(model, lr=1e-6, offload=engine)
 
 Each block of the model's layer stack keeps its parameters in one flat host buffer
@@ -84,16 +84,17 @@ class OffloadConfig:
     """none | cpu (blocks in pinned host memory, streamed through the GPU every step)"""
     gpu_memory: str = ""
     """GPU memory budget, e.g. 18GiB: after the first step, as many blocks as fit stay on the GPU ('' = stream all)."""
-    prefetch: int = 1
-    """Blocks uploaded ahead of the one computing (each costs one block of GPU memory; 0 = no overlap)."""
-    write_every: int = 1
+    prefetch: int | None = None
+    """Blocks uploaded ahead of the one computing (each costs one block of GPU memory; 0 = no overlap).
+    None: 1 on one GPU, 2 with sliced offload, where a block also waits for its slices' gather."""
+    write_every: int = 4
     """Copy a parameter back to host memory with every N-th update; in between, the updates its host copy
     lacks are re-applied on the GPU each time its block comes up (exact: same kernel, order and rounding)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"offload.mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.prefetch < 0:
+        if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"offload.prefetch must be >= 0, got {self.prefetch}")
         if self.write_every < 1:
             raise ValueError(f"offload.write_every must be >= 1, got {self.write_every}")
@@ -319,7 +320,9 @@ class OffloadEngine:
         # optimiser that reports updates through ``updated`` provides it.
         self.replay: Callable[[nn.Parameter, object], None] | None = None
         self.slots: list[_Slot] = []
-        self.set_prefetch(self.cfg.prefetch)
+        self.write_every = self.cfg.write_every
+        self.prefetch = 0
+        self.set_prefetch(self.cfg.prefetch if self.cfg.prefetch is not None else 1 if slices is None else 2)
         self._hooks = [h for b in self.blocks for h in self._install(b)]
 
     # ------------------------------------------------------------------ construction
@@ -494,7 +497,7 @@ class OffloadEngine:
         stale = block.stale.setdefault(id(param), [])
         # Block i writes back at its updates n with (n + i) % write_every == 0: each step moves
         # 1/write_every of the blocks down, rather than all of them every write_every-th step.
-        if (count + block.index) % self.cfg.write_every:
+        if (count + block.index) % self.write_every:
             stale.append(update)
             return
         stale.clear()
@@ -600,7 +603,7 @@ class OffloadEngine:
             raise RuntimeError("offload: the prefetch depth can only change between steps")
         self.synchronize()
         self.drop_prefetched()
-        self.cfg.prefetch = prefetch
+        self.prefetch = prefetch
         width = max(b.flat.numel() for b in self.blocks)
         dtype = self.blocks[0].flat.dtype
         self.slots = [_Slot(torch.empty(width, dtype=dtype, device=self.device), []) for _ in range(prefetch + 1)]
