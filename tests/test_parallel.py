@@ -131,16 +131,19 @@ def _batch(t: int):
     return tiny_batch(rows=4, seq=7, seed=t)
 
 
-@pytest.fixture(scope="module")
-def mode_results(tmp_path_factory) -> dict[str, list[dict]]:
-    """Every mode of MODES run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
-    out = tmp_path_factory.mktemp("modes")
-    for world in MODES:
-        results = _finish(_start_ranks(world, ["modes", str(out), str(world)]))
+def _run_table(out: Path, command: str, table: dict) -> dict[str, list[dict]]:
+    """Every mode of ``table`` run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
+    for world in table:
+        results = _finish(_start_ranks(world, [command, str(out), str(world)]))
         for code, _, err in results:
             assert code == 0, err[-3000:]
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
-            for world, modes in MODES.items() for name, *_ in modes}
+            for world, modes in table.items() for name, *_ in modes}
+
+
+@pytest.fixture(scope="module")
+def mode_results(tmp_path_factory) -> dict[str, list[dict]]:
+    return _run_table(tmp_path_factory.mktemp("modes"), "modes", MODES)
 
 
 def _reference(mode) -> dict:
@@ -192,13 +195,7 @@ def test_mode_matches_single_process_reference(mode_results, world, mode):
 
 @pytest.fixture(scope="module")
 def offload_results(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("offload-modes")
-    for world in OFFLOAD_MODES:
-        results = _finish(_start_ranks(world, ["offload-modes", str(out), str(world)]))
-        for code, _, err in results:
-            assert code == 0, err[-3000:]
-    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
-            for world, modes in OFFLOAD_MODES.items() for name, *_ in modes}
+    return _run_table(tmp_path_factory.mktemp("offload-modes"), "offload-modes", OFFLOAD_MODES)
 
 
 OFFLOAD_ALL = [(world, mode) for world, modes in OFFLOAD_MODES.items() for mode in modes]

@@ -29,6 +29,11 @@ def checked(rank: int, timeout_s: float, what: str, fn: Callable[[], object]):
         raise failure(rank, timeout_s, what, exc) from exc
 
 
+def run(start: Callable[[], object], rank: int, timeout_s: float, what: str) -> None:
+    """Start an asynchronous collective (``start()`` returns its work) and wait for it."""
+    wait(checked(rank, timeout_s, what, start), rank, timeout_s, what)
+
+
 def wait(work, rank: int, timeout_s: float, what: str) -> None:
     """Wait for an asynchronous collective's ``work`` until it completes or ``timeout_s`` passes.
 

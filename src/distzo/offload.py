@@ -10,14 +10,16 @@ speed, and no power-of-two rounding wastes host memory). Everything else (embedd
 final norm, head) stays on the GPU. When the forward reaches a block, a forward
 pre-hook binds the block's parameters to a GPU *slot* the block was uploaded into
 ahead of time; a forward hook gives the slot back. Per step, each block crosses
-PCIe once up and once down:
+PCIe once up, and goes back down with every ``write_every``-th update:
 
     upload stream   H2D copy of block k+1 (and up to ``prefetch`` ahead, cyclically, so the
                     next step's first block is on its way while the head runs)
     compute stream  block k: the pending update and both shadows in one fused pass
                     (``ZOOptimizer._shadow``), then the two perturbed streams
-    offload stream  D2H copy of each parameter of block k as soon as its update is applied;
-                    that is at the start of the block, so it overlaps block k's compute
+    offload stream  D2H copy of each parameter of block k as soon as its update is applied
+                    (when a write-back is due); that is at the start of the block, so it
+                    overlaps block k's compute. Between write-backs the engine keeps the
+                    updates the host copy lacks and re-applies them when the block comes up.
 
 Streams are ordered with events only; the host never blocks. A slot is reused once its
 previous block has finished computing and its write-backs have landed, which with
@@ -121,7 +123,7 @@ class SliceGroup:
 
     def run(self, start: Callable[[], object], what: str) -> None:
         """Start an asynchronous collective and wait for it (both fail as one ParallelError)."""
-        self.wait(self.start(start, what), what)
+        collectives.run(start, torch.distributed.get_rank(), self.timeout_s, what)
 
     def start(self, start: Callable[[], object], what: str):
         """Start an asynchronous collective: NCCL may report a lost peer here already."""

@@ -215,21 +215,19 @@ class ZOOptimizer:
     def _apply_pending(self, p: TrainableParam) -> None:
         self._unapplied.discard(p.name)
         u = self._applying
-        cached = self._z_prev.pop(p.name, None)
-        if self._fused is not None and cached is None:
-            self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
-        else:
-            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
+        self._apply(p, u, self._z_prev.pop(p.name, None))
         if self.offload is not None:
             self.offload.updated(p.param, u)
 
     def _replay(self, param: torch.Tensor, u: PendingUpdate) -> None:
         """Apply a past update again (to a block whose host copy lacks it; distzo.offload)."""
-        p = self._by_id[id(param)]
-        if self._fused is not None:
+        self._apply(self._by_id[id(param)], u)
+
+    def _apply(self, p: TrainableParam, u: PendingUpdate, cached: list[torch.Tensor] | None = None) -> None:
+        if self._fused is not None and cached is None:
             self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
         else:
-            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
+            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else vars(self.pending).copy()

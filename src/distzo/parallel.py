@@ -121,15 +121,13 @@ class Mesh:
             return values
         buf = values.to(self.device)
         self.bytes_sent += buf.numel() * buf.element_size()
-        work = collectives.checked(self.rank, self.timeout_s, "all-reduce",
-                                   lambda: dist.all_reduce(buf, async_op=True))
-        collectives.wait(work, self.rank, self.timeout_s, "all-reduce")
+        collectives.run(lambda: dist.all_reduce(buf, async_op=True), self.rank, self.timeout_s, "all-reduce")
         return buf.cpu()
 
     def barrier(self) -> None:
         """Wait for every rank (for rank 0's eval or save), within the timeout."""
         if self.distributed:
-            collectives.checked(self.rank, self.timeout_s, "barrier", dist.barrier)
+            collectives.run(lambda: dist.barrier(async_op=True), self.rank, self.timeout_s, "barrier")
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
