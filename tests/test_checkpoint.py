@@ -74,19 +74,32 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
 def test_save_and_load_checkpoint(tmp_path, tiny):
     model, tokenizer = tiny
     dest = tmp_path / "ckpt"
-    optim = {"lr": 1e-6, "seed_tensor": torch.arange(3), "step": 7}
+    seed = 2**64 - 59  # a double cannot hold it
+    optim = {"lr": 1e-6, "step": 7, "pending": {"seeds": [seed, 3]}}
     save_checkpoint(dest, model, tokenizer, {"step": 7, "metrics": {"loss": 1.25}}, optim)
     assert is_complete(dest)
     state = load_checkpoint_state(dest)
     assert state["trainer_state"] == {"step": 7, "metrics": {"loss": 1.25}}
     assert state["optimizer_state"]["lr"] == 1e-6
-    assert torch.equal(state["optimizer_state"]["seed_tensor"], torch.arange(3))
+    # plain JSON; the big seed as a decimal string, so any JSON reader keeps it exact
+    raw = json.loads((dest / checkpoint.OPTIMIZER_STATE).read_text())
+    assert raw["pending"]["seeds"] == [str(seed), 3] and int(state["optimizer_state"]["pending"]["seeds"][0]) == seed
     assert state["path"] == str(dest)
     reloaded = AutoModelForCausalLM.from_pretrained(dest)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert AutoTokenizer.from_pretrained(dest)("the movie").input_ids == tokenizer("the movie").input_ids
     assert _siblings(dest) == []
+
+
+def test_checkpoints_of_the_old_layout_still_load(tmp_path, tiny):
+    model, tokenizer = tiny
+    dest = tmp_path / "ckpt"
+    save_checkpoint(dest, model, tokenizer, {"step": 3})
+    (dest / checkpoint.TRAINER_STATE).rename(dest / "trainer_state.json")
+    torch.save({"step": 3, "seed": 0}, dest / "optimizer.pt")
+    state = load_checkpoint_state(dest)
+    assert state["trainer_state"] == {"step": 3} and state["optimizer_state"] == {"step": 3, "seed": 0}
 
 
 def test_save_over_existing_checkpoint(tmp_path, tiny):

@@ -121,7 +121,7 @@ def test_sigterm_saves_and_exits(tiny_model_dir, sst2_dir, tmp_path):
     assert "SIGTERM" in err
     last = out / "checkpoints" / "last"
     assert is_complete(last)
-    state = json.loads((last / "trainer_state.json").read_text())
+    state = json.loads((last / "distzo_state.json").read_text())
     assert state["step"] == len(_losses(out)) > 0
 
 
@@ -139,7 +139,7 @@ def test_killed_run_leaves_last_checkpoint_loadable_and_resumes(tiny_model_dir, 
 
     folder = readable_checkpoint(out / "checkpoints" / "last")
     AutoModelForCausalLM.from_pretrained(folder)
-    step = json.loads((folder / "trainer_state.json").read_text())["step"]
+    step = json.loads((folder / "distzo_state.json").read_text())["step"]
     assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", str(step + 2), "--resume")) == 0
     assert [r["step"] for r in TrajectoryLog(out / "trajectory.jsonl").read()] == list(range(step + 2))
 

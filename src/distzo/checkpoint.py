@@ -35,8 +35,12 @@ from typing import Any
 import torch
 
 COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
+# Not Hugging Face's trainer_state.json: the layout is distzo's own, so is the name.
+TRAINER_STATE = "distzo_state.json"
+OPTIMIZER_STATE = "optimizer.json"
+# Checkpoints written before the rename; read, never written.
+LEGACY_TRAINER_STATE = "trainer_state.json"
+LEGACY_OPTIMIZER_STATE = "optimizer.pt"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_FORMAT = 1
 
@@ -110,20 +114,21 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint to ``directory``, replacing any previous one atomically.
 
-    ``state`` is the trainer state (JSON-serialisable, with an integer ``"step"``); the
-    optimizer state may hold tensors and is saved with ``torch.save``. A PEFT model is saved
+    ``state`` is the trainer state (JSON-serialisable, with an integer ``"step"``); so is the
+    optimizer state (a ZO optimizer's state is a few scalars). A PEFT model is saved
     twice: its adapter in ``adapter/`` and, when ``merged``, the merged full model at the top
     so that ``AutoModelForCausalLM.from_pretrained(directory)`` works without peft.
     """
     dest = Path(directory)
     state_text = _trainer_state_json(state)  # fail before touching the disk
+    optimizer_text = None if optimizer_state is None else _exact_json(optimizer_state)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(dest)
     tmp = _sibling(dest, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_contents(tmp, model, tokenizer, state_text, optimizer_state, merged)
+        _write_contents(tmp, model, tokenizer, state_text, optimizer_text, merged)
         fsync_tree(tmp)
         atomic_write_json(tmp / COMPLETE, {"format": CHECKPOINT_FORMAT, "step": state["step"]})
         _swap_into_place(tmp, dest)
@@ -138,13 +143,29 @@ def _trainer_state_json(state: Mapping[str, Any]) -> str:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"trainer state needs a non-negative integer 'step', got {step!r}")
+    return _exact_json(state, "trainer state")
+
+
+def _exact_json(obj: Mapping[str, Any], what: str = "optimizer state") -> str:
+    """JSON in which every integer too large for a double (seeds) is a decimal string, so
+    readers other than Python (jq, JavaScript) keep it exact; ``int()`` reads either form back."""
     try:
-        return json.dumps(dict(state), indent=2) + "\n"
+        return json.dumps(_big_ints_as_text(dict(obj)), indent=2) + "\n"
     except TypeError as exc:
-        raise TypeError(f"trainer state is not JSON-serialisable: {exc}") from exc
+        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
-def _write_contents(tmp: Path, model, tokenizer, state_text: str, optimizer_state, merged: bool) -> None:
+def _big_ints_as_text(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _big_ints_as_text(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_big_ints_as_text(v) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) >= 2**53:
+        return str(obj)
+    return obj
+
+
+def _write_contents(tmp: Path, model, tokenizer, state_text: str, optimizer_text: str | None, merged: bool) -> None:
     if _is_peft(model):
         model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
         if merged:
@@ -154,8 +175,8 @@ def _write_contents(tmp: Path, model, tokenizer, state_text: str, optimizer_stat
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / TRAINER_STATE).write_text(state_text, encoding="utf-8")
-    if optimizer_state is not None:
-        torch.save(dict(optimizer_state), tmp / OPTIMIZER_STATE)
+    if optimizer_text is not None:
+        (tmp / OPTIMIZER_STATE).write_text(optimizer_text, encoding="utf-8")
 
 
 def _is_peft(model) -> bool:
@@ -252,12 +273,28 @@ def load_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any]:
     weights from there too.
     """
     path = readable_checkpoint(directory)
-    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    optimizer_file = path / OPTIMIZER_STATE
+    state_file = path / TRAINER_STATE
+    if not state_file.is_file() and (path / LEGACY_TRAINER_STATE).is_file():
+        state_file = path / LEGACY_TRAINER_STATE
+    trainer_state = _read_json(state_file)
     optimizer_state = None
-    if optimizer_file.is_file():
-        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    if (path / OPTIMIZER_STATE).is_file():
+        optimizer_state = _read_json(path / OPTIMIZER_STATE)
+    elif (path / LEGACY_OPTIMIZER_STATE).is_file():
+        optimizer_state = torch.load(path / LEGACY_OPTIMIZER_STATE, map_location="cpu", weights_only=True)
     return {"trainer_state": trainer_state, "optimizer_state": optimizer_state, "path": str(path)}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file '{path}' is missing") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"checkpoint file '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint file '{path}' does not hold a JSON object")
+    return data
 
 
 # --------------------------------------------------------------------------- trajectory log

@@ -90,11 +90,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from distzo.config import load_config
+    from distzo.config import load_run_config
     from distzo.trainer import train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides)
     results = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # one summary per job, not one per rank
         print(_summary(results, cfg.output_dir))
@@ -129,7 +129,9 @@ def run_replay(args: argparse.Namespace) -> int:
 def _summary(results: dict[str, Any], output_dir: str) -> str:
     lines = [f"task {results['task']}, model {results['model']}, {results['steps']} steps"]
     n = results["test_examples"]
-    for label, key in (("zero-shot", "zero_shot"), ("fine-tuned", "final")):
+    best = results.get("best_dev") or {}
+    rows = [("zero-shot", "zero_shot"), ("fine-tuned", "final"), (f"best dev (step {best.get('step')})", "test_at_best_dev")]
+    for label, key in rows:
         for metric, value in (results.get(key) or {}).items():
             lines.append(f"{label:>10} {metric} on {n} held-out examples: {value:.4f}")
     minutes, seconds = divmod(int(results["wall_seconds"]), 60)
@@ -164,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"distzo: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("distzo: stopped at once by a second signal; the last complete checkpoint and the trajectory log "
+              "are intact, and --resume continues the run", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, a read-only folder, a path below a file, a corrupt file
+        print(f"distzo: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 def _quiet_hub_progress_bars() -> None:
@@ -171,6 +180,12 @@ def _quiet_hub_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: '{exc.filename}'"
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -78,9 +78,13 @@ class TrainConfig:
     """Batch training examples of similar length together (less padding, faster steps)."""
     eval_every: int = 0
     """Evaluate on the dev split (and keep the best checkpoint) every N steps; 0 = never."""
+    test_at_best: bool = True
+    """When evaluating on dev, also score the test split at each new best dev checkpoint, so the results
+    report test at the best dev checkpoint (MeZO's protocol) beside test at the last step."""
     eval_batch_size: int = 32
-    save_every: int = 0
-    """Write the `last` checkpoint every N steps (0 = at eval time and at the end)."""
+    save_every: int = 500
+    """Also write the `last` checkpoint every N steps, bounding what a killed run must replay from its
+    trajectory log on resume (0 = only at eval time, on a signal and at the end)."""
     log_every: int = 10
     output_dir: str = "runs/distzo"
     seed: int = 0
@@ -258,3 +262,15 @@ def _field_docs(cls) -> dict[str, str]:
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             docs[prev.target.id] = " ".join(str(node.value.value).split())
     return docs
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """``load_config``, except that a resume starts from the run's own config.yaml: defaults <
+    the run's config.yaml < the YAML file < flags. (The trainer then refuses changes that a
+    resume may not make.)"""
+    values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
+    cfg = build(TrainConfig, values)
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not cfg.resume or not saved.is_file():
+        return cfg
+    return build(TrainConfig, merge(read_yaml(saved), values))

@@ -291,8 +291,7 @@ def load_model(cfg: ModelConfig, skeleton: bool = False) -> tuple[PreTrainedMode
     elif source.kind == "hub":
         model, tokenizer = _load_from_hub(cfg, dtype)
     else:
-        model = _from_pretrained(source.location, cfg, dtype)
-        tokenizer = _load_tokenizer(source.location, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = _load_local(source.location, cfg, dtype)
     _ensure_pad_token(model, tokenizer)
     check_tied_embeddings(model)
     model.config.use_cache = False
@@ -308,6 +307,37 @@ def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype) -> Pre
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+
+# What a damaged local folder raises: a corrupt config.json (ValueError/OSError), a truncated
+# .safetensors (SafetensorError, a plain Exception subclass), a missing tokenizer (ValueError).
+_BROKEN_FILE = (OSError, ValueError, RuntimeError)
+
+
+def _load_local(location: str, cfg: ModelConfig, dtype: torch.dtype):
+    from safetensors import SafetensorError
+
+    try:
+        model = _from_pretrained(location, cfg, dtype)
+    except (*_BROKEN_FILE, SafetensorError) as exc:
+        raise ValueError(f"could not load the model in '{location}': {_flat_message(exc)}") from exc
+    if not any((Path(location) / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"'{location}' holds no tokenizer ({' or '.join(_TOKENIZER_FILES[:2])}); "
+                         "save the tokenizer beside the model")
+    try:
+        tokenizer = _load_tokenizer(location, trust_remote_code=cfg.trust_remote_code)
+    except _BROKEN_FILE as exc:
+        raise ValueError(f"could not load the tokenizer in '{location}': {_flat_message(exc)}") from exc
+    return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _flat_message(exc: BaseException, limit: int = 400) -> str:
+    """The whole message on one line (transformers' advice spans several), bounded."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _skeleton(location: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:

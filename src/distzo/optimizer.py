@@ -252,6 +252,8 @@ class ZOOptimizer:
         self.estimator = state["estimator"]
         self.schedule = Schedule(**state["schedule"])
         pending = state.get("pending")
+        if pending:  # seeds may come back as decimal strings (JSON that keeps them exact)
+            pending = {**pending, "seeds": [int(s) for s in pending["seeds"]]}
         self.pending = PendingUpdate(**pending) if pending else None
         self._z.clear()
 

@@ -2,7 +2,8 @@
 
     results = train(TrainConfig())          # the offline default job
 
-Files in ``output_dir``:
+Files in ``output_dir`` (what each promises: docs/runs.md):
+    .distzo.lock           held (flock) by the one process writing the run
     config.yaml            the resolved configuration
     trajectory.jsonl       (step, seeds, g's, lr) per step: with the base model, the run
     metrics.jsonl, tb/     training and eval metrics (JSON lines, TensorBoard)
@@ -13,6 +14,10 @@ Files in ``output_dir``:
 
 Under torchrun every rank runs this loop on its shard of the same global batch
 (``distzo.parallel``); rank 0 alone evaluates and writes files, the others wait for it.
+
+Nothing is written before every check has passed: a refused run or resume leaves the folder
+as it was. ``--resume`` continues from ``checkpoints/last`` or, when the run stopped before
+its first checkpoint, from the base model and the trajectory log (replayed).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 
-from distzo import parallel
+from distzo import parallel, rundir
 from distzo.checkpoint import (
     TrajectoryHeader,
     TrajectoryLog,
@@ -39,26 +44,34 @@ from distzo.checkpoint import (
     readable_checkpoint,
     save_checkpoint,
 )
-from distzo.config import TrainConfig, dump_yaml
+from distzo.config import TrainConfig, build, dump_yaml, read_yaml, to_dict
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
 from distzo.models import apply_lora, load_model, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
+from distzo.replay import replay_into
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
 
 # The metric each task kind selects the best checkpoint by, and whether higher is better.
 SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
 LAUNCH_FILE = "launch.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 
 
 class Interrupted(Exception):
     """Raised out of ``train`` after SIGINT/SIGTERM, once the last checkpoint is saved."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; the last checkpoint is saved")
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the last checkpoint is saved "
+                         "and --resume continues the run")
         self.signum = signum
+
+
+class _StopNow(Exception):
+    """A signal arrived during an evaluation, which is cut short (it changes nothing)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,26 +158,38 @@ class Trainer:
         self.last_dir = self.out / "checkpoints" / "last"
         self.best_dir = self.out / "checkpoints" / "best"
         self.mesh = parallel.init(cfg.parallel, cfg.model.device)
+        self._folder = rundir.inspect(self.out)
         self._restarted = _restart_of_this_launch(self.out)
-        if self._restarted and not cfg.resume and _has_checkpoint(self.last_dir):
-            cfg = replace(cfg, resume=True)  # torchrun restarted the job: go on from its last checkpoint
+        if self._restarted and self._folder.kind == "run":
+            cfg = replace(cfg, resume=True)  # torchrun restarted the job: go on from where it stopped
         self.cfg = cfg
         data_ranks = self.mesh.size("data")
         if cfg.batch_size < data_ranks:
             raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {data_ranks} data ranks")
-        self._check_output_dir()
+        self.lock = rundir.RunLock(self.out)
+        if self.mesh.is_main:
+            self.lock.probe()  # a second writer is refused before a model is loaded
+        self._check_folder(self._folder)
+        self.log = TrajectoryLog(self.out / rundir.LOG_FILE)
+        self.changes = self._resume_changes() if cfg.resume else {}
         self.task = get_task(cfg.task.name)
         self.data = load_task(cfg.task)
         self.state: dict[str, Any] = {"step": 0, "best": None, "zero_shot": None}
-        saved = None
-        if cfg.resume:
-            saved = load_checkpoint_state(self.last_dir)
+        self._tail: dict[str, Any] | None = None  # the last logged step record
+        saved, records = self._resume_point() if cfg.resume else (None, [])
+        if saved:
             self.state = saved["trainer_state"]
+        elif cfg.resume:
+            self.state = self._state_from_log(records)
+        self._saved_step = self.state["step"]
+        self._tail = records[self.state["step"] - 1] if self.state["step"] else None
         # Offloaded under torchrun: the ranks of a node share one host copy, which the node's
         # first rank loads; the others build the model without weights (no P copies in host memory).
         slices = parallel.node_slices(self.mesh) if cfg.offload.enabled else None
         skeleton = slices is not None and slices.rank != 0 and not cfg.use_lora
         self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None, skeleton)
+        if cfg.resume and not saved and not skeleton:
+            replay_into(self.model, self.log)  # stopped before its first checkpoint: the log rebuilds it
         self.engine = None
         if cfg.offload.enabled:
             self.engine = OffloadEngine(self.model, resolve_device(cfg.model.device), cfg.offload, slices=slices)
@@ -187,97 +212,192 @@ class Trainer:
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
             self.opt.load_state_dict(saved["optimizer_state"])
-        self.log = TrajectoryLog(self.out / "trajectory.jsonl")
+        elif cfg.resume:
+            self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
         self._signal: int | None = None
+        self._evaluating = False
         self._writer = None
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup (reads only)
 
-    def _check_output_dir(self) -> None:
-        has_run = (self.out / "trajectory.jsonl").exists() or self.last_dir.exists()
-        if has_run and not self.cfg.resume and not self._restarted:
+    def _check_folder(self, folder: rundir.FolderState) -> None:
+        if self.cfg.resume:
+            if folder.kind != "run":
+                raise FileNotFoundError(f"--resume: no run to continue in '{self.out}'")
+            rundir.require_writable(self.out)
+            return
+        if folder.kind == "run":
             raise FileExistsError(
                 f"output directory '{self.out}' already holds a run; pass --resume to continue it "
                 "or choose another --output-dir"
             )
-        if self.cfg.resume and not has_run:
-            raise FileNotFoundError(f"--resume: no run to continue in '{self.out}'")
+        if folder.kind == "other":
+            raise FileExistsError(
+                f"output directory '{self.out}' holds files but no distzo run; choose an empty or new --output-dir"
+            )
+        if folder.kind == "empty":
+            rundir.require_writable(self.out)
+
+    def _resume_changes(self) -> dict[str, list]:
+        """The settings this resume changes, checked against the run's own config.yaml."""
+        path = self.out / CONFIG_FILE
+        if not path.is_file():
+            return {}  # the log header still guards the update rule
+        try:
+            saved = to_dict(build(TrainConfig, read_yaml(path)))
+        except ValueError as exc:
+            raise ValueError(f"--resume: the run's {path} cannot be read: {exc}") from None
+        accepted, refused = rundir.changed_settings(saved, to_dict(self.cfg))
+        if refused:
+            what = ", ".join(f"{k} ({_flat(saved, k)!r} -> {_flat(to_dict(self.cfg), k)!r})" for k in refused)
+            raise ValueError(
+                f"--resume: {what} cannot change when a run resumes (the trajectory would no longer describe "
+                f"one run); drop those settings or start a new run in another --output-dir"
+            )
+        return accepted
+
+    def _resume_point(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """(the last checkpoint's state or None, the logged step records), checked to agree."""
+        records = self.log.read() if self._folder.has_log else []
+        steps = [r["step"] for r in records]
+        if steps != list(range(len(steps))):
+            raise ValueError(f"--resume: {self.log.path} does not hold consecutive steps from 0")
+        if not _has_checkpoint(self.last_dir):
+            if not self._folder.has_log:
+                raise FileNotFoundError(f"--resume: '{self.out}' holds neither a checkpoint nor a trajectory log")
+            return None, records
+        saved = load_checkpoint_state(self.last_dir)
+        step = saved["trainer_state"]["step"]
+        if len(records) < step:
+            raise ValueError(
+                f"--resume: {self.log.path} holds {len(records)} steps but the checkpoint in {self.last_dir} is at "
+                f"step {step}, so the log no longer rebuilds it; restore the log, or start a new run from the "
+                "checkpoint (--model) in another --output-dir"
+            )
+        tail = saved["trainer_state"].get("log_tail")
+        if step and tail and not _same_record(records[step - 1], tail):
+            raise ValueError(
+                f"--resume: step {step - 1} of {self.log.path} is not the step the checkpoint in {self.last_dir} "
+                "was saved after; the log and the checkpoint come from different runs"
+            )
+        return saved, records
+
+    def _state_from_log(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The trainer state of a run that stopped before its first checkpoint."""
+        state: dict[str, Any] = {"step": len(records), "best": None, "zero_shot": None}
+        for row in _read_metrics(self.out / METRICS_FILE):
+            if row.get("split") == "zero_shot" and row["step"] == 0:
+                state["zero_shot"] = {k: v for k, v in row.items() if k not in ("step", "split", "eval_seconds")}
+        if _has_checkpoint(self.best_dir):
+            best = load_checkpoint_state(self.best_dir)["trainer_state"]
+            if best["step"] <= state["step"]:
+                state["best"] = best.get("best")
+        return state
+
+    # ------------------------------------------------------------------ setup (writes)
+
+    def _open(self) -> None:
+        """Rank 0 opens the run's files; every rank learns whether it could."""
+        error = None
+        if self.mesh.is_main:
+            try:
+                self._start()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+                error = exc
+        if self.mesh.distributed:
+            failed = self.mesh.all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64))
+            if failed[0] > 0 and error is None:
+                raise ValueError("rank 0 could not open the run's output folder (its error line says why)")
+        if error is not None:
+            raise error
 
     def _start(self) -> None:
-        """Rank 0: create or reopen the run's files."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self._restarted and not self.cfg.resume:  # restarted before its first checkpoint: from step 0
-            for name in ("trajectory.jsonl", "metrics.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
-        if self._restarted and self.cfg.resume:
+        """Rank 0: lock the folder, then create or reopen the run's files."""
+        self.lock.acquire()  # creates the folder of a new run
+        self._check_folder(rundir.inspect(self.out))  # another run may have started in it meanwhile
+        if self._restarted:
             print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming at step {self.state['step']}")
-        atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+        header = trajectory_header(self.cfg)
+        if self.cfg.resume:
+            self.log.start(header)  # an existing log is only checked here
+        atomic_write_text(self.out / CONFIG_FILE, dump_yaml(self.cfg))
         atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
-        self.log.start(trajectory_header(self.cfg))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
             self.log.truncate_after(self.state["step"] - 1)
+            if self.changes:
+                self.log.append_event("resume", self.state["step"], changes=self.changes)
+        else:
+            self.log.start(header)
         self._trim_metrics()
         if self.cfg.tensorboard:
             self._writer = _tensorboard(self.out / "tb")
 
     def _trim_metrics(self) -> None:
-        """After a resume, drop metric lines past the checkpoint: they will be redone."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.state["step"]]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        """After a resume, drop metric lines past the resumed step: they will be redone."""
+        path = self.out / METRICS_FILE
+        if path.exists():
+            keep = [row for row in _read_metrics(path) if row["step"] <= self.state["step"]]
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
         start_time = time.time()
         self.mesh.barrier()  # every rank has read the output folder before rank 0 writes to it
-        if self.mesh.is_main:
-            self._start()
+        self._open()
         cfg = self.cfg
-        if cfg.zero_shot and self.state["zero_shot"] is None:
-            self.state["zero_shot"] = self._evaluate(self.data.test, "zero_shot")
-            self.mesh.barrier()
         previous = _install_signal_handlers(self._on_signal)
         try:
+            if cfg.zero_shot and self.state["zero_shot"] is None:
+                self.state["zero_shot"] = self._evaluate(self.data.test, "zero_shot")
+                self.mesh.barrier()
             self._loop(start_time)
+            self.opt.flush()
+            final = self._evaluate(self.data.test, "test")
+            self._save(self.last_dir)
+        except _StopNow:
+            self._interrupt()
         finally:
             _restore_signal_handlers(previous)
-        self.opt.flush()
-        final = self._evaluate(self.data.test, "test")
-        self._save(self.last_dir)
+        best = self.state["best"]
         results = {
             "task": cfg.task.name,
             "model": cfg.model.name,
             "steps": self.state["step"],
             "zero_shot": self.state["zero_shot"],
             "final": final,
-            "best_dev": self.state["best"],
+            "best_dev": best,
+            "test_at_best_dev": (best or {}).get("test"),
             "test_examples": len(self.data.test),
             "wall_seconds": round(time.time() - start_time, 1),
         }
         if self.mesh.is_main:
             atomic_write_json(self.out / "results.json", results)
+        self.close()
+        return results
+
+    def close(self) -> None:
         self.log.close()
         if self._writer:
             self._writer.close()
-        return results
+            self._writer = None
+        self.lock.release()
 
     def _loop(self, start_time: float) -> None:
         cfg = self.cfg
         deadline = start_time + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else math.inf
         bar = _progress(cfg, self.state["step"]) if self.mesh.is_main else None
         skipped_in_row = 0
-        tokens, window_start, rate = 0, time.time(), 0.0
+        window = _Window()
         while self.state["step"] < cfg.steps:
             t = self.state["step"]
             batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
             stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
             if self.mesh.is_main:
-                self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss, skipped=stats.skipped)
+                self._tail = self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss,
+                                             skipped=stats.skipped)
             self.state["step"] = t + 1
-            tokens += int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions
+            window.add(stats, int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions)
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
             if skipped_in_row > cfg.max_skipped_steps:
                 raise TrainingDiverged(
@@ -285,23 +405,26 @@ class Trainer:
                     f"the last checkpoint, if any, is kept in {self.last_dir}"
                 )
             if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.steps:
-                rate = tokens / max(time.time() - window_start, 1e-9)
-                self._metric({"step": t + 1, "loss": stats.loss, "grad": stats.projected_grads[0], "lr": stats.lr,
-                              "tokens_per_s": rate})
-                tokens, window_start = 0, time.time()
-            _advance(bar, stats, rate)
+                self._metric({"step": t + 1, **window.summary(), "grad": stats.projected_grads[0], "lr": stats.lr})
+                window = _Window()
+            _advance(bar, stats, window.tokens_per_s())
             self._maybe_eval_and_save(t + 1)
             signalled, out_of_time = self._should_stop(deadline)
             if signalled:
-                self.opt.flush()
-                self._save(self.last_dir)
-                raise Interrupted(self._signal or signal.SIGTERM)
+                self._interrupt()
             if out_of_time:
                 if self.mesh.is_main:
                     print(f"time limit of {cfg.time_limit_minutes} min reached after {t + 1} steps")
                 break
         if bar is not None:
             bar.close()
+
+    def _interrupt(self) -> None:
+        """Save what was trained since the last checkpoint, then stop."""
+        self._evaluating = False
+        if self.state["step"] > self._saved_step:
+            self._save(self.last_dir)
+        raise Interrupted(self._signal or signal.SIGTERM, self.state["step"])
 
     def _should_stop(self, deadline: float) -> tuple[bool, bool]:
         """(a signal arrived, the time limit passed) on any rank: all ranks stop at the same step."""
@@ -315,23 +438,34 @@ class Trainer:
         if cfg.eval_every and step % cfg.eval_every == 0:
             self.opt.flush()
             metrics = self._evaluate(self.data.dev, "dev")
-            if self.mesh.is_main:
-                name, higher = SELECT_BY[self.task.kind]
-                best = self.state["best"]
-                if best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name]):
-                    self.state["best"] = {**metrics, "step": step}
+            if metrics and self._improves(metrics):
+                # MeZO's protocol reports test at the best dev checkpoint: score it while it is loaded.
+                test = self._evaluate(self.data.test, "test_at_best_dev") if cfg.test_at_best else None
+                self.state["best"] = {**metrics, "step": step, **({"test": test} if test else {})}
+                if self.mesh.is_main:
                     self._save(self.best_dir, wait=False)
             self._save(self.last_dir)
         elif cfg.save_every and step % cfg.save_every == 0:
             self._save(self.last_dir)
 
+    def _improves(self, metrics: dict[str, float]) -> bool:
+        name, higher = SELECT_BY[self.task.kind]
+        best = self.state["best"]
+        return best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name])
+
     def _evaluate(self, examples, split: str) -> dict[str, float]:
         """The split's metrics, measured by rank 0 (the weights are the same on every rank)."""
         if not examples or not (self.mesh.is_main or self._all_evaluate):
             return {}
-        metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
-                           self.cfg.task.max_length)
-        self._metric({"step": self.state["step"], "split": split, **metrics})
+        began = time.time()
+        self._evaluating = True
+        try:
+            metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
+                               self.cfg.task.max_length)
+        finally:
+            self._evaluating = False
+        self._metric({"step": self.state["step"], "split": split, **metrics,
+                      "eval_seconds": round(time.time() - began, 3)})
         return metrics
 
     def _save(self, directory: Path, wait: bool = True) -> None:
@@ -343,14 +477,17 @@ class Trainer:
                 f"not saving over the checkpoint in {directory}"
             )
         if self.mesh.is_main:
-            save_checkpoint(directory, self.model, self.tokenizer, self.state, self.opt.state_dict())
+            state = {**self.state, "log_tail": _record_key(self._tail)}
+            save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict())
+        if directory == self.last_dir:
+            self._saved_step = self.state["step"]
         if wait:
             self.mesh.barrier()
 
     def _metric(self, row: dict[str, Any]) -> None:
         if not self.mesh.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._writer is not None:
             prefix = row.get("split", "train")
@@ -359,9 +496,37 @@ class Trainer:
                     self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
 
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # a second signal: stop now
+        if self._signal is not None:  # a second signal: stop now (checkpoints and the log are atomic)
             raise KeyboardInterrupt
         self._signal = signum
+        # One process cuts an evaluation short; under torchrun the others would wait for it,
+        # so there the stop comes at the next step.
+        if self._evaluating and not self.mesh.distributed:
+            raise _StopNow
+
+
+class _Window:
+    """What the steps between two logging steps add up to."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.skipped, self.tokens, self.began = 0, 0, time.time()
+
+    def add(self, stats: StepStats, tokens: int) -> None:
+        self.tokens += tokens
+        if stats.skipped:
+            self.skipped += 1
+        else:
+            self.losses.append(stats.loss)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.time() - self.began, 1e-9)
+
+    def summary(self) -> dict[str, float]:
+        """The mean training loss over the window (one batch is noise), the last batch's, the rate."""
+        mean = sum(self.losses) / len(self.losses) if self.losses else math.nan
+        last = self.losses[-1] if self.losses else math.nan
+        return {"loss": mean, "loss_last": last, "skipped": self.skipped, "tokens_per_s": self.tokens_per_s()}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -373,8 +538,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         broken = True  # a group that lost a peer cannot be torn down in order: the process exits
         raise
     finally:
+        trainer.close()
         if not broken:
             trainer.mesh.close()
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows; a torn last line (a crash mid-write) is dropped, as in the trajectory log."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if not any(rest.strip() for rest in lines[number:]):  # the last line: torn by a crash
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+    return rows
+
+
+def _record_key(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What identifies a logged step: a checkpoint keeps it, resume checks the log still has it."""
+    if record is None:
+        return None
+    return {"step": record["step"], "seeds": [str(s) for s in record["seeds"]], "grads": list(record["grads"])}
+
+
+def _same_record(record: dict[str, Any], key: dict[str, Any]) -> bool:
+    return _record_key(record) == {**key, "seeds": [str(s) for s in key["seeds"]]}
+
+
+def _flat(values: dict[str, Any], dotted: str) -> Any:
+    return rundir.flatten(values).get(dotted)
 
 
 def _has_checkpoint(directory: Path) -> bool:
