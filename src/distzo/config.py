@@ -31,8 +31,11 @@ class OptimConfig:
     """ZO-SGD hyper-parameters (MeZO's names and meanings)."""
 
     lr: float = 1e-6
+    """Learning rate (peak, before the schedule)."""
     eps: float = 1e-3
+    """Perturbation scale: the losses are measured at θ ± eps·z."""
     weight_decay: float = 0.0
+    """Weight decay λ: each update also subtracts lr·λ·θ (not from biases and norm weights)."""
     directions: int = 1
     """q: directions (pairs of perturbed forwards) per step."""
     perturbation: str = "gaussian"
@@ -42,7 +45,9 @@ class OptimConfig:
     schedule: str = "constant"
     """constant | linear | cosine (decaying over `steps`)"""
     warmup_steps: int = 0
+    """Steps of linear lr warm-up from 0 (0 = none)."""
     min_lr_ratio: float = 0.0
+    """Where linear and cosine decay end, as a fraction of lr."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -65,6 +70,7 @@ class TrainConfig:
     packaged SmolLM2-135M-Instruct and rotten_tomatoes, sized for under 10 minutes on 2 CPU cores."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune and how to load it."""
     task: TaskConfig = field(default_factory=lambda: TaskConfig(num_test=500))
     """The default job holds out 500 balanced examples; MeZO's protocol uses 1,000 (configs/)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, eps=1e-3))
@@ -72,24 +78,33 @@ class TrainConfig:
     use_lora: bool = False
     """Train LoRA adapters (settings under `lora`) instead of all weights."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings, used with `use_lora`."""
     steps: int = 120
+    """Training steps (each one batch and optim.directions pairs of forwards)."""
     batch_size: int = 16
+    """Training examples per step."""
     group_by_length: bool = True
     """Batch training examples of similar length together (less padding, faster steps)."""
     eval_every: int = 0
     """Evaluate on the dev split (and keep the best checkpoint) every N steps; 0 = never."""
     eval_batch_size: int = 32
+    """Examples per forward when evaluating."""
     save_every: int = 0
     """Write the `last` checkpoint every N steps (0 = at eval time and at the end)."""
     log_every: int = 10
+    """Record loss, lr and throughput (metrics.jsonl, TensorBoard) every N steps."""
     output_dir: str = "runs/distzo"
+    """Folder of the run: config, trajectory log, metrics, checkpoints."""
     seed: int = 0
+    """Seed of the directions, the batch order and the LoRA initialisation (task.seed samples the data)."""
     zero_shot: bool = True
     """Evaluate the model on the test split before training."""
     time_limit_minutes: float = 0.0
     """Stop training (then evaluate and save as usual) after this much wall time; 0 = none."""
     tensorboard: bool = True
+    """Write TensorBoard event files under `output_dir`/tb."""
     progress: bool = True
+    """Show a progress bar while training."""
     resume: bool = False
     """Continue the run in `output_dir` from its last checkpoint."""
     max_skipped_steps: int = 10
@@ -244,7 +259,8 @@ def flat_fields(cls=TrainConfig, prefix: str = "") -> list[tuple[str, Any, Any, 
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string literal under a field), read from the source."""
+    """Attribute docstrings (the string literal under a field), read from the source, as plain
+    text: reST's double backquotes are dropped, since ``--help`` would show them as typed."""
     import ast
     import inspect
     import textwrap
@@ -256,5 +272,5 @@ def _field_docs(cls) -> dict[str, str]:
     docs, body = {}, tree.body[0].body
     for prev, node in zip(body, body[1:]):
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = " ".join(str(node.value.value).split())
+            docs[prev.target.id] = " ".join(str(node.value.value).replace("``", "").split())
     return docs
