@@ -3,12 +3,15 @@
 Every field is a dataclass field with a type and a default, so the YAML schema, the
 ``--help`` text and the validation all come from one place. Nested sections are
 addressed with dots on the command line (``--optim.lr 1e-5``); the common ones have
-short aliases (``--lr``, ``--model``, ``--task``).
+short aliases (``--lr``, ``--model``, ``--task``). YAML and flags are merged into
+``TrainConfig()`` field by field: setting one field of a section keeps the others at the
+values the default job gives them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +124,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "time_limit_minutes", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.output_dir.strip():  # "" would write the run into the current folder
+            raise ValueError("output_dir must not be empty")
+        self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -134,23 +140,27 @@ def _is_section(tp) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def build(cls, values: dict[str, Any], prefix: str = ""):
-    """``cls(**values)`` with nested sections, strict about unknown keys."""
-    hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+def build(base, values: dict[str, Any], prefix: str = ""):
+    """``base`` with ``values`` merged in, field by field at every depth; strict about unknown keys.
+
+    A section starts from ``base``'s value for it (for ``TrainConfig()``, its default_factory),
+    not from the section class's defaults: ``optim: {eps: 0.01}`` keeps the default job's lr.
+    A section that changes is validated by its ``__post_init__`` as it is replaced.
+    """
+    hints = _field_types(type(base))
+    known = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(known))}")
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
-        tp = hints[name]
-        if _is_section(tp):
+        if _is_section(hints[name]):
             if not isinstance(value, dict):
                 raise ValueError(f"config key '{prefix}{name}' must be a mapping")
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+            changes[name] = build(getattr(base, name), value, f"{prefix}{name}.")
         else:
-            kwargs[name] = coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            changes[name] = coerce(value, hints[name], f"{prefix}{name}")
+    return dataclasses.replace(base, **changes)
 
 
 def coerce(value: Any, tp, where: str):
@@ -160,27 +170,42 @@ def coerce(value: Any, tp, where: str):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return coerce(value, options[0], where)
+        value = coerce(value, options[0], where)
+        if isinstance(value, str) and not value.strip():  # None already says "unset"; "" would be a path to "."
+            raise ValueError(f"config key '{where}' must not be empty; leave it out or set it to null")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ValueError(f"config key '{where}' expects a list, got {value!r}")
         return [coerce(v, item, where) for v in value]
+    if tp in (bool, int, float, str):
+        return _scalar(value, tp, where)
+    return value
+
+
+def _scalar(value: Any, tp, where: str):
+    # str() would accept anything: a YAML mapping would become a folder named "{'a': 1}".
+    if value is None or isinstance(value, (dict, list)) or (isinstance(value, bool) and tp in (int, float)):
+        raise ValueError(f"config key '{where}' expects {tp.__name__}, got {value!r}")
     try:
         if tp is bool:
             return _to_bool(value)
         if tp is int:
             number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or number != int(number):
+            if number != int(number):
                 raise ValueError
             return int(number)
-        if tp is float:
-            return float(value)
         if tp is str:
             return str(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"config key '{where}' expects {tp.__name__}, got {value!r}") from None
-    return value
+    if not math.isfinite(number):
+        raise ValueError(f"config key '{where}' must be a finite number, got {value!r}")
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -220,19 +245,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(_utf8_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold a mapping at the top level")
     return data
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"config file '{path}' is not UTF-8: byte {err.start} (line {line}): {err.reason}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where: the first line of the message alone often says neither."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(exc).splitlines()[0]
+    return f"{getattr(exc, 'problem', None) or exc} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then dotted overrides (``{"optim.lr": 1e-5}``)."""
     values = read_yaml(path) if path else {}
     values = merge(values, dotted_to_nested(overrides or {}))
-    return build(TrainConfig, values)
+    return build(TrainConfig(), values)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -243,18 +285,22 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def flat_fields(cls=TrainConfig, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
-    """(dotted name, type, default, doc) of every leaf field, for building the CLI."""
+def flat_fields(cfg: Any = None, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted name, type, value, doc) of every leaf field of ``cfg``, for building the CLI.
+
+    The values are those of ``cfg`` (by default ``TrainConfig()``, the run's effective defaults),
+    not the field defaults of the section classes.
+    """
+    cfg = TrainConfig() if cfg is None else cfg
     out = []
-    hints = _field_types(cls)
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_section(tp):
-            out += flat_fields(tp, f"{prefix}{f.name}.")
+    hints = _field_types(type(cfg))
+    docs = _field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_section(hints[f.name]):
+            out += flat_fields(value, f"{prefix}{f.name}.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f"{prefix}{f.name}", tp, default, docs.get(f.name, "")))
+            out.append((f"{prefix}{f.name}", hints[f.name], value, docs.get(f.name, "")))
     return out
 
 
