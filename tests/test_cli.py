@@ -1,13 +1,15 @@
 """Command-line behaviour: help, config files, and one-line errors with exit code 2 on bad input."""
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from distzo.cli import main, parser
-from distzo.config import TrainConfig, load_config
+from distzo.cli import main, parser, train_config
+from distzo.config import TrainConfig, coerce, flat_fields, load_config, to_dict
 
 CONFIGS = sorted((Path(__file__).parents[1] / "src" / "distzo" / "configs").glob("*.yaml"))
 
@@ -26,6 +28,66 @@ def test_help_lists_settings(capsys):
     text = capsys.readouterr().out
     for flag in ("--optim.lr", "--lr", "--model", "--task", "--output-dir", "--resume", "--lora"):
         assert flag in text
+
+
+def _help(capsys, command: str) -> str:
+    assert main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """Each option's help text, whitespace collapsed, by its first flag."""
+    entries = re.split(r"\n(?=  -)", text.split("\n\n", 1)[1])  # after the usage
+    out = {}
+    for entry in (e.strip() for e in entries if e.startswith("  -")):
+        flags, help_text = re.split(r"\s{2,}", entry, maxsplit=1)  # argparse's column gap
+        out[flags.split()[0].rstrip(",")] = " ".join(help_text.split())
+    return out
+
+
+def test_help_shows_the_defaults_that_run(capsys):
+    entries = _help_entries(_help(capsys, "train"))
+    for name, tp, value, _ in flat_fields():
+        doc, shown = re.fullmatch(r"(.*)\(default: (.*)\)", entries[f"--{name}"]).groups()
+        assert doc.strip() and "``" not in doc, name
+        assert coerce(shlex.split(shown)[0], tp, name) == value, name  # typed back, the shown default is the value
+    assert "(default: 3e-05)" in entries["--optim.lr"] and "(default: 500)" in entries["--task.num_test"]
+
+
+def test_eval_help_shows_defaults(capsys):
+    entries = _help_entries(_help(capsys, "eval"))
+    assert "(default: 500)" in entries["--num-examples"] and "(default: rotten_tomatoes)" in entries["--task"]
+    assert all("(default: " in e for flag, e in entries.items() if flag != "-h")
+
+
+def _typed(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n, _, v, _ in flat_fields()], ids=lambda x: str(x))
+def test_one_flag_keeps_every_other_default(name, value):
+    cfg = train_config(parser().parse_args(["train", f"--{name}", _typed(value)]))
+    assert to_dict(cfg) == to_dict(TrainConfig())
+
+
+@pytest.mark.parametrize("argv,changed", [
+    (["--eps", "1e-2"], {"optim": {"eps": 0.01}}),
+    (["--optim.schedule", "cosine"], {"optim": {"schedule": "cosine"}}),
+    (["--task.max_length", "128"], {"task": {"max_length": 128}}),
+    (["--lora.r", "4", "--lr", "1e-4"], {"lora": {"r": 4}, "optim": {"lr": 1e-4}}),
+])
+def test_section_flags_change_only_their_field(argv, changed):
+    expected = to_dict(TrainConfig())
+    for section, values in changed.items():
+        expected[section].update(values)
+    assert to_dict(train_config(parser().parse_args(["train", *argv]))) == expected
+
+
+def test_yaml_section_then_flag_in_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  eps: 0.01\n")
+    cfg = train_config(parser().parse_args(["train", "--config", str(path), "--optim.schedule", "cosine"]))
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.schedule) == (TrainConfig().optim.lr, 0.01, "cosine")
 
 
 def test_defaults_are_the_default_job():
@@ -59,6 +121,19 @@ def test_yaml_then_flags(tmp_path):
     (["eval", "--task", "nosuchtask"], "unknown task"),
     (["train", "--offload", "disk"], "offload.mode must be one of"),
     (["train", "--offload", "cpu", "--gpu-memory", "lots"], "is not a memory size"),
+    (["train", "--lr", "-1e-5"], "optim.lr must be >= 0"),
+    (["train", "--eps", "-inf"], "config key 'optim.eps' must be a finite number"),
+    (["train", "--eps", "inf"], "config key 'optim.eps' must be a finite number"),
+    (["train", "--lr", "nan"], "config key 'optim.lr' must be a finite number"),
+    (["train", "--output-dir", ""], "output_dir must not be empty"),
+    (["train", "--output-dir", "  "], "output_dir must not be empty"),
+    (["train", "--data", ""], "config key 'task.data_path' must not be empty"),
+    (["train", "--optim.schedule", "step"], "unknown lr schedule"),
+    (["train", "--lr"], "argument --optim.lr/--lr: expected one argument"),
+    (["train", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["trian"], "invalid choice: 'trian'"),
+    (["eval", "--num-examples", "many"], "invalid int value: 'many'"),
+    (["eval", "--split", "val"], "invalid choice: 'val'"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message):
     assert message in _fail(capsys, argv)
@@ -68,6 +143,30 @@ def test_unknown_yaml_key(capsys, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lrr: 1\n")
     assert "unknown config key 'optim.lrr'" in _fail(capsys, ["train", "--config", str(path)])
+
+
+def test_bad_values_fail_before_anything_is_written(capsys, tmp_path):
+    out = tmp_path / "run"
+    _fail(capsys, ["train", "--eps", "inf", "--output-dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("output_dir: {a: 1}\n", "config key 'output_dir' expects str, got {'a': 1}"),
+    ("steps: [1, 2]\n", "config key 'steps' expects int"),
+    ("optim:\n  lr: .inf\n", "config key 'optim.lr' must be a finite number"),
+])
+def test_yaml_values_of_the_wrong_shape(capsys, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert message in _fail(capsys, ["train", "--config", str(path)])
+
+
+def test_yaml_not_utf8(capsys, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("steps: 5\noutput_dir: runs/café\n".encode("latin-1"))
+    err = _fail(capsys, ["train", "--config", str(path)])
+    assert str(path) in err and "not UTF-8: byte 29 (line 2)" in err
 
 
 def test_unknown_hub_model_offline(capsys, tmp_path):

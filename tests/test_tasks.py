@@ -3,6 +3,7 @@ JSONL SFT, plain text, and batching (collate)."""
 
 from __future__ import annotations
 
+import bz2
 import importlib.util
 import json
 from pathlib import Path
@@ -221,6 +222,24 @@ def test_missing_local_data(tmp_path):
         load_task(TaskConfig(name="rte", data_path=str(tmp_path)))
 
 
+def test_local_files_that_do_not_parse_name_the_line(tmp_path):
+    lines = [json.dumps(record_for("sst2", i)) for i in range(4)]
+    bad = tmp_path / "train.jsonl"
+
+    def fails(content: bytes, message: str, suffix: str = ".jsonl") -> None:
+        path = bad.with_suffix(suffix)
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            load_task(TaskConfig(name="sst2", data_path=str(path), num_train=1, num_dev=0, num_test=1))
+
+    text = "\n".join(lines[:2] + ["", lines[2]]) + "\n"
+    fails(text.replace("number 2", "n\u00famero 2").encode("latin-1"), r"train\.jsonl:4: not UTF-8 text")
+    fails((text + '{"sentence": "x", "label": \n').encode(), r"train\.jsonl:5: not valid JSON")
+    fails(("[\n" + ",\n".join(lines) + "\n}\n").encode(), r"train\.json:6: not valid JSON", ".json")
+    fails(b"sentence,label,idx\na,1,0\nb,0,1,5\n", r"train\.csv.*Expected 3 fields in line 3", ".csv")
+    fails(b"sentence,label,idx\na,1,0\nb\xff,0,1\n", r"train\.csv:3: not UTF-8 text", ".csv")
+
+
 # --------------------------------------------------------------------------- Rotten Tomatoes
 
 
@@ -271,6 +290,20 @@ def test_rotten_tomatoes_template_and_local_csv(tmp_path):
     assert any("awful, film" in e.prompt and e.gold == 0 for e in data.train + data.dev + data.test)
 
 
+def test_rotten_tomatoes_csv_errors_name_the_line(tmp_path):
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_bytes(b'text,label\n"good",1\n"caf\xe9",0\n')
+    with pytest.raises(ValueError, match=r"reviews\.csv:3: not UTF-8 text"):
+        rt.read_csv(csv_path)
+    csv_path.write_text('text,label\n"good",1\n"a\nlong one",positive\n')
+    with pytest.raises(ValueError, match=r"reviews\.csv:4: label must be an integer, got 'positive'"):
+        rt.read_csv(csv_path)
+    packed = tmp_path / "reviews.csv.bz2"
+    packed.write_bytes(bz2.compress(b"category,text\nfresh,fine\nrotten,\xff\n"))
+    with pytest.raises(ValueError, match=r"reviews\.csv\.bz2:3: not UTF-8 text"):
+        rt.read_csv(packed)
+
+
 def test_rotten_tomatoes_without_data_says_how_to_install(monkeypatch):
     def offline():
         raise ConnectionError("no network")
@@ -308,6 +341,16 @@ def test_jsonl_errors(tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected an object"):
         load_task(TaskConfig(name="jsonl", data_path=str(bad)))
+    bad.write_bytes('{"prompt": "a", "completion": "b"}\n{"prompt": "café", "completion": "b"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not UTF-8 text"):
+        load_task(TaskConfig(name="jsonl", data_path=str(bad)))
+
+
+def test_text_file_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("one\r\ntwo\nthree café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"notes\.txt:3: not UTF-8 text"):
+        load_task(TaskConfig(name="text", data_path=str(path)))
 
 
 def test_text_task_default_hamlet():

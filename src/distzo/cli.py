@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from distzo import __version__
+
+if TYPE_CHECKING:
+    from distzo.config import TrainConfig
 
 # Short flags for the options people change most.
 ALIASES = {
@@ -40,6 +44,41 @@ ALIASES = {
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse held to distzo's contract for bad input: one line on stderr, exit code 2.
+
+    Subparsers are of this class too (argparse makes them of the parent's class).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(_attach_negative_values(args), namespace)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"distzo: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _attach_negative_values(args: list[str]) -> list[str]:
+    """``--lr -1e-5`` as ``--lr=-1e-5``: argparse takes "-1e-5" or "-inf" (unlike "-1") for an
+    option, so the value would never reach the validation that says what is wrong with it."""
+    out: list[str] = []
+    for arg in args:
+        flag = out[-1] if out else ""
+        if flag.startswith("--") and flag != "--" and "=" not in flag and _is_negative_number(arg):
+            out[-1] = f"{flag}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_negative_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return arg.startswith("-")
+
+
 def _train_parser(sub) -> None:
     from distzo.config import flat_fields
 
@@ -52,22 +91,29 @@ def _train_parser(sub) -> None:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         flags += [f"--{a}" for a, target in ALIASES.items() if target == name]
         is_bool = tp is bool
-        group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=None if is_bool else "V",
+        help_text = f"{doc} (default: {_shown(default)})".strip()
+        group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else "V",
                            nargs="?" if is_bool else None, const="true" if is_bool else None,
-                           help=f"{doc} (default: {default})".strip())
+                           help=help_text.replace("%", "%%"))  # argparse %-formats help text
+
+
+def _shown(value: Any) -> str:
+    """A default as one would type it on the command line: lists comma-separated, '' quoted."""
+    return shlex.quote(",".join(map(str, value)) if isinstance(value, list) else str(value))
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's split")
+    p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="hub id, local folder (a checkpoint), or .gguf file")
-    p.add_argument("--task", default="rotten_tomatoes")
+    p.add_argument("--task", default="rotten_tomatoes", help="task name, as for train's --task")
     p.add_argument("--data", default=None, help="local data file or folder for the task")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--num-examples", type=int, default=500)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="the split to score")
+    p.add_argument("--num-examples", type=int, default=500, help="examples drawn from the split")
+    p.add_argument("--dtype", default="float32", help="weight dtype: float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu; or a torch device")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+    p.add_argument("--max-length", type=int, default=256, help="token budget of a row")
 
 
 def _replay_parser(sub) -> None:
@@ -80,7 +126,7 @@ def _replay_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distzo", description="Zeroth-order fine-tuning of Hugging Face LMs.")
+    p = _Parser(prog="distzo", description="Zeroth-order fine-tuning of Hugging Face LMs.")
     p.add_argument("--version", action="version", version=f"distzo {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{train,eval,replay}")
     _train_parser(sub)
@@ -89,12 +135,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from distzo.config import load_run_config
-    from distzo.trainer import train
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < the --config file < the flags given (argparse leaves the others out of ``args``)."""
+    from distzo.config import load_config
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    cfg = load_run_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from distzo.trainer import train
+
+    cfg = train_config(args)
     results = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # one summary per job, not one per rank
         print(_summary(results, cfg.output_dir))
@@ -146,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_hub_progress_bars()
     p = parser()
-    args = p.parse_args(["train"] if argv == [] or (argv is None and len(sys.argv) == 1) else argv)
+    try:
+        args = p.parse_args(["train"] if argv == [] or (argv is None and len(sys.argv) == 1) else argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
+        return int(exc.code or 0)
     handlers = {"train": run_train, "eval": run_eval, "replay": run_replay}
     try:
         return handlers[args.command](args)

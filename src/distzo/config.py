@@ -3,12 +3,15 @@
 Every field is a dataclass field with a type and a default, so the YAML schema, the
 ``--help`` text and the validation all come from one place. Nested sections are
 addressed with dots on the command line (``--optim.lr 1e-5``); the common ones have
-short aliases (``--lr``, ``--model``, ``--task``).
+short aliases (``--lr``, ``--model``, ``--task``). YAML and flags are merged into
+``TrainConfig()`` field by field: setting one field of a section keeps the others at the
+values the default job gives them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
 from distzo.offload import OffloadConfig
 from distzo.parallel import ParallelConfig
+from distzo.rundir import inspect as inspect_folder
 from distzo.schedules import Schedule
 from distzo.tasks import TaskConfig
 
@@ -31,8 +35,11 @@ class OptimConfig:
     """ZO-SGD hyper-parameters (MeZO's names and meanings)."""
 
     lr: float = 1e-6
+    """Learning rate (peak, before the schedule)."""
     eps: float = 1e-3
+    """Perturbation scale: the losses are measured at θ ± eps·z."""
     weight_decay: float = 0.0
+    """Weight decay λ: each update also subtracts lr·λ·θ (not from biases and norm weights)."""
     directions: int = 1
     """q: directions (pairs of perturbed forwards) per step."""
     perturbation: str = "gaussian"
@@ -42,7 +49,9 @@ class OptimConfig:
     schedule: str = "constant"
     """constant | linear | cosine (decaying over `steps`)"""
     warmup_steps: int = 0
+    """Steps of linear lr warm-up from 0 (0 = none)."""
     min_lr_ratio: float = 0.0
+    """Where linear and cosine decay end, as a fraction of lr."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -65,6 +74,7 @@ class TrainConfig:
     packaged SmolLM2-135M-Instruct and rotten_tomatoes, sized for under 10 minutes on 2 CPU cores."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune and how to load it."""
     task: TaskConfig = field(default_factory=lambda: TaskConfig(num_test=500))
     """The default job holds out 500 balanced examples; MeZO's protocol uses 1,000 (configs/)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, eps=1e-3))
@@ -72,8 +82,11 @@ class TrainConfig:
     use_lora: bool = False
     """Train LoRA adapters (settings under `lora`) instead of all weights."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings, used with `use_lora`."""
     steps: int = 120
+    """Training steps (each one batch and optim.directions pairs of forwards)."""
     batch_size: int = 16
+    """Training examples per step."""
     group_by_length: bool = True
     """Batch training examples of similar length together (less padding, faster steps)."""
     eval_every: int = 0
@@ -82,18 +95,24 @@ class TrainConfig:
     """When evaluating on dev, also score the test split at each new best dev checkpoint, so the results
     report test at the best dev checkpoint (MeZO's protocol) beside test at the last step."""
     eval_batch_size: int = 32
+    """Examples per forward when evaluating."""
     save_every: int = 500
     """Also write the `last` checkpoint every N steps, bounding what a killed run must replay from its
     trajectory log on resume (0 = only at eval time, on a signal and at the end)."""
     log_every: int = 10
+    """Record loss, lr and throughput (metrics.jsonl, TensorBoard) every N steps."""
     output_dir: str = "runs/distzo"
+    """Folder of the run: config, trajectory log, metrics, checkpoints."""
     seed: int = 0
+    """Seed of the directions, the batch order and the LoRA initialisation (task.seed samples the data)."""
     zero_shot: bool = True
     """Evaluate the model on the test split before training."""
     time_limit_minutes: float = 0.0
     """Stop training (then evaluate and save as usual) after this much wall time; 0 = none."""
     tensorboard: bool = True
+    """Write TensorBoard event files under `output_dir`/tb."""
     progress: bool = True
+    """Show a progress bar while training."""
     resume: bool = False
     """Continue the run in `output_dir` from its last checkpoint."""
     max_skipped_steps: int = 10
@@ -110,6 +129,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "time_limit_minutes", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.output_dir.strip():  # "" would write the run into the current folder
+            raise ValueError("output_dir must not be empty")
+        self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -123,23 +145,27 @@ def _is_section(tp) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def build(cls, values: dict[str, Any], prefix: str = ""):
-    """``cls(**values)`` with nested sections, strict about unknown keys."""
-    hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+def build(base, values: dict[str, Any], prefix: str = ""):
+    """``base`` with ``values`` merged in, field by field at every depth; strict about unknown keys.
+
+    A section starts from ``base``'s value for it (for ``TrainConfig()``, its default_factory),
+    not from the section class's defaults: ``optim: {eps: 0.01}`` keeps the default job's lr.
+    A section that changes is validated by its ``__post_init__`` as it is replaced.
+    """
+    hints = _field_types(type(base))
+    known = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(known))}")
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
-        tp = hints[name]
-        if _is_section(tp):
+        if _is_section(hints[name]):
             if not isinstance(value, dict):
                 raise ValueError(f"config key '{prefix}{name}' must be a mapping")
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+            changes[name] = build(getattr(base, name), value, f"{prefix}{name}.")
         else:
-            kwargs[name] = coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            changes[name] = coerce(value, hints[name], f"{prefix}{name}")
+    return dataclasses.replace(base, **changes)
 
 
 def coerce(value: Any, tp, where: str):
@@ -149,27 +175,42 @@ def coerce(value: Any, tp, where: str):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return coerce(value, options[0], where)
+        value = coerce(value, options[0], where)
+        if isinstance(value, str) and not value.strip():  # None already says "unset"; "" would be a path to "."
+            raise ValueError(f"config key '{where}' must not be empty; leave it out or set it to null")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ValueError(f"config key '{where}' expects a list, got {value!r}")
         return [coerce(v, item, where) for v in value]
+    if tp in (bool, int, float, str):
+        return _scalar(value, tp, where)
+    return value
+
+
+def _scalar(value: Any, tp, where: str):
+    # str() would accept anything: a YAML mapping would become a folder named "{'a': 1}".
+    if value is None or isinstance(value, (dict, list)) or (isinstance(value, bool) and tp in (int, float)):
+        raise ValueError(f"config key '{where}' expects {tp.__name__}, got {value!r}")
     try:
         if tp is bool:
             return _to_bool(value)
         if tp is int:
             number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or number != int(number):
+            if number != int(number):
                 raise ValueError
             return int(number)
-        if tp is float:
-            return float(value)
         if tp is str:
             return str(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"config key '{where}' expects {tp.__name__}, got {value!r}") from None
-    return value
+    if not math.isfinite(number):
+        raise ValueError(f"config key '{where}' must be a finite number, got {value!r}")
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -209,19 +250,47 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(_utf8_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold a mapping at the top level")
     return data
 
 
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"config file '{path}' is not UTF-8: byte {err.start} (line {line}): {err.reason}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where: the first line of the message alone often says neither."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(exc).splitlines()[0]
+    return f"{getattr(exc, 'problem', None) or exc} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then dotted overrides (``{"optim.lr": 1e-5}``)."""
-    values = read_yaml(path) if path else {}
-    values = merge(values, dotted_to_nested(overrides or {}))
-    return build(TrainConfig, values)
+    """Defaults, then the YAML file, then dotted overrides (``{"optim.lr": 1e-5}``).
+
+    A resume starts from the run's own config.yaml instead of the defaults, so ``--resume`` alone
+    continues the run as it was set up (the trainer refuses changes a resume may not make).
+    """
+    values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
+    cfg = build(TrainConfig(), values)
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if cfg.resume and saved.is_file() and inspect_folder(saved.parent).kind == "run":
+        try:
+            run = build(TrainConfig(), read_yaml(saved))
+        except ValueError as exc:
+            raise ValueError(f"--resume: the run's {saved} cannot be read: {exc}") from None
+        cfg = build(run, values)
+    return cfg
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -232,23 +301,28 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def flat_fields(cls=TrainConfig, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
-    """(dotted name, type, default, doc) of every leaf field, for building the CLI."""
+def flat_fields(cfg: Any = None, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted name, type, value, doc) of every leaf field of ``cfg``, for building the CLI.
+
+    The values are those of ``cfg`` (by default ``TrainConfig()``, the run's effective defaults),
+    not the field defaults of the section classes.
+    """
+    cfg = TrainConfig() if cfg is None else cfg
     out = []
-    hints = _field_types(cls)
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_section(tp):
-            out += flat_fields(tp, f"{prefix}{f.name}.")
+    hints = _field_types(type(cfg))
+    docs = _field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_section(hints[f.name]):
+            out += flat_fields(value, f"{prefix}{f.name}.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f"{prefix}{f.name}", tp, default, docs.get(f.name, "")))
+            out.append((f"{prefix}{f.name}", hints[f.name], value, docs.get(f.name, "")))
     return out
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string literal under a field), read from the source."""
+    """Attribute docstrings (the string literal under a field), read from the source, as plain
+    text: reST's double backquotes are dropped, since ``--help`` would show them as typed."""
     import ast
     import inspect
     import textwrap
@@ -260,17 +334,6 @@ def _field_docs(cls) -> dict[str, str]:
     docs, body = {}, tree.body[0].body
     for prev, node in zip(body, body[1:]):
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = " ".join(str(node.value.value).split())
+            docs[prev.target.id] = " ".join(str(node.value.value).replace("``", "").split())
     return docs
 
-
-def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """``load_config``, except that a resume starts from the run's own config.yaml: defaults <
-    the run's config.yaml < the YAML file < flags. (The trainer then refuses changes that a
-    resume may not make.)"""
-    values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
-    cfg = build(TrainConfig, values)
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if not cfg.resume or not saved.is_file():
-        return cfg
-    return build(TrainConfig, merge(read_yaml(saved), values))

@@ -94,6 +94,7 @@ class ModelConfig:
     revision: str | None = None
     """Hub branch, tag or commit; pin it for reproducible runs."""
     trust_remote_code: bool = False
+    """Run the model's own Python code from the Hub (only for repositories you trust)."""
     attn_implementation: str | None = None
     """Passed to transformers, e.g. ``"sdpa"`` or ``"eager"``; None lets transformers choose."""
     cache_dir: str | None = None
@@ -117,11 +118,14 @@ class LoraSettings:
     """Optional parameter-efficient mode: perturb and train only LoRA adapters."""
 
     r: int = 8
+    """Rank of each adapter."""
     alpha: int = 16
+    """Scale of the adapters' output: alpha / r times the low-rank product."""
     dropout: float = 0.0
     """Non-zero dropout makes the two SPSA forwards see different masks, which adds noise
     to every projected gradient; 0 is the sensible value for zeroth-order training."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the linear layers that get adapters (comma-separated on the command line)."""
 
     def __post_init__(self) -> None:
         if self.r < 1:

@@ -244,7 +244,7 @@ class Trainer:
         if not path.is_file():
             return {}  # the log header still guards the update rule
         try:
-            saved = to_dict(build(TrainConfig, read_yaml(path)))
+            saved = to_dict(build(TrainConfig(), read_yaml(path)))
         except ValueError as exc:
             raise ValueError(f"--resume: the run's {path} cannot be read: {exc}") from None
         accepted, refused = rundir.changed_settings(saved, to_dict(self.cfg))

