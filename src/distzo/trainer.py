@@ -31,6 +31,7 @@ import torch
 
 from distzo import parallel
 from distzo.checkpoint import (
+    BaseIdentity,
     TrajectoryHeader,
     TrajectoryLog,
     atomic_write_json,
@@ -40,6 +41,7 @@ from distzo.checkpoint import (
     save_checkpoint,
 )
 from distzo.config import TrainConfig, dump_yaml
+from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
 from distzo.models import apply_lora, load_model, resolve_device
@@ -86,7 +88,8 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None, skeleton: bool
     return model, tokenizer
 
 
-def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
+def trajectory_header(cfg: TrainConfig, model) -> TrajectoryHeader:
+    """The log's header for ``model`` as built at step 0 (a resumed run's log keeps its own)."""
     extra: dict[str, Any] = {"revision": cfg.model.revision}
     if cfg.use_lora:
         extra["lora"] = asdict(cfg.lora)
@@ -99,6 +102,8 @@ def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
         q=cfg.optim.directions,
         dtype=cfg.model.dtype,
         extra=extra,
+        base=BaseIdentity.of(model),  # rank 0 writes the log and holds weights, also in sliced offload
+        environment=describe(resolve_device(cfg.model.device)),
     )
 
 
@@ -213,7 +218,7 @@ class Trainer:
             print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming at step {self.state['step']}")
         atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
         atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
-        self.log.start(trajectory_header(self.cfg))
+        self.log.start(trajectory_header(self.cfg, self.model))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
             self.log.truncate_after(self.state["step"] - 1)
         self._trim_metrics()
