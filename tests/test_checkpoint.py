@@ -345,3 +345,131 @@ def test_trajectory_validation(tmp_path):
 def test_trajectory_header_validates(overrides):
     with pytest.raises(ValueError):
         _header(**overrides)
+
+
+def test_seeds_are_written_as_decimal_strings_and_read_back_as_ints(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with TrajectoryLog(path) as log:
+        log.start(_header(q=2))
+        log.append(0, [2**64 - 1, torch.tensor(7)], [0.5, -0.5], lr=1e-6, loss=1.0)
+    line = json.loads(path.read_text().splitlines()[1])
+    assert line["seeds"] == ["18446744073709551615", "7"]  # exact in jq and JavaScript too
+    assert TrajectoryLog(path).read()[0]["seeds"] == [2**64 - 1, 7]
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        TrajectoryLog(path).append(1, [2**64, 1], [0.1, 0.2], lr=1e-6, loss=1.0)
+
+
+def test_logs_with_integer_seeds_still_read(tmp_path):
+    path = tmp_path / "t.jsonl"
+    header = {"model": "default", "eps": 0.001, "seed": 42, "q": 1}  # a header from before base/environment
+    path.write_text(json.dumps({"header": header}) + "\n"
+                    + '{"step":0,"seeds":[12345678901234567890],"grads":[0.1],"lr":1e-06,"loss":1.0}\n')
+    log = TrajectoryLog(path)
+    assert log.header().base is None and log.header().environment is None
+    assert log.read()[0]["seeds"] == [12345678901234567890]
+    log.truncate_after(0)  # rewritten as it was: old lines stay old
+    assert json.loads(path.read_text().splitlines()[1])["seeds"] == [12345678901234567890]
+
+
+@pytest.mark.parametrize("bad", ['"-1"', '"1e3"', '" 12"', "1.5", "true", '"0x10"'])
+def test_bad_seeds_in_a_log_are_errors(tmp_path, bad):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"header": {"model": "default"}}) + "\n"
+                    + f'{{"step":0,"seeds":[{bad}],"grads":[0.1],"lr":1e-06,"loss":1.0}}\n')
+    with pytest.raises(ValueError, match="line 2: a seed"):
+        TrajectoryLog(path).read()
+
+
+def test_events_are_kept_apart_from_steps(tmp_path):
+    path = tmp_path / "t.jsonl"
+    log = TrajectoryLog(path)
+    log.start(_header(q=1))
+    for step in range(3):
+        log.append(step, [step], [0.1], lr=1e-6, loss=1.0)
+    event = log.append_event("extended", 3, steps_from=3, steps_to=6)
+    assert event == {"event": "extended", "step": 3, "steps_from": 3, "steps_to": 6}
+    log.close()
+    assert json.loads(path.read_text().splitlines()[-1]) == event  # on disk before append_event returns
+    reopened = TrajectoryLog(path)
+    assert reopened.last_step() == 2
+    reopened.append(3, [3], [0.1], lr=1e-6, loss=1.0)  # the event is no step: 3 follows 2
+    reopened.append_event("lr", 4, lr=1e-7)
+    reopened.append(4, [4], [0.1], lr=1e-7, loss=1.0)
+    assert [r["step"] for r in reopened.read()] == [0, 1, 2, 3, 4]
+    assert [(e["event"], e["step"]) for e in reopened.events()] == [("extended", 3), ("lr", 4)]
+    assert reopened.truncate_after(3) == 1  # one step record dropped, and the event of step 4
+    assert [(e["event"], e["step"]) for e in reopened.events()] == [("extended", 3)]
+    assert [r["step"] for r in reopened.read()] == [0, 1, 2, 3]
+    reopened.close()
+
+
+def test_event_validation(tmp_path):
+    log = TrajectoryLog(tmp_path / "t.jsonl")
+    log.start(_header(q=1))
+    log.append(0, [1], [0.1], lr=1e-6, loss=1.0)
+    with pytest.raises(ValueError, match="comes after the logged step 0"):
+        log.append_event("extended", 0)
+    with pytest.raises(ValueError, match="kind"):
+        log.append_event("", 1)
+    with pytest.raises(ValueError, match="'event' is the event's kind"):
+        log.append_event("extended", 1, event="x")
+    with pytest.raises(TypeError):
+        log.append_event("extended", 1, value=object())
+    with pytest.raises(ValueError, match="'event' marks event lines"):
+        log.append(1, [1], [0.1], lr=1e-6, loss=1.0, event="x")  # would read back as an event
+    log.close()
+    assert TrajectoryLog(log.path).events() == []
+
+
+def test_joined_or_damaged_logs_are_errors(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with TrajectoryLog(path) as log:
+        log.start(_header(q=1))
+        log.append(0, [1], [0.1], lr=1e-6, loss=1.0)
+    text = path.read_text()
+    path.write_text(text + text)  # two logs concatenated
+    with pytest.raises(ValueError, match="line 3 is a second header"):
+        TrajectoryLog(path).read()
+    path.write_text(text + '{"step":1,"grads":[0.1]}\n')
+    with pytest.raises(ValueError, match=r"line 3: a step record needs \['seeds', 'lr', 'loss'\]"):
+        TrajectoryLog(path).read()
+    path.write_text(text + '{"step":1,"seeds":"12","grads":[0.1, 0.2],"lr":1e-06,"loss":1.0}\n')
+    with pytest.raises(ValueError, match="line 3: a step record's seeds and grads are lists"):
+        TrajectoryLog(path).read()
+
+
+def test_resumed_log_keeps_the_provenance_of_its_step_0(tmp_path):
+    first = checkpoint.BaseIdentity("llama", ["LlamaForCausalLM"], "a" * 32, "b" * 32)
+    log = TrajectoryLog(tmp_path / "t.jsonl")
+    log.start(_header(base=first, environment={"torch": "2.5.0", "device": "cpu"}))
+    later = checkpoint.BaseIdentity("llama", ["LlamaForCausalLM"], "a" * 32, "c" * 32)  # a checkpoint's weights
+    kept = TrajectoryLog(log.path).start(_header(base=later, environment={"torch": "2.6.0", "device": "cpu"}))
+    assert kept.base == first and kept.environment == {"torch": "2.5.0", "device": "cpu"}
+    assert TrajectoryLog(log.path).header() == kept  # nested record round-trips through JSON
+    with pytest.raises(ValueError, match="unknown base identity keys"):
+        TrajectoryHeader.from_dict({"model": "x", "base": {**vars(first), "size": 1}})
+
+
+def test_base_identity_is_the_same_on_cpu_and_offloaded(tiny_model_dir):
+    from distzo.offload import OffloadConfig, OffloadEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    on_cpu = checkpoint.BaseIdentity.of(model)
+    assert (on_cpu.model_type, on_cpu.architectures) == ("llama", ["LlamaForCausalLM"])
+    OffloadEngine(model, "cpu", OffloadConfig("cpu"))  # blocks now live in the engine's host buffers
+    assert checkpoint.BaseIdentity.of(model) == on_cpu
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[-1, -1] += 1.0  # the last element is in the sample
+    assert checkpoint.BaseIdentity.of(model).weights != on_cpu.weights
+    assert checkpoint.BaseIdentity.of(model).params == on_cpu.params
+    halves = checkpoint.BaseIdentity.of(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16))
+    assert halves.params != on_cpu.params and halves.weights != on_cpu.weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_base_identity_is_the_same_on_the_gpu(tiny_model_dir):
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+        on_cpu = checkpoint.BaseIdentity.of(model)
+        assert checkpoint.BaseIdentity.of(model.to("cuda")) == on_cpu

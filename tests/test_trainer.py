@@ -75,7 +75,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, sst2_dir, tmp_path):
 def test_replay_equals_checkpoint(tiny_model_dir, sst2_dir, tmp_path):
     out = tmp_path / "run"
     assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--optim.weight_decay", "0.1")) == 0
-    rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt")
+    rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt").output
     a, b = _weights(out / "checkpoints" / "last"), _weights(rebuilt)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     base = _weights(tiny_model_dir)
@@ -90,7 +90,7 @@ def test_lora_run_resumes_and_replays(tiny_model_dir, sst2_dir, tmp_path):
     assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "4", "--resume", *lora)) == 0
     assert _losses(whole) == _losses(split)
     merged = _weights(whole / "checkpoints" / "last")
-    rebuilt = _weights(replay(str(tiny_model_dir), whole / "trajectory.jsonl", tmp_path / "rebuilt"))
+    rebuilt = _weights(replay(str(tiny_model_dir), whole / "trajectory.jsonl", tmp_path / "rebuilt").output)
     assert all(torch.equal(merged[k], rebuilt[k]) for k in merged)
     from transformers import AutoModelForCausalLM
 

@@ -21,6 +21,7 @@ One process writes a given checkpoint directory or log (rank 0 in a distributed 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import operator
@@ -299,6 +300,80 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- trajectory log
 
+# Values sampled from each tensor for the weights fingerprint: two different bases (or a
+# base and a fine-tune of it) differ in almost every element, so a few thousand tell them
+# apart, and reading them costs nothing even for a 175B model in host memory.
+FINGERPRINT_SAMPLE = 2048
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers
+STEP_FIELDS = ("step", "seeds", "grads", "lr", "loss")
+# Header fields that describe where the run started rather than how it trains: a resumed run
+# keeps the values its log recorded at step 0 (it resumes from a checkpoint, not the base).
+PROVENANCE = ("base", "environment")
+
+
+@dataclass
+class BaseIdentity:
+    """What tells the base model of a run apart from any other model, cheaply.
+
+    Replay compares it before applying a single update: a base of another family, another
+    size, or with other weights would otherwise give wrong weights without a word.
+    """
+
+    model_type: str
+    """``config.model_type``, e.g. ``"llama"``."""
+    architectures: list[str]
+    """The class transformers built, e.g. ``["LlamaForCausalLM"]`` (what ``save_pretrained`` writes
+    as ``config.architectures``; a Hub config may list another class for the same weights)."""
+    params: str
+    """blake2b of the trainable parameters' names, shapes and dtypes, in order."""
+    weights: str
+    """blake2b of every parameter's name, shape, dtype and a fixed strided sample of its values, taken
+    after LoRA init: for a LoRA run it covers the frozen base as well as the adapters."""
+
+    def __post_init__(self) -> None:
+        classes = self.architectures if isinstance(self.architectures, list) else [None]
+        if not all(isinstance(t, str) and t for t in [self.model_type, self.params, self.weights, *classes]):
+            raise ValueError(f"a base identity needs non-empty strings, got {asdict(self)}")
+
+    @classmethod
+    def of(cls, model) -> BaseIdentity:
+        """The identity of ``model`` as it is now: on CPU, GPU or offloaded to host memory alike."""
+        from distzo.units import trainable_params
+
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+        shapes = hashlib.blake2b(digest_size=16)
+        for p in trainable_params(model):
+            shapes.update(f"{p.name}:{tuple(p.param.shape)}:{p.param.dtype}\n".encode())
+        values = hashlib.blake2b(digest_size=16)
+        for name, param in model.named_parameters():
+            values.update(f"{name}:{tuple(param.shape)}:{param.dtype}\n".encode())
+            values.update(_sample_bytes(name, param))
+        return cls(core.config.model_type, [type(core).__name__], shapes.hexdigest(), values.hexdigest())
+
+    def mismatch(self, logged: BaseIdentity) -> str | None:
+        """How this base differs from the ``logged`` one, in words; None when it is the same."""
+        if (self.model_type, self.architectures) != (logged.model_type, logged.architectures):
+            return (f"its architecture is {self.model_type} {self.architectures}, the log's base is "
+                    f"{logged.model_type} {logged.architectures}")
+        if self.params != logged.params:
+            return "its trainable parameters (names, shapes or dtypes) differ from those of the log's base"
+        if self.weights != logged.weights:
+            return "its weights differ from those of the log's base (weights fingerprint)"
+        return None
+
+
+def _sample_bytes(name: str, param: torch.Tensor) -> bytes:
+    if param.is_meta:
+        raise ValueError(f"parameter '{name}' has no weights (meta device); it cannot be fingerprinted")
+    flat = param.detach().reshape(-1)  # a view: parameters are contiguous
+    n = flat.numel()
+    if n == 0:
+        return b""
+    k = min(n, FINGERPRINT_SAMPLE)
+    index = torch.arange(k, device=flat.device) * n // k
+    # Gather where the tensor lives, hash on the CPU: the same bytes from GPU, host or offload.
+    return flat[index].cpu().view(torch.uint8).numpy().tobytes()
+
 
 @dataclass
 class TrajectoryHeader:
@@ -316,6 +391,10 @@ class TrajectoryHeader:
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else replay must agree on (revision, LoRA settings, ...); JSON values."""
+    base: BaseIdentity | None = None
+    """The base model as built at step 0; None in logs written before it was recorded."""
+    environment: dict[str, str | None] | None = None
+    """Versions and device kind the run started on (``distzo.environment.describe``)."""
 
     def __post_init__(self) -> None:
         from distzo.directions import KINDS
@@ -331,26 +410,48 @@ class TrajectoryHeader:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not isinstance(self.q, int) or self.q < 1:
             raise ValueError(f"q must be an integer >= 1, got {self.q}")
+        if self.base is not None and not isinstance(self.base, BaseIdentity):
+            raise ValueError(f"base must be a BaseIdentity, got {type(self.base).__name__}")
+        if self.environment is not None and not isinstance(self.environment, dict):
+            raise ValueError(f"environment must be a mapping of names to versions, got {self.environment!r}")
         self.dtype = canonical_dtype(self.dtype)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrajectoryHeader:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown trajectory header keys: {sorted(unknown)}")
+        """From the header line's JSON; logs written before ``base`` and ``environment`` read too."""
+        data = dict(_known_keys(cls, data, "trajectory header"))
+        if data.get("base") is not None:
+            data["base"] = BaseIdentity(**_known_keys(BaseIdentity, data["base"], "base identity"))
         return cls(**data)
+
+    def settings(self) -> dict[str, Any]:
+        """The fields a resumed run must agree on (all but the provenance)."""
+        return {k: v for k, v in asdict(self).items() if k not in PROVENANCE}
+
+
+def _known_keys(cls, data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {data!r}")
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
+    return data
 
 
 class TrajectoryLog:
-    """Append-only JSON-lines log: a header line, then one line per optimiser step.
+    """Append-only JSON-lines log: a header line, then one line per optimiser step, with event
+    lines (accepted setting changes, say) between them.
 
         {"header": {"model": "default", "perturbation": "gaussian", "eps": 0.001, ...}}
-        {"step": 1, "seeds": [...], "grads": [...], "lr": 1e-06, "loss": 2.31}
+        {"step": 0, "seeds": ["13480097462331432718"], "grads": [-0.42], "lr": 1e-06, "loss": 2.31}
+        {"event": "extended", "step": 100, "steps": 300}
 
     A line counts once its newline is on disk: ``append`` writes the line and its newline
     in one write and fsyncs before returning, and ``read`` drops an unterminated or
     unparseable last line (a crash mid-write). Floats are written with ``repr`` precision,
     which round-trips every double exactly, so replay sees the very numbers the run used.
+    Seeds are 64-bit, beyond the integers a double holds (jq, JavaScript), so they are
+    written as decimal strings; logs with integer seeds read too. Readers get ints.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -377,18 +478,39 @@ class TrajectoryLog:
             end = newline + 1
         return parsed, end
 
+    def _body(self, lines: list[dict]) -> list[dict]:
+        """The lines after the header, each a JSON object; only the first line is a header."""
+        if not lines or not isinstance(lines[0], dict) or "header" not in lines[0]:
+            raise ValueError(f"{self.path} has no trajectory header line")
+        for number, line in enumerate(lines[1:], start=2):
+            if not isinstance(line, dict) or "header" in line:
+                what = "a second header (two logs joined?)" if isinstance(line, dict) else "not a JSON object"
+                raise ValueError(f"{self.path}: line {number} is {what}")
+        return lines[1:]
+
+    def _contents(self) -> tuple[list[dict], list[dict[str, Any]]]:
+        """The lines as parsed (header first) and the records after the header, decoded."""
+        lines, _ = self._lines()
+        records = []
+        for number, line in enumerate(self._body(lines), start=2):
+            try:
+                records.append(_decode_event(line) if "event" in line else _decode_step(line))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{self.path}: line {number}: {exc}") from None
+        return lines, records
+
     def header(self) -> TrajectoryHeader:
         lines, _ = self._lines()
-        if not lines or "header" not in lines[0]:
-            raise ValueError(f"{self.path} has no trajectory header line")
+        self._body(lines)
         return TrajectoryHeader.from_dict(lines[0]["header"])
 
     def read(self) -> list[dict[str, Any]]:
-        """The step records, in order, without the header and without a torn last line."""
-        lines, _ = self._lines()
-        if not lines or "header" not in lines[0]:
-            raise ValueError(f"{self.path} has no trajectory header line")
-        return lines[1:]
+        """The step records in order (not events, not the header, not a torn last line)."""
+        return [r for r in self._contents()[1] if "event" not in r]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The event records in order: ``{"event": kind, "step": step, ...}``."""
+        return [r for r in self._contents()[1] if "event" in r]
 
     def last_step(self) -> int | None:
         records = self.read()
@@ -397,8 +519,9 @@ class TrajectoryLog:
     # ----- writing
 
     def start(self, header: TrajectoryHeader | Mapping[str, Any]) -> TrajectoryHeader:
-        """Create the log with ``header``, or check that an existing log has the same one
-        (resuming a run with other settings would make its trajectory unreplayable)."""
+        """Create the log with ``header``, or check that an existing log has the same settings
+        (resuming a run with other settings would make its trajectory unreplayable) and return
+        the header it has: its base and environment are those of the run's step 0."""
         if not isinstance(header, TrajectoryHeader):
             header = TrajectoryHeader.from_dict(header)
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -406,8 +529,8 @@ class TrajectoryLog:
             atomic_write_text(self.path, _line({"header": asdict(header)}))
             return header
         existing = self.header()
-        if existing != header:
-            ours, theirs = asdict(header), asdict(existing)
+        ours, theirs = header.settings(), existing.settings()
+        if ours != theirs:
             differ = sorted(k for k in ours if ours[k] != theirs[k])
             raise ValueError(f"{self.path} belongs to a run with different settings: {differ}")
         return existing
@@ -422,15 +545,28 @@ class TrajectoryLog:
         **extra: Any,
     ) -> dict[str, Any]:
         """Durably record one optimiser step; steps must increase."""
-        record = _step_record(step, seeds, grads, lr, loss, extra)
+        record = _step_record(step, [_as_seed(s) for s in seeds], grads, lr, loss, extra)
         handle = self._handle()
         if self._last_step is not None and record["step"] <= self._last_step:
             raise ValueError(f"step {record['step']} does not follow the logged step {self._last_step}")
+        self._write(handle, {**record, "seeds": [str(s) for s in record["seeds"]]})
+        self._last_step = record["step"]
+        return record
+
+    def append_event(self, kind: str, step: int, **fields: Any) -> dict[str, Any]:
+        """Durably record an event (a setting changed, say) that applies from ``step`` on: a step
+        not logged yet, so that ``truncate_after`` drops it with the steps it came before."""
+        record = _event_record(kind, step, fields)
+        handle = self._handle()
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"an event at step {step} comes after the logged step {self._last_step}")
+        self._write(handle, record)
+        return record
+
+    def _write(self, handle, record: Mapping[str, Any]) -> None:
         handle.write(_line(record).encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
-        self._last_step = record["step"]
-        return record
 
     def _handle(self):
         if self._file is None:
@@ -439,19 +575,19 @@ class TrajectoryLog:
                 raise ValueError(f"{self.path} has no trajectory header line; call start() first")
             if end < self.path.stat().st_size:
                 os.truncate(self.path, end)  # drop a torn tail before appending after it
-            self._last_step = lines[-1]["step"] if len(lines) > 1 else None
+            self._last_step = self.last_step()
             self._file = open(self.path, "ab")
         return self._file
 
     def truncate_after(self, step: int) -> int:
-        """Keep the records with ``step <= step`` (resume from a checkpoint older than the
-        log's end); returns how many were dropped. Rewritten atomically."""
+        """Keep the step records and events with ``step <= step`` (resume from a checkpoint
+        older than the log's end); returns how many step records were dropped. Rewritten
+        atomically, each kept line as it was."""
         self.close()
-        records = self.read()
-        header = self._lines()[0][0]
-        keep = [r for r in records if r["step"] <= step]
-        atomic_write_text(self.path, "".join(_line(x) for x in [header, *keep]))
-        return len(records) - len(keep)
+        lines, records = self._contents()
+        keep = [line for line, record in zip(lines[1:], records) if record["step"] <= step]
+        atomic_write_text(self.path, "".join(_line(x) for x in [lines[0], *keep]))
+        return sum("event" not in r and r["step"] > step for r in records)
 
     def close(self) -> None:
         if self._file is not None:
@@ -471,19 +607,68 @@ def _line(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def _step_record(step, seeds, grads, lr, loss, extra) -> dict[str, Any]:
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    seeds = [_as_int(s) for s in seeds]
+def _step_record(step, seeds: list[int], grads, lr, loss, extra) -> dict[str, Any]:
+    """The one definition of a step record, for writing and reading alike."""
+    _check_step(step)
+    if "event" in extra:
+        raise ValueError("'event' marks event lines; a step record cannot have it")
     grads = [float(g) for g in grads]  # exact for float32/float64 scalars and 0-d tensors
     if len(seeds) != len(grads) or not seeds:
         raise ValueError(f"need one projected gradient per seed, got {len(seeds)} seeds and {len(grads)} grads")
     return {"step": step, "seeds": seeds, "grads": grads, "lr": float(lr), "loss": float(loss), **extra}
 
 
-def _as_int(value) -> int:
+def _decode_step(line: Mapping[str, Any]) -> dict[str, Any]:
+    missing = [k for k in STEP_FIELDS if k not in line]
+    if missing:
+        raise ValueError(f"a step record needs {missing}")
+    if not isinstance(line["seeds"], list) or not isinstance(line["grads"], list):
+        raise ValueError("a step record's seeds and grads are lists")
+    extra = {k: v for k, v in line.items() if k not in STEP_FIELDS}
+    seeds = [_seed_from_json(s) for s in line["seeds"]]
+    return _step_record(line["step"], seeds, line["grads"], line["lr"], line["loss"], extra)
+
+
+def _event_record(kind, step, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The one definition of an event record, for writing and reading alike."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"an event needs a kind (a non-empty string), got {kind!r}")
+    if "event" in fields:
+        raise ValueError("'event' is the event's kind, not one of its fields")
+    _check_step(step)
+    record = {"event": kind, "step": step, **fields}
+    _line(record)  # not JSON-serialisable: a TypeError now, not a line that never reads back
+    return record
+
+
+def _decode_event(line: Mapping[str, Any]) -> dict[str, Any]:
+    fields = {k: v for k, v in line.items() if k not in ("event", "step")}
+    return _event_record(line["event"], line.get("step"), fields)
+
+
+def _check_step(step) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+
+
+def _as_seed(value) -> int:
     if isinstance(value, torch.Tensor):
         value = value.item()
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ValueError(f"a seed must be an integer, got {value!r}")
-    return operator.index(value)
+    return _in_seed_range(operator.index(value))
+
+
+def _seed_from_json(value) -> int:
+    # Decimal strings since seeds outgrew doubles; plain integers in older logs.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return _in_seed_range(int(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _in_seed_range(value)
+    raise ValueError(f"a seed must be a decimal string or an integer, got {value!r}")
+
+
+def _in_seed_range(seed: int) -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"a seed must be an unsigned 64-bit integer, got {seed}")
+    return seed

@@ -120,8 +120,10 @@ def _replay_parser(sub) -> None:
     p = sub.add_parser("replay", help="rebuild fine-tuned weights from a base model and a trajectory log")
     p.add_argument("base", help="the base model the run started from (hub id, folder or .gguf)")
     p.add_argument("log", help="the run's trajectory.jsonl")
-    p.add_argument("--output", required=True, help="folder to write the rebuilt checkpoint to")
-    p.add_argument("--upto", type=int, default=None, help="replay steps up to this one (default: all)")
+    p.add_argument("--output", required=True, help="folder to write the rebuilt checkpoint to (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output (never a run's checkpoints, its log or the base model)")
+    p.add_argument("--upto", type=int, default=None, help="replay steps 0..UPTO (default: all logged steps)")
     p.add_argument("--device", default="auto")
 
 
@@ -171,10 +173,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from distzo.replay import replay
+    import warnings
 
-    out = replay(args.base, args.log, args.output, args.upto, args.device)
-    print(f"rebuilt weights written to {out}")
+    from distzo.replay import ReplayWarning, replay
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReplayWarning)
+            done = replay(args.base, args.log, args.output, args.upto, args.device, args.overwrite)
+    finally:  # shown once recording has stopped, also when replay refused to go on
+        for w in caught:
+            if issubclass(w.category, ReplayWarning):
+                print(f"distzo: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(f"replayed steps 0..{done.steps - 1} ({done.steps} steps); rebuilt weights written to {done.output}")
     return 0
 
 

@@ -2,24 +2,80 @@
 
 A step's whole update is (seeds, g's, lr), so base weights + log = the fine-tuned
 model. Replay calls the very update function the engines use, in the same order, so
-on the same device and dtype it reproduces the checkpoint bit for bit.
+on the same versions, device kind and dtype it reproduces the checkpoint bit for bit.
+
+Replay trusts nothing it is given: the base must be the one the log's header identifies,
+the steps must run 0, 1, 2, ... without a gap, and the output folder must not hold
+anything a run needs (its checkpoints, its log, the base itself).
+
+    result = replay("facebook/opt-1.3b", "runs/distzo/trajectory.jsonl", "rebuilt/")
 """
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from distzo.checkpoint import TrajectoryLog, save_checkpoint
-from distzo.models import LoraSettings, ModelConfig, apply_lora, load_model
+from distzo.checkpoint import TRAINER_STATE, BaseIdentity, TrajectoryHeader, TrajectoryLog, save_checkpoint
+from distzo.environment import describe
+from distzo.models import (
+    CONVERTED_NAME,
+    LoraSettings,
+    ModelConfig,
+    apply_lora,
+    default_cache_dir,
+    load_model,
+    resolve_device,
+    resolve_source,
+)
 from distzo.units import trainable_params
 from distzo.update import apply_update_
 
+LOG_NAME = "trajectory.jsonl"  # the name the trainer gives a run's log
 
-def load_base(base: str, log: TrajectoryLog, device: str = "auto"):
+
+class ReplayWarning(UserWarning):
+    """Replay went ahead, but cannot promise something (the CLI prints it as one line)."""
+
+
+@dataclass(frozen=True)
+class Replayed:
+    output: Path
+    steps: int
+    """Steps 0 .. steps - 1 were replayed."""
+
+
+def replay(base: str, log_path: str | os.PathLike, output: str | os.PathLike, upto: int | None = None,
+           device: str = "auto", overwrite: bool = False) -> Replayed:
+    """Rebuild the weights after step ``upto`` (default: the last logged) into ``output``.
+
+    Bad input (a base other than the log's, a damaged log, an ``output`` that holds a
+    run, a checkpoint of training or the base) is a ValueError or FileExistsError before
+    anything is written. ``overwrite`` lets a non-empty ``output`` be replaced.
+    """
+    log = TrajectoryLog(log_path)
+    if not log.path.is_file():
+        raise FileNotFoundError(f"trajectory log '{log_path}' does not exist")
+    check_output(output, base, log.path, overwrite)
+    header, records = log.header(), log.read()
+    check_steps(records)
+    records = records[: _last_to_replay(records, upto) + 1]
+    model, tokenizer = load_base(base, header, device)
+    check_base(model, header, base)
+    check_environment(header, device)
+    replay_into(model, header, records)
+    saved = save_checkpoint(output, model, tokenizer, {"step": len(records), "replayed_from": str(log_path)})
+    return Replayed(saved, len(records))
+
+
+def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):
     """The model the logged run started from: base weights, then its LoRA adapters."""
-    header = log.header()
     cfg = ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"))
     model, tokenizer = load_model(cfg)
     if "lora" in header.extra:
@@ -29,27 +85,118 @@ def load_base(base: str, log: TrajectoryLog, device: str = "auto"):
 
 
 @torch.no_grad()
-def replay_into(model, log: TrajectoryLog, upto: int | None = None) -> int:
-    """Apply the logged updates (steps <= upto) to ``model`` in place; returns the steps covered."""
-    header = log.header()
+def replay_into(model, header: TrajectoryHeader, records: list[dict[str, Any]]) -> None:
+    """Apply the updates of ``records`` (consecutive steps from 0) to ``model`` in place."""
     params = trainable_params(model)
-    covered = 0
-    for record in log.read():
-        if upto is not None and record["step"] > upto:
-            break
-        covered = record["step"] + 1
-        if record.get("skipped") or not record["grads"]:
+    for record in records:
+        if record.get("skipped"):  # a non-finite loss: the run applied nothing
             continue
         for p in params:
             apply_update_(p.param, p.key, record["seeds"], record["grads"], record["lr"], header.weight_decay,
                           header.perturbation)
-    return covered
 
 
-def replay(base: str, log_path: str | Path, output: str | Path, upto: int | None = None, device: str = "auto") -> Path:
-    if not Path(log_path).is_file():
-        raise FileNotFoundError(f"trajectory log '{log_path}' does not exist")
-    log = TrajectoryLog(log_path)
-    model, tokenizer = load_base(base, log, device)
-    steps = replay_into(model, log, upto)
-    return save_checkpoint(output, model, tokenizer, {"step": steps, "replayed_from": str(log_path)})
+# --------------------------------------------------------------------------- checks
+
+
+def check_steps(records: list[dict[str, Any]]) -> None:
+    """The steps of one whole run: 0, 1, 2, ... with none missing or repeated."""
+    for expected, record in enumerate(records):
+        step = record["step"]
+        if step == expected:
+            continue
+        if expected == 0:
+            raise ValueError(f"the trajectory log starts at step {step}, not 0: it is not a whole run's log")
+        what = f"step {step} again" if step < expected else f"step {step} (steps {expected}..{step - 1} are missing)"
+        raise ValueError(f"the trajectory log is not one run's whole log: after step {expected - 1} comes {what}")
+    if not records:
+        raise ValueError("the trajectory log has no steps to replay")
+
+
+def _last_to_replay(records: list[dict[str, Any]], upto: int | None) -> int:
+    last = len(records) - 1
+    if upto is None:
+        return last
+    if not 0 <= upto <= last:
+        raise ValueError(f"--upto {upto} is outside the logged steps 0..{last}")
+    return upto
+
+
+def check_base(model, header: TrajectoryHeader, base: str) -> None:
+    """Refuse a base other than the log's; warn when an older log cannot tell."""
+    if header.base is None:
+        warnings.warn(f"the log records no base fingerprint (written by an older distzo): '{base}' could not "
+                      "be verified as the run's base model", ReplayWarning, stacklevel=3)
+        return
+    differs = BaseIdentity.of(model).mismatch(header.base)
+    if differs:
+        raise ValueError(f"'{base}' is not the base model of this log's run: {differs}")
+
+
+def check_environment(header: TrajectoryHeader, device: str) -> None:
+    if header.environment is None:
+        return
+    here = describe(resolve_device(device))
+    differ = [f"{k} {header.environment.get(k)} -> {v}" for k, v in here.items() if header.environment.get(k) != v]
+    if differ:
+        warnings.warn(f"the run was written on another stack ({', '.join(differ)}): bit-exactness is promised "
+                      "only on the same versions and device kind", ReplayWarning, stacklevel=3)
+
+
+def check_output(output: str | os.PathLike, base: str, log: Path, overwrite: bool) -> None:
+    """Refuse an ``output`` whose replacement would destroy something, or that is not empty
+    (unless ``overwrite``): a run's checkpoints or log, a checkpoint of training, the base."""
+    out = Path(output).expanduser().resolve()  # through symlinks: a link to checkpoints/last is that folder
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output '{output}' is a file, not a folder")
+    for folder in (*reversed(out.parents), out):  # outermost first: "inside a run's checkpoints" says most
+        _refuse_run_folder(output, folder, inside=folder != out)
+    _refuse_overlap(output, out, log.resolve(), "the trajectory log")
+    base_path = _base_path(base)
+    if base_path is not None:
+        _refuse_overlap(output, out, base_path.resolve(), "the base model")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--output '{output}' is not empty; pass --overwrite to replace it")
+        for folder, _, _ in os.walk(out):
+            _refuse_run_folder(output, Path(folder), inside=False)
+
+
+def _refuse_run_folder(output, folder: Path, inside: bool) -> None:
+    """Never write at or under a run's checkpoints, nor into a run's folder or a training checkpoint."""
+    if folder.name == "checkpoints" and (folder.parent / LOG_NAME).is_file():
+        raise FileExistsError(f"--output '{output}' is inside the checkpoints of the run in '{folder.parent}'; "
+                              "replay never writes there, even with --overwrite")
+    if not inside and (folder / LOG_NAME).is_file():
+        raise FileExistsError(f"--output '{output}' would replace the training run in '{folder}'; "
+                              "replay never does, even with --overwrite")
+    if _is_training_checkpoint(folder):
+        raise FileExistsError(f"--output '{output}' would write into the training checkpoint '{folder}'; "
+                              "replay never does, even with --overwrite")
+
+
+def _is_training_checkpoint(folder: Path) -> bool:
+    state_file = folder / TRAINER_STATE
+    if not state_file.is_file():
+        return False
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # cannot tell: keep it
+    return not isinstance(state, dict) or ("step" in state and "replayed_from" not in state)
+
+
+def _refuse_overlap(output, out: Path, other: Path, what: str) -> None:
+    # Writing inside it, or replacing a folder that contains it, would change or delete it.
+    if out == other or other in out.parents or out in other.parents:
+        raise FileExistsError(f"--output '{output}' overlaps {what} ('{other}'); choose a folder outside it")
+
+
+def _base_path(base: str) -> Path | None:
+    """Where the base's files are; None for a Hub id (replay never writes into the Hub cache)."""
+    source = resolve_source(base)
+    if source.kind == "default":
+        return default_cache_dir() / CONVERTED_NAME
+    if source.kind == "gguf":
+        return Path(source.location) / source.gguf_file
+    return Path(source.location) if source.kind == "local" else None

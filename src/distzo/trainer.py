@@ -36,6 +36,7 @@ import torch
 
 from distzo import parallel, rundir
 from distzo.checkpoint import (
+    BaseIdentity,
     TrajectoryHeader,
     TrajectoryLog,
     atomic_write_json,
@@ -45,6 +46,7 @@ from distzo.checkpoint import (
     save_checkpoint,
 )
 from distzo.config import TrainConfig, build, dump_yaml, read_yaml, to_dict
+from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
 from distzo.models import apply_lora, load_model, resolve_device
@@ -99,7 +101,9 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None, skeleton: bool
     return model, tokenizer
 
 
-def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
+def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = None) -> TrajectoryHeader:
+    """The log's header for ``model`` as built at step 0; without a model, the settings alone
+    (what a resumed run's log is checked against: it keeps its own step-0 header)."""
     extra: dict[str, Any] = {"revision": cfg.model.revision}
     if cfg.use_lora:
         extra["lora"] = asdict(cfg.lora)
@@ -112,7 +116,16 @@ def trajectory_header(cfg: TrainConfig) -> TrajectoryHeader:
         q=cfg.optim.directions,
         dtype=cfg.model.dtype,
         extra=extra,
+        # rank 0 writes the log and holds weights, also in sliced offload
+        base=None if model is None else BaseIdentity.of(model),
+        environment=environment,
     )
+
+
+def _config_text(cfg: TrainConfig, environment: dict[str, Any]) -> str:
+    """config.yaml: the settings, under comment lines naming what the run's bits depend on."""
+    stack = ", ".join(f"{k} {v}" for k, v in environment.items() if v is not None)
+    return f"# written by distzo; ran on: {stack}\n" + dump_yaml(cfg)
 
 
 class BatchStream:
@@ -317,17 +330,17 @@ class Trainer:
         self._check_folder(rundir.inspect(self.out))  # another run may have started in it meanwhile
         if self._restarted:
             print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming at step {self.state['step']}")
-        header = trajectory_header(self.cfg)
-        if self.cfg.resume:
-            self.log.start(header)  # an existing log is only checked here
-        atomic_write_text(self.out / CONFIG_FILE, dump_yaml(self.cfg))
+        if self.cfg.resume:  # an existing log is only checked here; it keeps its step-0 header
+            self.log.start(trajectory_header(self.cfg))
+        environment = describe(resolve_device(self.cfg.model.device))
+        atomic_write_text(self.out / CONFIG_FILE, _config_text(self.cfg, environment))
         atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
             self.log.truncate_after(self.state["step"] - 1)
             if self.changes:
                 self.log.append_event("resume", self.state["step"], changes=self.changes)
         else:
-            self.log.start(header)
+            self.log.start(trajectory_header(self.cfg, self.model, environment))
         self._trim_metrics()
         if self.cfg.tensorboard:
             self._writer = _tensorboard(self.out / "tb")
