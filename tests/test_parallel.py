@@ -460,7 +460,7 @@ def test_dead_or_hung_rank_ends_the_others_with_one_line(tiny_model_dir, sst2_di
     assert len(lines) == 1 and "rank 0" in lines[0] and "another rank died or did not answer" in lines[0]
     assert waited < timeout + 10
     folder = readable_checkpoint(out / "checkpoints" / "last")  # the last checkpoint is whole
-    assert json.loads((folder / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((folder / "distzo_state.json").read_text())["step"] == 2
     assert [r["step"] for r in _records(out)] == [0, 1, 2]
     AutoModelForCausalLM.from_pretrained(folder)
 

@@ -92,7 +92,7 @@ def test_upto_must_be_a_logged_step(run, tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     code, out, _ = _replay(capsys, tiny_model_dir, log, "--output", tmp_path / "o", "--upto", "1")
     assert code == 0 and out.startswith("replayed steps 0..1 (2 steps)")
-    assert json.loads((tmp_path / "o" / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "o" / "distzo_state.json").read_text())["step"] == 2
     assert not _same_weights(run / "checkpoints" / "last", tmp_path / "o")
 
 
@@ -133,7 +133,7 @@ def test_never_writes_into_a_run_or_its_checkpoints(run, tiny_model_dir, tmp_pat
     for target, reason in targets.items():  # the log given lies elsewhere: the folders alone are refused
         err = _refused(capsys, tiny_model_dir, run / "trajectory.jsonl", "--output", target, "--overwrite")
         assert reason in err and "even with --overwrite" in err, err
-    assert _snapshot(copy) == before  # optimizer.pt included: --resume still works
+    assert _snapshot(copy) == before  # optimizer.json included: --resume still works
     assert not (copy / "checkpoints" / "new").exists()
 
 

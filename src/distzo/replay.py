@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distzo.checkpoint import TRAINER_STATE, BaseIdentity, TrajectoryHeader, TrajectoryLog, save_checkpoint
+from distzo.checkpoint import LEGACY_TRAINER_STATE, TRAINER_STATE, BaseIdentity, TrajectoryHeader, TrajectoryLog, save_checkpoint
 from distzo.environment import describe
 from distzo.models import (
     CONVERTED_NAME,
@@ -176,8 +176,8 @@ def _refuse_run_folder(output, folder: Path, inside: bool) -> None:
 
 
 def _is_training_checkpoint(folder: Path) -> bool:
-    state_file = folder / TRAINER_STATE
-    if not state_file.is_file():
+    state_file = next((folder / n for n in (TRAINER_STATE, LEGACY_TRAINER_STATE) if (folder / n).is_file()), None)
+    if state_file is None:
         return False
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))

@@ -52,7 +52,7 @@ from distzo.losses import default_loss
 from distzo.models import apply_lora, load_model, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
-from distzo.replay import replay_into
+from distzo.replay import check_base, check_steps, replay_into
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
 
@@ -201,8 +201,10 @@ class Trainer:
         slices = parallel.node_slices(self.mesh) if cfg.offload.enabled else None
         skeleton = slices is not None and slices.rank != 0 and not cfg.use_lora
         self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None, skeleton)
-        if cfg.resume and not saved and not skeleton:
-            replay_into(self.model, self.log)  # stopped before its first checkpoint: the log rebuilds it
+        if cfg.resume and not saved and not skeleton:  # stopped before its first checkpoint: the log rebuilds it
+            header = self.log.header()
+            check_base(self.model, header, cfg.model.name)
+            replay_into(self.model, header, records)
         self.engine = None
         if cfg.offload.enabled:
             self.engine = OffloadEngine(self.model, resolve_device(cfg.model.device), cfg.offload, slices=slices)
@@ -272,9 +274,11 @@ class Trainer:
     def _resume_point(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """(the last checkpoint's state or None, the logged step records), checked to agree."""
         records = self.log.read() if self._folder.has_log else []
-        steps = [r["step"] for r in records]
-        if steps != list(range(len(steps))):
-            raise ValueError(f"--resume: {self.log.path} does not hold consecutive steps from 0")
+        if records:
+            try:
+                check_steps(records)
+            except ValueError as exc:
+                raise ValueError(f"--resume: {self.log.path}: {exc}") from None
         if not _has_checkpoint(self.last_dir):
             if not self._folder.has_log:
                 raise FileNotFoundError(f"--resume: '{self.out}' holds neither a checkpoint nor a trajectory log")
