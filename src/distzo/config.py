@@ -25,6 +25,7 @@ from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
 from distzo.offload import OffloadConfig
 from distzo.parallel import ParallelConfig
+from distzo.rundir import CONFIG_FILE
 from distzo.rundir import inspect as inspect_folder
 from distzo.schedules import Schedule
 from distzo.tasks import TaskConfig
@@ -283,14 +284,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
     cfg = build(TrainConfig(), values)
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if cfg.resume and saved.is_file() and inspect_folder(saved.parent).kind == "run":
-        try:
-            run = build(TrainConfig(), read_yaml(saved))
-        except ValueError as exc:
-            raise ValueError(f"--resume: the run's {saved} cannot be read: {exc}") from None
-        cfg = build(run, values)
-    return cfg
+    run = run_config(cfg.output_dir) if cfg.resume else None
+    return cfg if run is None else build(run, values)
+
+
+def run_config(output_dir: str | Path) -> TrainConfig | None:
+    """The settings a run in ``output_dir`` was started with (its config.yaml); None if it holds no run."""
+    saved = Path(output_dir) / CONFIG_FILE
+    if not saved.is_file() or inspect_folder(saved.parent).kind != "run":
+        return None
+    try:
+        return build(TrainConfig(), read_yaml(saved))
+    except ValueError as exc:
+        raise ValueError(f"--resume: the run's {saved} cannot be read: {exc}") from None
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 LOCK_FILE = ".distzo.lock"
 LOG_FILE = "trajectory.jsonl"
+CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 
 # Settings a resumed run may change: they decide how the run is watched, saved and spread

@@ -45,7 +45,7 @@ from distzo.checkpoint import (
     readable_checkpoint,
     save_checkpoint,
 )
-from distzo.config import TrainConfig, build, dump_yaml, read_yaml, to_dict
+from distzo.config import TrainConfig, dump_yaml, run_config, to_dict
 from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
@@ -59,7 +59,6 @@ from distzo.tasks.collate import collate_train
 # The metric each task kind selects the best checkpoint by, and whether higher is better.
 SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
 LAUNCH_FILE = "launch.json"
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -255,13 +254,10 @@ class Trainer:
 
     def _resume_changes(self) -> dict[str, list]:
         """The settings this resume changes, checked against the run's own config.yaml."""
-        path = self.out / CONFIG_FILE
-        if not path.is_file():
-            return {}  # the log header still guards the update rule
-        try:
-            saved = to_dict(build(TrainConfig(), read_yaml(path)))
-        except ValueError as exc:
-            raise ValueError(f"--resume: the run's {path} cannot be read: {exc}") from None
+        run = run_config(self.out)
+        if run is None:
+            return {}  # no config.yaml: the log header still guards the update rule
+        saved = to_dict(run)
         accepted, refused = rundir.changed_settings(saved, to_dict(self.cfg))
         if refused:
             what = ", ".join(f"{k} ({_flat(saved, k)!r} -> {_flat(to_dict(self.cfg), k)!r})" for k in refused)
@@ -337,7 +333,7 @@ class Trainer:
         if self.cfg.resume:  # an existing log is only checked here; it keeps its step-0 header
             self.log.start(trajectory_header(self.cfg))
         environment = describe(resolve_device(self.cfg.model.device))
-        atomic_write_text(self.out / CONFIG_FILE, _config_text(self.cfg, environment))
+        atomic_write_text(self.out / rundir.CONFIG_FILE, _config_text(self.cfg, environment))
         atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
             self.log.truncate_after(self.state["step"] - 1)
