@@ -65,9 +65,9 @@ METRICS_FILE = "metrics.jsonl"
 class Interrupted(Exception):
     """Raised out of ``train`` after SIGINT/SIGTERM, once the last checkpoint is saved."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the last checkpoint is saved "
-                         "and --resume continues the run")
+    def __init__(self, signum: int, step: int, saved: bool):
+        kept = "the checkpoint is saved" if saved else "nothing new to save"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {kept}; --resume continues the run")
         self.signum = signum
 
 
@@ -417,10 +417,11 @@ class Trainer:
                     f"the loss was non-finite for {skipped_in_row} steps in a row (lower optim.lr or optim.eps); "
                     f"the last checkpoint, if any, is kept in {self.last_dir}"
                 )
+            rate = window.tokens_per_s()
             if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._metric({"step": t + 1, **window.summary(), "grad": stats.projected_grads[0], "lr": stats.lr})
                 window = _Window()
-            _advance(bar, stats, window.tokens_per_s())
+            _advance(bar, stats, rate)
             self._maybe_eval_and_save(t + 1)
             signalled, out_of_time = self._should_stop(deadline)
             if signalled:
@@ -435,9 +436,10 @@ class Trainer:
     def _interrupt(self) -> None:
         """Save what was trained since the last checkpoint, then stop."""
         self._evaluating = False
-        if self.state["step"] > self._saved_step:
+        unsaved = self.state["step"] > self._saved_step
+        if unsaved:
             self._save(self.last_dir)
-        raise Interrupted(self._signal or signal.SIGTERM, self.state["step"])
+        raise Interrupted(self._signal or signal.SIGTERM, self.state["step"], unsaved)
 
     def _should_stop(self, deadline: float) -> tuple[bool, bool]:
         """(a signal arrived, the time limit passed) on any rank: all ranks stop at the same step."""
