@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from distzo.checkpoint import LEGACY_TRAINER_STATE, TRAINER_STATE, BaseIdentity, TrajectoryHeader, TrajectoryLog, save_checkpoint
+from distzo.checkpoint import (
+    LEGACY_TRAINER_STATE,
+    TRAINER_STATE,
+    BaseIdentity,
+    TrajectoryHeader,
+    TrajectoryLog,
+    save_checkpoint,
+)
 from distzo.environment import describe
 from distzo.models import (
     CONVERTED_NAME,
@@ -34,10 +41,9 @@ from distzo.models import (
     resolve_device,
     resolve_source,
 )
+from distzo.rundir import LOG_FILE as LOG_NAME
 from distzo.units import trainable_params
 from distzo.update import apply_update_
-
-LOG_NAME = "trajectory.jsonl"  # the name the trainer gives a run's log
 
 
 class ReplayWarning(UserWarning):
