@@ -203,3 +203,27 @@ def test_zo_arguments_parse_and_default_to_training_arguments(tmp_path):
         ZOArguments(eps=0).resolved(_args(tmp_path))
     with pytest.raises(ValueError, match="offload.mode"):
         ZOArguments(offload="disk")
+
+
+def test_a_trainer_script_with_a_tokenizer_and_datasets(tiny_model_dir, tmp_path):
+    # The README's example on the tiny Llama: a datasets.Dataset, the Trainer's column
+    # pruning and the language-modelling collator, then save_model and from_pretrained.
+    datasets = pytest.importorskip("datasets")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    texts = ["the movie was good", "a very bad plot", "great acting", "the film is not terrible"] * 2
+    data = datasets.Dataset.from_dict({"text": texts, "label": [1, 0, 1, 1] * 2}).map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text", "label"])
+    args = transformers.TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3,
+                                          learning_rate=1e-3, lr_scheduler_type="constant", report_to="none")
+    trainer = ZOTrainer(model=model, args=args, train_dataset=data,
+                        data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                        zo_args=ZOArguments(eps=1e-3))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = trainer.train()
+    assert trainer.zo.step_count == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    trainer.save_model(tmp_path / "final")
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    _assert_same_weights(model.state_dict(), saved)
+    assert any(not torch.equal(before[n], p) for n, p in saved.state_dict().items())
