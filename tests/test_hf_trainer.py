@@ -168,6 +168,27 @@ def test_resume_refuses_a_checkpoint_without_zo_state(run, tmp_path):
         _trainer(tmp_path / "out").train(resume_from_checkpoint=str(foreign))
 
 
+def test_compute_loss_func_is_the_training_loss(run, tmp_path):
+    trainer, _ = run
+    doubled = _trainer(tmp_path, max_steps=1, eval_strategy="no", save_strategy="no")
+    own = model_loss(doubled.model)
+    doubled.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: 2 * own(outputs, {"labels": labels})
+    doubled.train()
+    assert _losses(doubled.state.log_history)[1] == 2 * _losses(trainer.state.log_history)[1]
+
+
+def test_load_best_model_at_end(tmp_path):
+    # "Best" is the highest eval loss here, so that it is not the last step's model.
+    trainer = _trainer(tmp_path, eval_steps=SAVE_EVERY, load_best_model_at_end=True,
+                       metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = max(evals, key=evals.get)
+    assert best_step != STEPS and trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    best = transformers.AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint)
+    _assert_same_weights(best.state_dict(), trainer.model)
+
+
 class _OwnLoss(ZOTrainer):
     def compute_loss(self, model, inputs, **kwargs):
         return super().compute_loss(model, inputs, **kwargs)
@@ -227,3 +248,11 @@ def test_a_trainer_script_with_a_tokenizer_and_datasets(tiny_model_dir, tmp_path
     saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     _assert_same_weights(model.state_dict(), saved)
     assert any(not torch.equal(before[n], p) for n, p in saved.state_dict().items())
+
+
+def test_a_batch_without_labels_is_refused(tmp_path):
+    rows = [{k: v for k, v in row.items() if k != "labels"} for row in _rows(TRAIN)]
+    trainer = ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path, eval_strategy="no", save_strategy="no"),
+                        train_dataset=rows, data_collator=transformers.default_data_collator)
+    with pytest.raises(ValueError, match="gave none"):
+        trainer.train()

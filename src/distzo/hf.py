@@ -27,6 +27,9 @@ before evaluating, predicting, saving and at the end of training. Callbacks that
 weights between those points see them one update behind (``trainer.zo.flush()`` catches up).
 Checkpoints hold ``zo_state.json`` (the step count and hyper-parameters) beside the Trainer's
 files, so ``train(resume_from_checkpoint=...)`` continues bit for bit.
+
+Needs transformers 5: a few Trainer internals are overridden (TRAINER_HOOKS), and a Trainer
+without them is refused rather than left to skip a flush.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ from distzo.optimizer import LossFn, ZOOptimizer, _validate
 from distzo.schedules import Schedule
 
 ZO_STATE_NAME = "zo_state.json"
+# Trainer internals ZOTrainer overrides to flush before the best model is loaded, to keep its
+# state in checkpoints and to leave an offloaded model's placement to the engine.
+TRAINER_HOOKS = ("_finalize_training", "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler",
+                 "_move_model_to_device", "_build_accelerator_args")
 # Trainer scheduler names whose shape distzo's Schedule has, and the shape.
 SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
              "cosine": "cosine", "cosine_with_min_lr": "cosine"}
@@ -164,12 +171,10 @@ class ZOTrainer(transformers.Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """Builds the ZO optimiser (the model is placed by now) and a scheduler that reports its lr."""
-        schedule = schedule_from_args(self.args, num_training_steps)
-        if self.zo is None:
-            self.zo = self._build_zo(schedule)
-        else:  # a later train() call: same trajectory, new horizon
-            self.zo.schedule = schedule
+        """Builds the ZO optimiser and a scheduler that reports its lr. The Trainer calls this once
+        per train(), with the model placed and any checkpoint's weights loaded; like the Trainer's
+        state, the ZO step count starts at 0 unless the checkpoint's state is loaded next."""
+        self.zo = self._build_zo(schedule_from_args(self.args, num_training_steps))
         if self.lr_scheduler is None:
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer or self.optimizer, lambda step: self.zo.schedule.factor(step)
@@ -187,17 +192,17 @@ class ZOTrainer(transformers.Trainer):
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """One ZO step on the batch; returns the step's loss (the mean of the two perturbed losses)."""
-        inputs = self._prepare_inputs(inputs)
-        if "labels" not in inputs:
-            raise ValueError("ZOTrainer trains on the batch's 'labels', and the data collator gave none "
-                             "(for a causal LM: DataCollatorForLanguageModeling(tokenizer, mlm=False))")
-        stats = self.zo.step(inputs)
+        stats = self.zo.step(self._prepare_inputs(inputs))
         return torch.tensor(stats.loss, dtype=torch.float32, device=self.args.device)
 
     def zo_loss(self, outputs, batch: Mapping[str, Any]) -> torch.Tensor:
         """The loss of one perturbed half of the forward: the Trainer's training loss on the labels.
-        Override for another objective (e.g. distzo.losses.candidate_loss, MeZO's classification loss)."""
-        labels = batch["labels"]
+        Override for another objective (e.g. distzo.losses.candidate_loss, MeZO's classification
+        loss; with remove_unused_columns=False, so that its batch keys reach it)."""
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("ZOTrainer trains on the batch's 'labels', and the data collator gave none "
+                             "(for a causal LM: DataCollatorForLanguageModeling(tokenizer, mlm=False))")
         if self.compute_loss_func is not None:
             return self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         if self.label_smoother is not None:
@@ -265,7 +270,10 @@ class ZOTrainer(transformers.Trainer):
 def _refuse_unsupported(trainer: ZOTrainer) -> None:
     """One clear error for a setting a ZO step cannot honour, before anything runs."""
     args = trainer.args
+    missing = [name for name in TRAINER_HOOKS if not hasattr(transformers.Trainer, name)]
     refusals = [
+        (bool(missing), f"ZOTrainer needs a transformers Trainer with {', '.join(missing)} (transformers 5); "
+                        f"this is transformers {transformers.__version__}"),
         (args.gradient_accumulation_steps != 1,
          f"gradient_accumulation_steps={args.gradient_accumulation_steps}: a ZO step measures one batch, so it must "
          "be 1; raise per_device_train_batch_size instead (without a backward a batch costs only forward memory)"),
