@@ -19,7 +19,8 @@ How the Trainer's settings map onto the ZO step:
 * The loss of each perturbed half is the Trainer's training loss on the batch's ``labels``:
   ``compute_loss_func`` if given, else label smoothing if set, else the model's own
   ``loss_function`` (what ``model(**batch).loss`` computes). Override ``zo_loss`` for another.
-* One batch is one step: ``gradient_accumulation_steps`` must be 1. One process, one device.
+* One batch is one step: ``gradient_accumulation_steps`` must be 1. One process on one device;
+  fp16/bf16 autocast, torch_compile, DeepSpeed and FSDP are refused (load the model in bf16).
 * ``optim``, ``adam_*`` and ``max_grad_norm`` have nothing to act on; no grad norm is logged.
 
 A step's update is applied lazily, during the next step's forward; the trainer flushes it
