@@ -60,6 +60,17 @@ def test_eval_help_shows_defaults(capsys):
     assert all("(default: " in e for flag, e in entries.items() if flag != "-h")
 
 
+@pytest.mark.parametrize("argv,report_to", [
+    ([], ["tensorboard"]),
+    (["--report-to", "wandb,mlflow"], ["wandb", "mlflow"]),
+    (["--report-to", "none"], ["none"]),
+    (["--tensorboard", "false"], ["none"]),  # the flag report_to replaced keeps its meaning
+    (["--tensorboard", "true"], ["tensorboard"]),
+])
+def test_report_to_and_the_old_tensorboard_flag(argv, report_to):
+    assert train_config(parser().parse_args(["train", *argv])).report_to == report_to
+
+
 def _typed(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
@@ -134,6 +145,9 @@ def test_yaml_then_flags(tmp_path):
     (["trian"], "invalid choice: 'trian'"),
     (["eval", "--num-examples", "many"], "invalid int value: 'many'"),
     (["eval", "--split", "val"], "invalid choice: 'val'"),
+    (["train", "--report-to", "comet"], "report_to: unknown logger 'comet'; known: tensorboard, wandb, mlflow, none"),
+    (["train", "--report-to", "none,wandb"], "or none alone; got 'none,wandb'"),
+    (["train", "--report-to", "wandb,wandb"], "report_to names each logger once"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message):
     assert message in _fail(capsys, argv)

@@ -40,6 +40,7 @@ ALIASES = {
     "lora": "use_lora",
     "offload": "offload.mode",
     "gpu-memory": "offload.gpu_memory",
+    "tensorboard": "report_to",  # the boolean flag report_to replaced: true|false still work
 }
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
 

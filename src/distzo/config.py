@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from distzo import loggers
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
@@ -110,8 +111,10 @@ class TrainConfig:
     """Evaluate the model on the test split before training."""
     time_limit_minutes: float = 0.0
     """Stop training (then evaluate and save as usual) after this much wall time; 0 = none."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under `output_dir`/tb."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Loggers of the metrics besides metrics.jsonl: tensorboard (under `output_dir`/tb), wandb, mlflow,
+    comma-separated, or none; wandb and mlflow are extras (pip install 'distzo[wandb]'). The flag it replaces,
+    --tensorboard true|false, still means tensorboard|none."""
     progress: bool = True
     """Show a progress bar while training."""
     resume: bool = False
@@ -133,6 +136,25 @@ class TrainConfig:
         if not self.output_dir.strip():  # "" would write the run into the current folder
             raise ValueError("output_dir must not be empty")
         self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
+        self.report_to = loggers.check(_legacy_report_to(self.report_to))
+
+
+def _legacy_report_to(names: list[str]) -> list[str]:
+    """``tensorboard: true|false`` (config.yaml of older runs, the --tensorboard alias) as report_to."""
+    try:
+        return ["tensorboard" if _to_bool(names[0]) else loggers.NONE] if len(names) == 1 else names
+    except ValueError:
+        return names
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings under the key that replaced an old one: old files keep loading."""
+    if "tensorboard" not in values:
+        return values
+    if "report_to" in values:
+        raise ValueError("config key 'tensorboard' was replaced by 'report_to'; give report_to alone")
+    kept = {k: v for k, v in values.items() if k != "tensorboard"}
+    return {**kept, "report_to": str(values["tensorboard"]).lower()}
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -282,7 +304,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     A resume starts from the run's own config.yaml instead of the defaults, so ``--resume`` alone
     continues the run as it was set up (the trainer refuses changes a resume may not make).
     """
-    values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
+    values = _renamed(merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {})))
     cfg = build(TrainConfig(), values)
     run = run_config(cfg.output_dir) if cfg.resume else None
     return cfg if run is None else build(run, values)
@@ -294,7 +316,7 @@ def run_config(output_dir: str | Path) -> TrainConfig | None:
     if not saved.is_file() or inspect_folder(saved.parent).kind != "run":
         return None
     try:
-        return build(TrainConfig(), read_yaml(saved))
+        return build(TrainConfig(), _renamed(read_yaml(saved)))
     except ValueError as exc:
         raise ValueError(f"--resume: the run's {saved} cannot be read: {exc}") from None
 

@@ -32,7 +32,7 @@ CHECKPOINTS = "checkpoints"
 # over devices, never which updates it makes (the engines are exact in every mode), except
 # ``steps``, which extends or shortens the run (each step's lr is logged, so replay stays exact).
 RESUMABLE = (
-    "steps", "resume", "eval_every", "save_every", "log_every", "eval_batch_size", "progress", "tensorboard",
+    "steps", "resume", "eval_every", "save_every", "log_every", "eval_batch_size", "progress", "report_to",
     "time_limit_minutes", "max_skipped_steps", "zero_shot", "test_at_best", "output_dir",
     "model.device", "model.cache_dir", "parallel.", "offload.",
 )

@@ -6,7 +6,7 @@ Files in ``output_dir`` (what each promises: docs/runs.md):
     .distzo.lock           held (flock) by the one process writing the run
     config.yaml            the resolved configuration
     trajectory.jsonl       (step, seeds, g's, lr) per step: with the base model, the run
-    metrics.jsonl, tb/     training and eval metrics (JSON lines, TensorBoard)
+    metrics.jsonl, tb/     training and eval metrics (JSON lines; TensorBoard or the other --report-to loggers)
     checkpoints/last/      weights (save_pretrained) + trainer and optimizer state
     checkpoints/best/      the best dev-metric checkpoint, when evaluating during training
     results.json           zero-shot and final metrics, wall time
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from distzo import parallel, rundir
+from distzo import loggers, parallel, rundir
 from distzo.checkpoint import (
     BaseIdentity,
     TrajectoryHeader,
@@ -230,7 +230,7 @@ class Trainer:
             self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
         self._signal: int | None = None
         self._evaluating = False
-        self._writer = None
+        self._loggers = loggers.Loggers()
 
     # ------------------------------------------------------------------ setup (reads only)
 
@@ -342,8 +342,7 @@ class Trainer:
         else:
             self.log.start(trajectory_header(self.cfg, self.model, environment))
         self._trim_metrics()
-        if self.cfg.tensorboard:
-            self._writer = _tensorboard(self.out / "tb")
+        self._loggers = loggers.start(self.cfg.report_to, self.out, to_dict(self.cfg))
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metric lines past the resumed step: they will be redone."""
@@ -391,9 +390,7 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
-        if self._writer:
-            self._writer.close()
-            self._writer = None
+        self._loggers.close()
         self.lock.release()
 
     def _loop(self, start_time: float) -> None:
@@ -504,11 +501,7 @@ class Trainer:
             return
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            prefix = row.get("split", "train")
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+        self._loggers.log(loggers.scalars(row), row["step"])
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # a second signal: stop now (checkpoints and the log are atomic)
@@ -615,15 +608,6 @@ def _restart_of_this_launch(out: Path) -> bool:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed; metrics go to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(folder))
 
 
 def _progress(cfg: TrainConfig, start: int):
