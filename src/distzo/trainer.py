@@ -7,7 +7,7 @@ Files in ``output_dir`` (what each promises: docs/runs.md):
     config.yaml            the resolved configuration
     trajectory.jsonl       (step, seeds, g's, lr) per step: with the base model, the run
     metrics.jsonl, tb/     training and eval metrics (JSON lines; TensorBoard or the other --report-to loggers)
-    checkpoints/last/      weights (save_pretrained) + trainer and optimizer state
+    checkpoints/last/      weights (save_pretrained) + trainer and optimizer state + model card (README.md)
     checkpoints/best/      the best dev-metric checkpoint, when evaluating during training
     results.json           zero-shot and final metrics, wall time
     launch.json            the torchrun launch that wrote the run (to resume it after a restart)
@@ -49,6 +49,7 @@ from distzo.config import TrainConfig, dump_yaml, run_config, to_dict
 from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
+from distzo.modelcard import CARD_FILE, model_card
 from distzo.models import apply_lora, load_model, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
@@ -366,7 +367,7 @@ class Trainer:
             self._loop(start_time)
             self.opt.flush()
             final = self._evaluate(self.data.test, "test")
-            self._save(self.last_dir)
+            self._save(self.last_dir, final=final)
         except _StopNow:
             self._interrupt()
         finally:
@@ -480,8 +481,9 @@ class Trainer:
                       "eval_seconds": round(time.time() - began, 3)})
         return metrics
 
-    def _save(self, directory: Path, wait: bool = True) -> None:
-        """Rank 0 writes the checkpoint; with ``wait`` every rank waits until it is written."""
+    def _save(self, directory: Path, wait: bool = True, final: dict[str, float] | None = None) -> None:
+        """Rank 0 writes the checkpoint and its model card (``final``: the test metrics after the last
+        step, once known); with ``wait`` every rank waits until it is written."""
         self.opt.flush()
         if not all(torch.isfinite(p.param).all() for p in self.opt.params):
             raise TrainingDiverged(
@@ -490,7 +492,9 @@ class Trainer:
             )
         if self.mesh.is_main:
             state = {**self.state, "log_tail": _record_key(self._tail)}
-            save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict())
+            card = model_card(self.cfg, self.state, final)
+            save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict(),
+                            extra_files={CARD_FILE: card})
         if directory == self.last_dir:
             self._saved_step = self.state["step"]
         if wait:
