@@ -38,8 +38,9 @@ def test_both_checkpoints_carry_a_card_of_their_own_state(tiny_model_dir, sst2_d
 
 
 def test_a_hub_model_and_dataset_are_named_in_the_front_matter():
-    cfg = TrainConfig(model=ModelConfig(name="facebook/opt-125m"), task=TaskConfig(name="sst2"), use_lora=True)
+    cfg = TrainConfig(model=ModelConfig(name="facebook/opt-125m"), task=TaskConfig(name="sst2"), use_lora=True,
+                      push_to_hub="someone/opt-sst2")
     card = ModelCard(model_card(cfg, {"step": 0, "zero_shot": None, "best": None}))
     assert card.data.base_model == "facebook/opt-125m" and card.data.datasets == ["nyu-mll/glue"]
     assert "lora" in card.data.tags and "LoRA adapters (r " in card.text
-    assert "No evaluation yet at step 0 of 120." in card.text
+    assert 'from_pretrained("someone/opt-sst2")' in card.text and "No evaluation yet at step 0 of 120." in card.text

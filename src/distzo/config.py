@@ -121,6 +121,11 @@ class TrainConfig:
     """Continue the run in `output_dir` from its last checkpoint."""
     max_skipped_steps: int = 10
     """Abort after this many consecutive steps with a non-finite loss."""
+    push_to_hub: str | None = None
+    """At the end of the run, upload the `push_checkpoint` checkpoint to this Hub model repo (user/name,
+    created if missing; the token of `hf auth login` or HF_TOKEN)."""
+    push_checkpoint: str = "last"
+    """best | last: the checkpoint `push_to_hub` uploads (best needs `eval_every`)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the ranks of a torchrun job split each step (`batch_size` is the global batch)."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -137,6 +142,21 @@ class TrainConfig:
             raise ValueError("output_dir must not be empty")
         self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
         self.report_to = loggers.check(_legacy_report_to(self.report_to))
+        self._check_push()
+
+    def _check_push(self) -> None:
+        if self.push_checkpoint not in ("best", "last"):
+            raise ValueError(f"push_checkpoint must be best or last, got {self.push_checkpoint!r}")
+        if self.push_to_hub is None:
+            return
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(self.push_to_hub)
+        except HFValidationError:
+            raise ValueError(f"push_to_hub {self.push_to_hub!r} is not a Hub repo id (user/name)") from None
+        if self.push_checkpoint == "best" and not self.eval_every:
+            raise ValueError("push_checkpoint best needs eval_every > 0: only evaluating on dev keeps a best checkpoint")
 
 
 def _legacy_report_to(names: list[str]) -> list[str]:

@@ -78,7 +78,7 @@ def _base_model(cfg: TrainConfig) -> str:
 
 
 def _location(cfg: TrainConfig) -> str:
-    return "path/to/this/folder"
+    return cfg.push_to_hub or "path/to/this/folder"
 
 
 def _training(cfg: TrainConfig, state: dict[str, Any]) -> str:

@@ -56,6 +56,7 @@ from distzo.optimizer import StepStats, ZOOptimizer
 from distzo.replay import check_base, check_steps, replay_into
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
+from distzo.upload import push
 
 # The metric each task kind selects the best checkpoint by, and whether higher is better.
 SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
@@ -386,6 +387,9 @@ class Trainer:
         }
         if self.mesh.is_main:
             atomic_write_json(self.out / "results.json", results)
+            if cfg.push_to_hub:  # after the run's own files: a failed upload loses nothing
+                folder = self.best_dir if cfg.push_checkpoint == "best" else self.last_dir
+                print(f"uploaded {folder} to {push(folder, cfg.push_to_hub)}")
         self.close()
         return results
 
