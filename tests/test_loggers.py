@@ -86,7 +86,8 @@ def test_wandb_offline_run_holds_the_scalars_and_the_config(run, tmp_path, monke
     (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     records = _wandb_records(log)
     # the config goes out with the run record, or after it in config records: wandb's timing decides
-    updates = [r.run.config if r.HasField("run") else r.config for r in records if r.HasField("run") or r.HasField("config")]
+    updates = [r.run.config if r.HasField("run") else r.config
+               for r in records if r.HasField("run") or r.HasField("config")]
     config = {i.key: json.loads(i.value_json) for update in updates for i in update.update}
     assert config["optim.lr"] == 0.01 and config["task.name"] == "sst2" and config["report_to"] == "wandb"
     logged: dict[str, dict[int, float]] = {}

@@ -33,7 +33,7 @@ def test_both_checkpoints_carry_a_card_of_their_own_state(tiny_model_dir, sst2_d
     at_best = f"| at best dev (step {step}) | test | accuracy | {results['test_at_best_dev']['accuracy']:.4f} |"
     assert at_best in last.text and at_best in best.text
     assert f"| final (step 4) | test | accuracy | {results['final']['accuracy']:.4f} |" in last.text
-    assert "| final" not in best.text and f"Saved at step {step} of 4" in best.text
+    assert "| final" not in best.text and f"Saved at step {step} of 4: the final test metrics come later" in best.text
     assert "| steps | 4 of 4," in last.text and f"| steps | {step} of 4," in best.text
 
 

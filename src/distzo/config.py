@@ -156,7 +156,7 @@ class TrainConfig:
         except HFValidationError:
             raise ValueError(f"push_to_hub {self.push_to_hub!r} is not a Hub repo id (user/name)") from None
         if self.push_checkpoint == "best" and not self.eval_every:
-            raise ValueError("push_checkpoint best needs eval_every > 0: only evaluating on dev keeps a best checkpoint")
+            raise ValueError("push_checkpoint best needs eval_every > 0: only evaluating on dev keeps a best one")
 
 
 def _legacy_report_to(names: list[str]) -> list[str]:

@@ -115,7 +115,7 @@ def _results(cfg: TrainConfig, state: dict[str, Any], final: dict[str, float] | 
     ]
     if not rows:
         return f"## Results\n\nNo evaluation yet at step {state['step']} of {cfg.steps}."
-    note = "" if final else f"\n\nSaved at step {state['step']} of {cfg.steps}: the final test metrics are not known yet."
+    note = "" if final else f"\n\nSaved at step {state['step']} of {cfg.steps}: the final test metrics come later."
     return "## Results\n\n" + _table(("when", "split", "metric", "value"), rows) + note
 
 

@@ -24,7 +24,8 @@ def push(folder: Path, repo: str) -> str:
     try:
         api = HfApi()
         api.create_repo(repo, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo, folder_path=folder, commit_message=f"distzo: the {folder.name} checkpoint")
+        message = f"distzo: the {folder.name} checkpoint"
+        commit = api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message)
     except Exception as exc:  # noqa: BLE001 - offline, no token, no access, network: its message says which
         # The retry comes first: an error line shows the first line of the message alone.
         raise UploadFailed(f"the run is complete, but uploading {folder} to {repo} failed (retry with: hf upload "
