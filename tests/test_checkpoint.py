@@ -112,6 +112,18 @@ def test_save_over_existing_checkpoint(tmp_path, tiny):
     assert _siblings(dest) == []
 
 
+def test_extra_files_change_with_their_checkpoint_only(tmp_path, tiny, monkeypatch):
+    model, tokenizer = tiny
+    dest = tmp_path / "ckpt"
+    save_checkpoint(dest, model, tokenizer, {"step": 1}, extra_files={"README.md": "card of step 1"})
+    assert (dest / "README.md").read_text() == "card of step 1"
+    _fail_on(monkeypatch, lambda src, dst: dst.endswith(checkpoint.COMPLETE))
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(dest, model, tokenizer, {"step": 2}, extra_files={"README.md": "card of step 2"})
+    monkeypatch.undo()
+    assert (dest / "README.md").read_text() == "card of step 1" and _siblings(dest) == []
+
+
 @pytest.mark.parametrize(
     "crash_at",
     [

@@ -1,15 +1,20 @@
 """Command-line behaviour: help, config files, and one-line errors with exit code 2 on bad input."""
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from distzo import __version__
 from distzo.cli import main, parser, train_config
 from distzo.config import TrainConfig, coerce, flat_fields, load_config, to_dict
+from distzo.tasks import TASKS
 
 CONFIGS = sorted((Path(__file__).parents[1] / "src" / "distzo" / "configs").glob("*.yaml"))
 
@@ -54,10 +59,32 @@ def test_help_shows_the_defaults_that_run(capsys):
     assert "(default: 3e-05)" in entries["--optim.lr"] and "(default: 500)" in entries["--task.num_test"]
 
 
-def test_eval_help_shows_defaults(capsys):
+def test_eval_help_shows_defaults_and_the_tasks(capsys):
     entries = _help_entries(_help(capsys, "eval"))
     assert "(default: 500)" in entries["--num-examples"] and "(default: rotten_tomatoes)" in entries["--task"]
     assert all("(default: " in e for flag, e in entries.items() if flag != "-h")
+    assert f"task name: {' | '.join(TASKS)} (default: rotten_tomatoes)" == entries["--task"]
+
+
+def test_python_dash_m_distzo_is_the_distzo_command():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "distzo", *argv], env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=300)
+    version = run("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"distzo {__version__}")
+    train_help = run("train", "--help")
+    assert train_help.returncode == 0 and "--report-to" in train_help.stdout and "--push-to-hub" in train_help.stdout
+
+
+@pytest.mark.parametrize("argv,report_to", [
+    ([], ["tensorboard"]),
+    (["--report-to", "wandb,mlflow"], ["wandb", "mlflow"]),
+    (["--report-to", "none"], ["none"]),
+    (["--tensorboard", "false"], ["none"]),  # the flag report_to replaced keeps its meaning
+    (["--tensorboard", "true"], ["tensorboard"]),
+])
+def test_report_to_and_the_old_tensorboard_flag(argv, report_to):
+    assert train_config(parser().parse_args(["train", *argv])).report_to == report_to
 
 
 def _typed(value) -> str:
@@ -134,6 +161,9 @@ def test_yaml_then_flags(tmp_path):
     (["trian"], "invalid choice: 'trian'"),
     (["eval", "--num-examples", "many"], "invalid int value: 'many'"),
     (["eval", "--split", "val"], "invalid choice: 'val'"),
+    (["train", "--report-to", "comet"], "report_to: unknown logger 'comet'; known: tensorboard, wandb, mlflow, none"),
+    (["train", "--report-to", "none,wandb"], "or none alone; got 'none,wandb'"),
+    (["train", "--report-to", "wandb,wandb"], "report_to names each logger once"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message):
     assert message in _fail(capsys, argv)

@@ -119,3 +119,18 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("steps: 5\noptim:\n  lr: [1\n")
     with pytest.raises(ValueError, match=r"run\.yaml' is not valid YAML: .* at line 4, column 1"):
         load_config(path)
+
+
+@pytest.mark.parametrize("old,report_to", [(True, ["tensorboard"]), (False, ["none"]), ("off", ["none"])])
+def test_the_old_tensorboard_key_still_loads(tmp_path, old, report_to):
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(TrainConfig()).replace("report_to:\n- tensorboard\n", f"tensorboard: {old}\n"))
+    assert "tensorboard: " in path.read_text()  # what runs before report_to wrote
+    assert load_config(path).report_to == report_to
+
+
+def test_the_old_and_new_logger_keys_together_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("tensorboard: false\nreport_to: [wandb]\n")
+    with pytest.raises(ValueError, match="'tensorboard' was replaced by 'report_to'"):
+        load_config(path)

@@ -253,6 +253,16 @@ def test_a_damaged_model_folder_is_one_line(tiny_model_dir, sst2_dir, tmp_path, 
     assert not out.exists()
 
 
+def test_a_run_from_before_report_to_resumes(run, tmp_path):
+    out = tmp_path / "run"
+    assert main(run(out, "--steps", "2", "--report-to", "none")) == 0
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("report_to:\n- none\n", "tensorboard: false\n"))
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "3"]) == 0
+    assert "report_to:\n- none\n" in config.read_text() and not (out / "tb").exists()
+    assert [e["changes"] for e in TrajectoryLog(out / "trajectory.jsonl").events()] == [{"steps": [2, 3]}]
+
+
 # ---------------------------------------------------------------- records
 
 

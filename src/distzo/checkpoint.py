@@ -112,6 +112,7 @@ def save_checkpoint(
     optimizer_state: Mapping[str, Any] | None = None,
     *,
     merged: bool = True,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``directory``, replacing any previous one atomically.
 
@@ -119,6 +120,8 @@ def save_checkpoint(
     optimizer state (a ZO optimizer's state is a few scalars). A PEFT model is saved
     twice: its adapter in ``adapter/`` and, when ``merged``, the merged full model at the top
     so that ``AutoModelForCausalLM.from_pretrained(directory)`` works without peft.
+    ``extra_files`` ({name: text}, e.g. the model card as README.md) are written last, so they
+    replace a file of the same name that ``save_pretrained`` wrote.
     """
     dest = Path(directory)
     state_text = _trainer_state_json(state)  # fail before touching the disk
@@ -130,6 +133,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_contents(tmp, model, tokenizer, state_text, optimizer_text, merged)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         fsync_tree(tmp)
         atomic_write_json(tmp / COMPLETE, {"format": CHECKPOINT_FORMAT, "step": state["step"]})
         _swap_into_place(tmp, dest)

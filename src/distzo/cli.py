@@ -40,6 +40,7 @@ ALIASES = {
     "lora": "use_lora",
     "offload": "offload.mode",
     "gpu-memory": "offload.gpu_memory",
+    "tensorboard": "report_to",  # the boolean flag report_to replaced: true|false still work
 }
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
 
@@ -103,10 +104,12 @@ def _shown(value: Any) -> str:
 
 
 def _eval_parser(sub) -> None:
+    from distzo.tasks import TASKS
+
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="hub id, local folder (a checkpoint), or .gguf file")
-    p.add_argument("--task", default="rotten_tomatoes", help="task name, as for train's --task")
+    p.add_argument("--task", default="rotten_tomatoes", help=f"task name: {' | '.join(TASKS)}")
     p.add_argument("--data", default=None, help="local data file or folder for the task")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="the split to score")
     p.add_argument("--num-examples", type=int, default=500, help="examples drawn from the split")

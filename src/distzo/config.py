@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from distzo import loggers
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
@@ -110,14 +111,21 @@ class TrainConfig:
     """Evaluate the model on the test split before training."""
     time_limit_minutes: float = 0.0
     """Stop training (then evaluate and save as usual) after this much wall time; 0 = none."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under `output_dir`/tb."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Loggers of the metrics besides metrics.jsonl: tensorboard (under `output_dir`/tb), wandb, mlflow,
+    comma-separated, or none; wandb and mlflow are extras (pip install 'distzo[wandb]'). The flag it replaces,
+    --tensorboard true|false, still means tensorboard|none."""
     progress: bool = True
     """Show a progress bar while training."""
     resume: bool = False
     """Continue the run in `output_dir` from its last checkpoint."""
     max_skipped_steps: int = 10
     """Abort after this many consecutive steps with a non-finite loss."""
+    push_to_hub: str | None = None
+    """At the end of the run, upload the `push_checkpoint` checkpoint to this Hub model repo (user/name,
+    created if missing; the token of `hf auth login` or HF_TOKEN)."""
+    push_checkpoint: str = "last"
+    """best | last: the checkpoint `push_to_hub` uploads (best needs `eval_every`)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the ranks of a torchrun job split each step (`batch_size` is the global batch)."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -133,6 +141,40 @@ class TrainConfig:
         if not self.output_dir.strip():  # "" would write the run into the current folder
             raise ValueError("output_dir must not be empty")
         self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
+        self.report_to = loggers.check(_legacy_report_to(self.report_to))
+        self._check_push()
+
+    def _check_push(self) -> None:
+        if self.push_checkpoint not in ("best", "last"):
+            raise ValueError(f"push_checkpoint must be best or last, got {self.push_checkpoint!r}")
+        if self.push_to_hub is None:
+            return
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(self.push_to_hub)
+        except HFValidationError:
+            raise ValueError(f"push_to_hub {self.push_to_hub!r} is not a Hub repo id (user/name)") from None
+        if self.push_checkpoint == "best" and not self.eval_every:
+            raise ValueError("push_checkpoint best needs eval_every > 0: only evaluating on dev keeps a best one")
+
+
+def _legacy_report_to(names: list[str]) -> list[str]:
+    """``tensorboard: true|false`` (config.yaml of older runs, the --tensorboard alias) as report_to."""
+    try:
+        return ["tensorboard" if _to_bool(names[0]) else loggers.NONE] if len(names) == 1 else names
+    except ValueError:
+        return names
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings under the key that replaced an old one: old files keep loading."""
+    if "tensorboard" not in values:
+        return values
+    if "report_to" in values:
+        raise ValueError("config key 'tensorboard' was replaced by 'report_to'; give report_to alone")
+    kept = {k: v for k, v in values.items() if k != "tensorboard"}
+    return {**kept, "report_to": str(values["tensorboard"]).lower()}
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -282,7 +324,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     A resume starts from the run's own config.yaml instead of the defaults, so ``--resume`` alone
     continues the run as it was set up (the trainer refuses changes a resume may not make).
     """
-    values = merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {}))
+    values = _renamed(merge(read_yaml(path) if path else {}, dotted_to_nested(overrides or {})))
     cfg = build(TrainConfig(), values)
     run = run_config(cfg.output_dir) if cfg.resume else None
     return cfg if run is None else build(run, values)
@@ -294,7 +336,7 @@ def run_config(output_dir: str | Path) -> TrainConfig | None:
     if not saved.is_file() or inspect_folder(saved.parent).kind != "run":
         return None
     try:
-        return build(TrainConfig(), read_yaml(saved))
+        return build(TrainConfig(), _renamed(read_yaml(saved)))
     except ValueError as exc:
         raise ValueError(f"--resume: the run's {saved} cannot be read: {exc}") from None
 

@@ -28,12 +28,13 @@ LOG_FILE = "trajectory.jsonl"
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 
-# Settings a resumed run may change: they decide how the run is watched, saved and spread
-# over devices, never which updates it makes (the engines are exact in every mode), except
+# Settings a resumed run may change: they decide how the run is watched, saved, published and
+# spread over devices, never which updates it makes (the engines are exact in every mode), except
 # ``steps``, which extends or shortens the run (each step's lr is logged, so replay stays exact).
 RESUMABLE = (
-    "steps", "resume", "eval_every", "save_every", "log_every", "eval_batch_size", "progress", "tensorboard",
-    "time_limit_minutes", "max_skipped_steps", "zero_shot", "test_at_best", "output_dir",
+    "steps", "resume", "eval_every", "save_every", "log_every", "eval_batch_size", "progress", "report_to",
+    "time_limit_minutes", "max_skipped_steps", "zero_shot", "test_at_best", "output_dir", "push_to_hub",
+    "push_checkpoint",
     "model.device", "model.cache_dir", "parallel.", "offload.",
 )
 

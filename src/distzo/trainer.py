@@ -6,8 +6,8 @@ Files in ``output_dir`` (what each promises: docs/runs.md):
     .distzo.lock           held (flock) by the one process writing the run
     config.yaml            the resolved configuration
     trajectory.jsonl       (step, seeds, g's, lr) per step: with the base model, the run
-    metrics.jsonl, tb/     training and eval metrics (JSON lines, TensorBoard)
-    checkpoints/last/      weights (save_pretrained) + trainer and optimizer state
+    metrics.jsonl, tb/     training and eval metrics (JSON lines; TensorBoard or the other --report-to loggers)
+    checkpoints/last/      weights (save_pretrained) + trainer and optimizer state + model card (README.md)
     checkpoints/best/      the best dev-metric checkpoint, when evaluating during training
     results.json           zero-shot and final metrics, wall time
     launch.json            the torchrun launch that wrote the run (to resume it after a restart)
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from distzo import parallel, rundir
+from distzo import loggers, parallel, rundir
 from distzo.checkpoint import (
     BaseIdentity,
     TrajectoryHeader,
@@ -49,12 +49,14 @@ from distzo.config import TrainConfig, dump_yaml, run_config, to_dict
 from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
+from distzo.modelcard import CARD_FILE, model_card
 from distzo.models import apply_lora, load_model, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
 from distzo.replay import check_base, check_steps, replay_into
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
+from distzo.upload import push
 
 # The metric each task kind selects the best checkpoint by, and whether higher is better.
 SELECT_BY = {"classification": ("accuracy", True), "generation": ("f1", True), "lm": ("loss", False)}
@@ -230,7 +232,7 @@ class Trainer:
             self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
         self._signal: int | None = None
         self._evaluating = False
-        self._writer = None
+        self._loggers = loggers.Loggers()
 
     # ------------------------------------------------------------------ setup (reads only)
 
@@ -342,8 +344,7 @@ class Trainer:
         else:
             self.log.start(trajectory_header(self.cfg, self.model, environment))
         self._trim_metrics()
-        if self.cfg.tensorboard:
-            self._writer = _tensorboard(self.out / "tb")
+        self._loggers = loggers.start(self.cfg.report_to, self.out, to_dict(self.cfg))
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metric lines past the resumed step: they will be redone."""
@@ -367,7 +368,7 @@ class Trainer:
             self._loop(start_time)
             self.opt.flush()
             final = self._evaluate(self.data.test, "test")
-            self._save(self.last_dir)
+            self._save(self.last_dir, final=final)
         except _StopNow:
             self._interrupt()
         finally:
@@ -386,14 +387,15 @@ class Trainer:
         }
         if self.mesh.is_main:
             atomic_write_json(self.out / "results.json", results)
+            if cfg.push_to_hub:  # after the run's own files: a failed upload loses nothing
+                folder = self.best_dir if cfg.push_checkpoint == "best" else self.last_dir
+                print(f"uploaded {folder} to {push(folder, cfg.push_to_hub)}")
         self.close()
         return results
 
     def close(self) -> None:
         self.log.close()
-        if self._writer:
-            self._writer.close()
-            self._writer = None
+        self._loggers.close()
         self.lock.release()
 
     def _loop(self, start_time: float) -> None:
@@ -483,8 +485,9 @@ class Trainer:
                       "eval_seconds": round(time.time() - began, 3)})
         return metrics
 
-    def _save(self, directory: Path, wait: bool = True) -> None:
-        """Rank 0 writes the checkpoint; with ``wait`` every rank waits until it is written."""
+    def _save(self, directory: Path, wait: bool = True, final: dict[str, float] | None = None) -> None:
+        """Rank 0 writes the checkpoint and its model card (``final``: the test metrics after the last
+        step, once known); with ``wait`` every rank waits until it is written."""
         self.opt.flush()
         if not all(torch.isfinite(p.param).all() for p in self.opt.params):
             raise TrainingDiverged(
@@ -493,7 +496,9 @@ class Trainer:
             )
         if self.mesh.is_main:
             state = {**self.state, "log_tail": _record_key(self._tail)}
-            save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict())
+            card = model_card(self.cfg, self.state, final)
+            save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict(),
+                            extra_files={CARD_FILE: card})
         if directory == self.last_dir:
             self._saved_step = self.state["step"]
         if wait:
@@ -504,11 +509,7 @@ class Trainer:
             return
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            prefix = row.get("split", "train")
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+        self._loggers.log(loggers.scalars(row), row["step"])
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # a second signal: stop now (checkpoints and the log are atomic)
@@ -615,15 +616,6 @@ def _restart_of_this_launch(out: Path) -> bool:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed; metrics go to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(folder))
 
 
 def _progress(cfg: TrainConfig, start: int):
