@@ -53,7 +53,14 @@ OFFLOAD_MODES = {
         # "-late": every gather of a block's slices lands only when the engine waits for it
         ("offload-dir2xdata2-q2-late", 1, 2, 2, 2, "two-sided", "larger")],
 }
-TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES}
+# Ranks and reference on ATen's portable (non-SIMD) kernels: other bits than the machine's own.
+PORTABLE_MODES = {
+    4: [("dir2xdata2-q2-larger", 1, 2, 2, 2, "two-sided", "larger"),
+        ("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
+        ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
+}
+TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES}
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
                "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "barrier")
@@ -62,7 +69,8 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
 @pytest.fixture(autouse=True)
 def one_thread():
     """This process computes references while ranks run beside it: one thread each, no
-    contention for the cores (two threads made a tiny matmul 1000x slower on 2 cores)."""
+    contention for the cores (two threads made a tiny matmul 1000x slower on 2 cores), and
+    the same split of every kernel on every machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -79,18 +87,19 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict[str, str]:
-    # One thread per rank: up to four ranks share the machine's cores.
+    # One thread per rank: up to four ranks share the machine's cores, and every machine splits
+    # a rank's kernels alike (a reduction split over threads adds in another order).
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _start_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
-    """``world`` processes running this file with torchrun's environment variables."""
+def _start_ranks(world: int, argv: list[str], **env) -> list[subprocess.Popen]:
+    """``world`` processes running this file with torchrun's environment variables (and ``env``)."""
     port = _free_port()
     return [
         subprocess.Popen([sys.executable, str(HERE), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
-                         env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                         env=_env(**env, RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for r in range(world)
     ]
@@ -137,11 +146,11 @@ def _batch(t: int):
     return tiny_batch(rows=4, seq=7, seed=t)
 
 
-def _run_table(out: Path, command: str) -> dict[str, list[dict]]:
+def _run_table(out: Path, command: str, **env) -> dict[str, list[dict]]:
     """Every mode of the table ``command`` run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
     table = TABLES[command]
     for world in table:
-        results = _finish(_start_ranks(world, [command, str(out), str(world)]))
+        results = _finish(_start_ranks(world, [command, str(out), str(world)], **env))
         for code, _, err in results:
             assert code == 0, err[-3000:]
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
@@ -228,6 +237,21 @@ def test_sliced_offload_matches_single_process_reference(offload_results, world,
         assert rec["dist_calls"]["all_gather_into_tensor"] == rec["uploads"]
 
 
+@pytest.fixture(scope="module")
+def portable_results(tmp_path_factory) -> dict[str, list[dict]]:
+    return _run_table(tmp_path_factory.mktemp("portable-kernels"), "portable-kernels", **PORTABLE_KERNELS)
+
+
+@pytest.mark.parametrize("world,mode", **_cases(PORTABLE_MODES))
+def test_float64_modes_match_on_portable_kernels(portable_results, world, mode):
+    # The machine's own kernels and the portable ones round differently, as two CPUs do.
+    # Were there a float32 rounding in the float64 path, some machine's bits would cross it
+    # and miss the bounds by ~1e-10; on two kernel sets, the suite meets that on every machine.
+    ranks = portable_results[mode[0]]
+    for rec in ranks:
+        _assert_matches(rec, ranks[0]["reference"])  # rank 0's, on the same kernels
+
+
 def test_each_step_sends_only_scalars(mode_results):
     # One all-reduce per step of a (q, 2 halves, [loss x weight, weight]) float64 vector:
     # 32 bytes per direction whatever the model size.
@@ -280,6 +304,8 @@ def _run_modes(out: Path, world: int, command: str) -> None:
         if engine is not None:
             rec["uploads"], rec["bytes_up"] = engine.uploads, engine.bytes_up
             rec["block_bytes"], rec["slices"], rec["slots"] = engine.block_bytes, engine.slices.size, len(engine.slots)
+        if command == "portable-kernels" and mesh.rank == 0:
+            rec["reference"] = _reference(mode)  # on this process's kernels
         torch.save(rec, out / f"{name}-rank{mesh.rank}.pt")
     mesh.close()
 
