@@ -2,15 +2,17 @@
 
 Ranks are real processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
 ... in the environment), or by torchrun itself; each runs this file as a script (see
-``worker`` at the bottom). Optimizer-level modes run in float64 with MeZO's loss in float64,
-so they match the four-pass reference as tightly as the single-process engine does
-(tests/test_optimizer.py). Runs of the real entry point train in float32, where a shard's
+``worker`` at the bottom). Optimizer-level modes run in float64 with MeZO's loss in float64
+and the models' RMSNorms in float64 too (conftest.float64_throughout), so they match the
+four-pass reference as tightly as the single-process engine does (tests/test_optimizer.py),
+on any machine. Runs of the real entry point train in float32, where a shard's
 loss and a one-half forward round differently from the global stacked forward: they
 match to float32 precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -47,8 +49,18 @@ OFFLOAD_MODES = {
     2: [("offload-data2", 1, 1, 2, 1, "two-sided", "larger"), ("offload-pert2", 2, 1, 1, 1, "two-sided", "larger"),
         ("offload-pert2-deferred", 2, 1, 1, 1, "two-sided", "larger")],
     4: [("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
+        ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
+        # "-late": every gather of a block's slices lands only when the engine waits for it
+        ("offload-dir2xdata2-q2-late", 1, 2, 2, 2, "two-sided", "larger")],
+}
+# Ranks and reference on ATen's portable (non-SIMD) kernels: other bits than the machine's own.
+PORTABLE_MODES = {
+    4: [("dir2xdata2-q2-larger", 1, 2, 2, 2, "two-sided", "larger"),
+        ("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
         ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
 }
+TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES}
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
                "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "barrier")
@@ -57,7 +69,8 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
 @pytest.fixture(autouse=True)
 def one_thread():
     """This process computes references while ranks run beside it: one thread each, no
-    contention for the cores (two threads made a tiny matmul 1000x slower on 2 cores)."""
+    contention for the cores (two threads made a tiny matmul 1000x slower on 2 cores), and
+    the same split of every kernel on every machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -74,18 +87,19 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict[str, str]:
-    # One thread per rank: up to four ranks share the machine's cores.
+    # One thread per rank: up to four ranks share the machine's cores, and every machine splits
+    # a rank's kernels alike (a reduction split over threads adds in another order).
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _start_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
-    """``world`` processes running this file with torchrun's environment variables."""
+def _start_ranks(world: int, argv: list[str], **env) -> list[subprocess.Popen]:
+    """``world`` processes running this file with torchrun's environment variables (and ``env``)."""
     port = _free_port()
     return [
         subprocess.Popen([sys.executable, str(HERE), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
-                         env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                         env=_env(**env, RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for r in range(world)
     ]
@@ -112,16 +126,17 @@ def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _model(size: str):
+    from conftest import float64_throughout
     from tiny_models import tiny_model
 
     if size == "tiny":
-        return tiny_model("llama", dtype=torch.float64)
+        return float64_throughout(tiny_model("llama", dtype=torch.float64))
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    return float64_throughout(transformers.LlamaForCausalLM(cfg).to(torch.float64).eval())
 
 
 def _batch(t: int):
@@ -131,10 +146,11 @@ def _batch(t: int):
     return tiny_batch(rows=4, seq=7, seed=t)
 
 
-def _run_table(out: Path, command: str, table: dict) -> dict[str, list[dict]]:
-    """Every mode of ``table`` run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
+def _run_table(out: Path, command: str, **env) -> dict[str, list[dict]]:
+    """Every mode of the table ``command`` run by its ranks: {mode name: [rank 0's record, rank 1's, ...]}."""
+    table = TABLES[command]
     for world in table:
-        results = _finish(_start_ranks(world, [command, str(out), str(world)]))
+        results = _finish(_start_ranks(world, [command, str(out), str(world)], **env))
         for code, _, err in results:
             assert code == 0, err[-3000:]
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
@@ -143,7 +159,7 @@ def _run_table(out: Path, command: str, table: dict) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def mode_results(tmp_path_factory) -> dict[str, list[dict]]:
-    return _run_table(tmp_path_factory.mktemp("modes"), "modes", MODES)
+    return _run_table(tmp_path_factory.mktemp("modes"), "modes")
 
 
 def _reference(mode) -> dict:
@@ -170,23 +186,31 @@ def _reference(mode) -> dict:
     return {"plus": plus, "other": other, "grads": grads, "weights": copy.deepcopy(model.state_dict())}
 
 
-ALL_MODES = [(world, mode) for world, modes in MODES.items() for mode in modes]
+def _assert_matches(rec: dict, ref: dict) -> None:
+    """One rank's losses, g's and final weights against the reference's.
+
+    float64 throughout: shard losses combined by label-token weights equal the global mean
+    to ~1e-16, so the bounds are those of the single-process engine."""
+    for t in range(STEPS):  # every rank ends with all q losses and g's of every step
+        assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
+        assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
+        assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
+    assert max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"]) < 1e-12
 
 
-@pytest.mark.parametrize("world,mode", ALL_MODES, ids=[m[0] for _, m in ALL_MODES])
+def _cases(table: dict) -> dict:
+    """parametrize's arguments for every (world, mode) of ``table``, named by the modes."""
+    cases = [(world, mode) for world, modes in table.items() for mode in modes]
+    return {"argvalues": cases, "ids": [mode[0] for _, mode in cases]}
+
+
+@pytest.mark.parametrize("world,mode", **_cases(MODES))
 def test_mode_matches_single_process_reference(mode_results, world, mode):
-    # float64 throughout: shard losses combined by label-token weights equal the global
-    # mean to ~1e-16, so the bounds are those of the single-process engine.
     ranks = mode_results[mode[0]]
     assert len(ranks) == world
     ref = _reference(mode)
-    for rec in ranks:  # every rank ends with all q losses and g's of every step
-        for t in range(STEPS):
-            assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
-            assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
-            assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
-        diff = max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"])
-        assert diff < 1e-12
+    for rec in ranks:
+        _assert_matches(rec, ref)
     first = ranks[0]["weights"]
     for rec in ranks[1:]:  # no weight ever crosses the network, yet the copies agree bit for bit
         assert all(torch.equal(first[k], rec["weights"][k]) for k in first)
@@ -195,13 +219,10 @@ def test_mode_matches_single_process_reference(mode_results, world, mode):
 
 @pytest.fixture(scope="module")
 def offload_results(tmp_path_factory) -> dict[str, list[dict]]:
-    return _run_table(tmp_path_factory.mktemp("offload-modes"), "offload-modes", OFFLOAD_MODES)
+    return _run_table(tmp_path_factory.mktemp("offload-modes"), "offload-modes")
 
 
-OFFLOAD_ALL = [(world, mode) for world, modes in OFFLOAD_MODES.items() for mode in modes]
-
-
-@pytest.mark.parametrize("world,mode", OFFLOAD_ALL, ids=[m[0] for _, m in OFFLOAD_ALL])
+@pytest.mark.parametrize("world,mode", **_cases(OFFLOAD_MODES))
 def test_sliced_offload_matches_single_process_reference(offload_results, world, mode):
     # Each rank uploads 1/P of every block and writes back only its own slice of the
     # update into the node's one shared host copy. The final weights are read from that
@@ -209,15 +230,26 @@ def test_sliced_offload_matches_single_process_reference(offload_results, world,
     ranks = offload_results[mode[0]]
     ref = _reference(mode)
     for rec in ranks:
-        for t in range(STEPS):
-            assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
-            assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
-            assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
-        assert max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"]) < 1e-12
+        _assert_matches(rec, ref)
         assert rec["slices"] == world and rec["slots"] == 3  # sliced offload prefetches two blocks by default
         assert rec["uploads"] >= STEPS * 4  # four blocks a step at least
         assert rec["bytes_up"] == rec["uploads"] * rec["block_bytes"] // world  # 1/P of each block per rank
         assert rec["dist_calls"]["all_gather_into_tensor"] == rec["uploads"]
+
+
+@pytest.fixture(scope="module")
+def portable_results(tmp_path_factory) -> dict[str, list[dict]]:
+    return _run_table(tmp_path_factory.mktemp("portable-kernels"), "portable-kernels", **PORTABLE_KERNELS)
+
+
+@pytest.mark.parametrize("world,mode", **_cases(PORTABLE_MODES))
+def test_float64_modes_match_on_portable_kernels(portable_results, world, mode):
+    # The machine's own kernels and the portable ones round differently, as two CPUs do.
+    # Were there a float32 rounding in the float64 path, some machine's bits would cross it
+    # and miss the bounds by ~1e-10; on two kernel sets, the suite meets that on every machine.
+    ranks = portable_results[mode[0]]
+    for rec in ranks:
+        _assert_matches(rec, ranks[0]["reference"])  # rank 0's, on the same kernels
 
 
 def test_each_step_sends_only_scalars(mode_results):
@@ -234,13 +266,15 @@ def test_each_step_sends_only_scalars(mode_results):
     assert large["dist_bytes"] == small["dist_bytes"]
 
 
-def _run_modes(out: Path, world: int, offload: bool = False) -> None:
+def _run_modes(out: Path, world: int, command: str) -> None:
     from distzo import parallel
     from distzo.offload import OffloadConfig, OffloadEngine
     from distzo.optimizer import ZOOptimizer, causal_lm_loss
 
     counts = _count_collectives()
-    for name, pert, dir_, data, q, est, size in (OFFLOAD_MODES if offload else MODES)[world]:
+    for mode in TABLES[command][world]:
+        name, pert, dir_, data, q, est, size = mode
+        offload = name.startswith("offload-")
         mesh = parallel.init(parallel.ParallelConfig(pert=pert, dir=dir_, data=data, timeout_s=60))
         assert mesh.sizes == {"pert": pert, "dir": dir_, "data": data}
         assert all(torch.distributed.get_world_size(mesh.group(a)) == n for a, n in mesh.sizes.items())
@@ -255,22 +289,65 @@ def _run_modes(out: Path, world: int, offload: bool = False) -> None:
         rec = {"plus": [], "other": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],
                "params": sum(p.numel() for p in model.parameters())}
         counts.clear()
-        for t in range(STEPS):
-            before, sent = counts.get("bytes", 0), mesh.bytes_sent
-            stats = opt.step(parallel.shard_batch(_batch(t), mesh.coord("data"), mesh.size("data")))
-            rec["plus"].append(stats.losses_plus)
-            rec["other"].append(stats.losses_other)
-            rec["grads"].append(stats.projected_grads)
-            rec["mesh_bytes"].append(mesh.bytes_sent - sent)
-            rec["dist_bytes"].append(counts.get("bytes", 0) - before)
-        opt.flush()
+        with _late_gathers() if name.endswith("-late") else contextlib.nullcontext():
+            for t in range(STEPS):
+                before, sent = counts.get("bytes", 0), mesh.bytes_sent
+                stats = opt.step(parallel.shard_batch(_batch(t), mesh.coord("data"), mesh.size("data")))
+                rec["plus"].append(stats.losses_plus)
+                rec["other"].append(stats.losses_other)
+                rec["grads"].append(stats.projected_grads)
+                rec["mesh_bytes"].append(mesh.bytes_sent - sent)
+                rec["dist_bytes"].append(counts.get("bytes", 0) - before)
+            opt.flush()
         rec["dist_calls"] = {k: v for k, v in counts.items() if k != "bytes"}
         rec["weights"] = {k: v.clone() for k, v in model.state_dict().items()}  # read from the shared host copy
         if engine is not None:
             rec["uploads"], rec["bytes_up"] = engine.uploads, engine.bytes_up
             rec["block_bytes"], rec["slices"], rec["slots"] = engine.block_bytes, engine.slices.size, len(engine.slots)
+        if command == "portable-kernels" and mesh.rank == 0:
+            rec["reference"] = _reference(mode)  # on this process's kernels
         torch.save(rec, out / f"{name}-rank{mesh.rank}.pt")
     mesh.close()
+
+
+class _Landing:
+    """A gather whose output holds NaN until the first ``wait``, when its data lands."""
+
+    def __init__(self, work, staged: torch.Tensor, output: torch.Tensor):
+        self.work, self.staged, self.output = work, staged, output
+        output.fill_(float("nan"))
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> bool:
+        self.work.wait()
+        if self.staged is not None:
+            self.output.copy_(self.staged)
+            self.staged = None
+        return True
+
+
+@contextlib.contextmanager
+def _late_gathers():
+    """Every gather into a tensor lands as late as its waiter allows, whatever the machine's
+    timing (on an idle CPU gloo has usually finished before the engine looks): a slot read or
+    written back before its gather was waited for turns the losses or the host copy into NaN."""
+    import torch.distributed as dist
+
+    gather = dist.all_gather_into_tensor
+
+    def late(output, tensor, group=None, async_op=False):
+        assert async_op, "the engine waits for its gathers itself"
+        staged = torch.empty_like(output)
+        # the input is a view of the output (this rank's slice): read it before the NaN
+        return _Landing(gather(staged, tensor.clone(), group=group, async_op=True), staged, output)
+
+    dist.all_gather_into_tensor = late
+    try:
+        yield
+    finally:
+        dist.all_gather_into_tensor = gather
 
 
 def _count_collectives() -> dict[str, int]:
@@ -545,8 +622,8 @@ def _run_dying(mode: str, at_step: int, cli_args: list[str]) -> int:
 
 def worker(argv: list[str]) -> int:
     sys.path.insert(0, str(HERE.parent))
-    if argv[0] in ("modes", "offload-modes"):
-        _run_modes(Path(argv[1]), int(argv[2]), offload=argv[0] == "offload-modes")
+    if argv[0] in TABLES:
+        _run_modes(Path(argv[1]), int(argv[2]), argv[0])
         return 0
     if argv[0] == "dying":
         return _run_dying(argv[1], int(argv[2]), argv[3:])
