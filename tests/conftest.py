@@ -16,34 +16,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 TINY_WORDS = "the a movie film was is good bad great terrible plot acting not very".split()
 
 
-class Float64RMSNorm(torch.nn.Module):
-    """An RMSNorm computed in its input's dtype, with the weight of the norm it replaces."""
-
-    def __init__(self, norm: torch.nn.Module):
-        super().__init__()
-        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def float64_throughout(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (float64) with its Llama-style RMSNorms computed in float64, for tests against the reference.
-
-    transformers' RMSNorm rounds its input to float32. In a float64 model that rounding turns
-    an ulp-level difference between two computations of one loss (MeZO's in-place drift, a
-    data shard's matmul of fewer rows, another CPU's kernels) into a jump of ~1e-10 whenever it
-    crosses a float32 rounding boundary, which happens on some machines and not on others. In
-    float64 throughout, engine and reference agree to ~1e-15 on every machine. (The rotary
-    embedding's float32 angles are a function of the positions alone: one machine computes
-    the same ones for every batch.)
-    """
-    norms = [name for name, m in model.named_modules()
-             if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
-    for name in norms:  # the same parameters under the same names, in the same order
-        model.set_submodule(name, Float64RMSNorm(model.get_submodule(name)))
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from conftest import float64_throughout
 from reference_mezo import mezo_step
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
@@ -45,7 +44,7 @@ def test_offloaded_training_equals_resident_bit_for_bit(family):
 
 
 def test_offloaded_matches_the_reference_in_float64():
-    model = float64_throughout(tiny_model("llama", dtype=torch.float64))
+    model = tiny_model("llama", dtype=torch.float64)
     ref = copy.deepcopy(model)
     engine = OffloadEngine(model, "cpu", OffloadConfig("cpu", prefetch=2))
     opt = ZOOptimizer(model, lr=1e-3, eps=1e-3, weight_decay=0.1, seed=0, offload=engine, directions=2)

@@ -3,7 +3,7 @@
 Ranks are real processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
 ... in the environment), or by torchrun itself; each runs this file as a script (see
 ``worker`` at the bottom). Optimizer-level modes run in float64 with MeZO's loss in float64
-and the models' RMSNorms in float64 too (conftest.float64_throughout), so they match the
+and the models' RMSNorms in float64 too (tiny_models.float64_throughout), so they match the
 four-pass reference as tightly as the single-process engine does (tests/test_optimizer.py),
 on any machine. Runs of the real entry point train in float32, where a shard's
 loss and a one-half forward round differently from the global stacked forward: they
@@ -126,11 +126,10 @@ def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _model(size: str):
-    from conftest import float64_throughout
-    from tiny_models import tiny_model
+    from tiny_models import float64_throughout, tiny_model
 
     if size == "tiny":
-        return float64_throughout(tiny_model("llama", dtype=torch.float64))
+        return tiny_model("llama", dtype=torch.float64)
     import transformers
 
     torch.manual_seed(0)
