@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,27 @@ class Example:
     is exactly the text that follows the prompt, with its leading space where the text
     has one (" great" after "It was"; "Yes" after a prompt that ends in a newline).
     Generation / SFT: the model is trained on ``target`` given ``prompt``; generation
-    tasks list every acceptable answer in ``answers`` for F1/EM.
+    tasks list every acceptable answer in ``answers`` for F1/EM. With ``eos`` the target
+    is followed by the tokenizer's EOS, trained too, so a tuned model learns to stop.
     Plain-text LM: ``prompt`` is "" and ``target`` is the text itself.
+    Chat: ``messages`` is the conversation ({"role": ..., "content": ...} turns) and the
+    other text fields stay empty; collate renders it with the tokenizer's chat template,
+    loss on the assistant turns (see ``distzo.tasks.chat``).
     """
 
-    prompt: str
+    prompt: str = ""
     candidates: list[str] = field(default_factory=list)
     gold: int | None = None
     target: str | None = None
     answers: list[str] = field(default_factory=list)
+    eos: bool = False
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.gold is not None and not 0 <= self.gold < len(self.candidates):
             raise ValueError(f"gold index {self.gold} is out of range for {len(self.candidates)} candidates")
+        if self.messages and (self.prompt or self.target is not None or self.candidates):
+            raise ValueError("a conversation carries its text in messages alone, not in prompt, target or candidates")
 
 
 @dataclass

@@ -27,7 +27,8 @@ HELD_OUT_SHARE = 0.1
 
 
 class JsonlSFT(Task):
-    """Supervised fine-tuning on ``{"prompt": ..., "completion": ...}`` lines; loss on the completion only."""
+    """Supervised fine-tuning on ``{"prompt": ..., "completion": ...}`` lines; loss on the completion
+    and the EOS that follows it."""
 
     name = "jsonl"
     kind = "lm"
@@ -68,7 +69,7 @@ def _parse_line(line: str, where: str) -> Example:
         raise ValueError(f'{where}: expected an object with string fields "prompt" and "completion"')
     if not record["completion"]:
         raise ValueError(f"{where}: the completion is empty, so there is nothing to train on")
-    return Example(prompt=record["prompt"], target=record["completion"])
+    return Example(prompt=record["prompt"], target=record["completion"], eos=True)
 
 
 def split_sizes(n: int, cfg: TaskConfig) -> tuple[int, int, int]:
