@@ -75,3 +75,27 @@ def sst2_dir(tmp_path_factory) -> Path:
             rows.append({"sentence": " ".join(words), "label": int(bool({"good", "great"} & set(words))), "idx": i})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+# Turns are "<role> : <content> </s>", so every assistant turn ends with the EOS token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with the role names and ":" added to its vocabulary and a simple chat
+    template (``TINY_CHAT_TEMPLATE``), so rendered conversations tokenise word by word. Read-only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["system", "user", "assistant", ":"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -48,7 +48,7 @@ def test_config_validation():
 
 def test_registry():
     expected = {"sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop",
-                "rotten_tomatoes", "jsonl", "text"}  # fmt: skip
+                "rotten_tomatoes", "jsonl", "text", "sft", "classification"}  # fmt: skip
     assert set(TASKS) == expected
     assert get_task("rte").kind == "classification"
     assert get_task("squad").kind == "generation"

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from distzo.losses import candidate_scores, token_nll
+from distzo.losses import IGNORE_INDEX, candidate_scores, token_nll
 from distzo.tasks.base import Example, Task
 from distzo.tasks.collate import collate_classification, collate_prompts, collate_train, pad_id
 
@@ -167,7 +167,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor], keep_last: int | None 
 
 def _answer_span(labels: torch.Tensor) -> int:
     """Positions whose logits the loss reads: from the one before the first label column to the end."""
-    columns = (labels != -100).any(0).nonzero()
+    columns = (labels != IGNORE_INDEX).any(0).nonzero()
     if columns.numel() == 0:
         return labels.shape[1]
     return labels.shape[1] - max(int(columns[0]) - 1, 0)

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+# The label of a position without loss: cross_entropy's default ignore_index. Batches
+# (distzo.tasks.collate) write it, the losses and evaluation read it.
 IGNORE_INDEX = -100
 
 

