@@ -330,6 +330,7 @@ def test_chat_without_a_chat_template_is_one_line(capsys, tiny_model_dir, tmp_pa
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 30)
     err = fail(capsys, train_args(tiny_model_dir, tmp_path / "o", "--task", "sft", "--data", str(data)))
     assert f"model '{tiny_model_dir}' has no chat template" in err
+    assert not (tmp_path / "o").exists()  # refused before the run folder is made
 
 
 # --------------------------------------------------------------------------- the packaged model's template

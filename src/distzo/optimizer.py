@@ -22,6 +22,7 @@ from torch import nn
 
 from distzo import directions, estimator, kernels, parallel
 from distzo.directions import Kind
+from distzo.losses import IGNORE_INDEX
 from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
@@ -49,15 +50,16 @@ def causal_lm_loss(outputs, batch: Mapping[str, Any]) -> torch.Tensor:
     wide = torch.promote_types(logits.dtype, torch.float32)
     if logits.numel() <= LOSS_CHUNK:
         return nn.functional.cross_entropy(logits.to(wide).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100)
+                                           ignore_index=IGNORE_INDEX)
     span = max(1, LOSS_CHUNK // logits.shape[-1])
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for row in range(logits.shape[0]):
         for lo in range(0, logits.shape[1], span):
             part = logits[row, lo : lo + span].to(wide)
-            nll = nn.functional.cross_entropy(part, labels[row, lo : lo + span], ignore_index=-100, reduction="sum")
+            nll = nn.functional.cross_entropy(part, labels[row, lo : lo + span], ignore_index=IGNORE_INDEX,
+                                              reduction="sum")
             total += nll.to(torch.float64)
-    return (total / (labels != -100).sum()).to(wide)
+    return (total / (labels != IGNORE_INDEX).sum()).to(wide)
 
 
 @dataclass

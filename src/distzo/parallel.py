@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from distzo import collectives
 from distzo.collectives import ParallelError
+from distzo.losses import IGNORE_INDEX
 from distzo.offload import SliceGroup
 
 __all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init", "loss_weight", "my_directions",
@@ -41,7 +42,6 @@ __all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init"
 AXES = ("pert", "dir", "data")
 # Keys of a candidate batch that hold one entry per example rather than per row.
 EXAMPLE_KEYS = ("gold", "num_candidates", "candidate_ids")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -289,7 +289,7 @@ def loss_weight(batch: Mapping[str, Any]) -> float:
     """How much of the global batch's loss a shard carries, in the loss's units.
 
     distzo's losses are means: the candidate loss over examples (batches with ``gold``),
-    the LM loss over label tokens (labels[:, 1:] != -100; input_ids when no labels).
+    the LM loss over label tokens (labels[:, 1:] != IGNORE_INDEX; input_ids when no labels).
     """
     if "gold" in batch:
         return float(len(batch["gold"]))

@@ -157,13 +157,17 @@ class BatchStream:
 
     def _grouped(self, order: list[int]) -> list[int]:
         span = self.GROUP * self.batch_size
-        length = lambda i: len(self.examples[i].prompt) + len(self.examples[i].target or "")  # noqa: E731
+        length = lambda i: _text_length(self.examples[i])  # noqa: E731
         return [i for lo in range(0, len(order), span) for i in sorted(order[lo : lo + span], key=length)]
 
     def at(self, step: int) -> list:
         n = len(self.examples)
         positions = range(step * self.batch_size, (step + 1) * self.batch_size)
         return [self.examples[self._perm(p // n)[p % n]] for p in positions]
+
+
+def _text_length(example) -> int:
+    return len(example.prompt) + len(example.target or "") + sum(len(m.get("content") or "") for m in example.messages)
 
 
 class Trainer:
@@ -202,6 +206,10 @@ class Trainer:
         slices = parallel.node_slices(self.mesh) if cfg.offload.enabled else None
         skeleton = slices is not None and slices.rank != 0 and not cfg.use_lora
         self.model, self.tokenizer = build_model(cfg, Path(saved["path"]) if saved else None, skeleton)
+        # Data the tokenizer cannot batch (a chat task and a model without a chat template) is
+        # refused now, before anything is written, not at the first step.
+        if self.data.train:
+            collate_train(self.data.train[:1], self.tokenizer, self.task.kind, cfg.task.max_length)
         if cfg.resume and not saved and not skeleton:  # stopped before its first checkpoint: the log rebuilds it
             header = self.log.header()
             check_base(self.model, header, cfg.model.name)
