@@ -172,6 +172,15 @@ def test_csv_classification_with_user_columns_trains(tiny_model_dir, tmp_path, l
         assert e.candidates == [" bad", " good"] and e.prompt.endswith(f"very {names[e.gold]}\nLabel:")
 
 
+def test_eval_takes_the_same_dataset_settings_as_train(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "reviews.csv", reviews(40))
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", "classification", "--dataset", str(data),
+            "--text-column", "review", "--label-column", "sentiment", "--labels", "bad,good", "--num-examples", "8"]
+    assert main(argv) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["task"] == "classification" and scored["examples"] == 8 and 0 <= scored["accuracy"] <= 1
+
+
 # --------------------------------------------------------------------------- datasets by path
 
 

@@ -100,10 +100,14 @@ def _train_parser(sub) -> None:
                        description="Fine-tune a model with zeroth-order SGD. With no arguments: the packaged "
                        "SmolLM2-135M-Instruct on rotten_tomatoes, offline.")
     p.add_argument("--config", help="YAML file of settings (flags override it)")
-    group = p.add_argument_group("settings (also valid as YAML keys; dots nest)")
-    for name, tp, default, doc in flat_fields():
+    _add_settings(p.add_argument_group("settings (also valid as YAML keys; dots nest)"), flat_fields(), ALIASES)
+
+
+def _add_settings(group, fields, aliases: dict[str, str]) -> None:
+    """One flag per config field (dotted name, its dashed form, its short aliases), help from its docstring."""
+    for name, tp, default, doc in fields:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        flags += [f"--{a}" for a, target in ALIASES.items() if target == name]
+        flags += [f"--{a}" for a, target in aliases.items() if target == name]
         is_bool = tp is bool
         help_text = f"{doc} (default: {_shown(default)})".strip()
         group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else "V",
@@ -116,20 +120,26 @@ def _shown(value: Any) -> str:
     return shlex.quote(",".join(map(str, value)) if isinstance(value, list) else str(value))
 
 
+# eval's own flags beside the task's settings; the split's size comes from --num-examples.
+EVAL_ALIASES = {**{a: t for a, t in ALIASES.items() if t.startswith("task.")}, "max-length": "task.max_length"}
+SPLIT_SIZES = ("task.num_train", "task.num_dev", "task.num_test")
+
+
 def _eval_parser(sub) -> None:
-    from distzo.tasks import TASKS
+    from distzo.config import flat_fields
+    from distzo.tasks import TASKS, TaskConfig
 
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description=f"Score a model on a task's split. Tasks: {', '.join(TASKS)}.")
     p.add_argument("--model", default="default", help="hub id, local folder (a checkpoint), or .gguf file")
-    p.add_argument("--task", default="rotten_tomatoes", help=f"task name: {' | '.join(TASKS)}")
-    p.add_argument("--data", default=None, help="local data file or folder for the task")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="the split to score")
     p.add_argument("--num-examples", type=int, default=500, help="examples drawn from the split")
     p.add_argument("--dtype", default="float32", help="weight dtype: float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu; or a torch device")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward")
-    p.add_argument("--max-length", type=int, default=256, help="token budget of a row")
+    fields = [f for f in flat_fields(TaskConfig(), "task.") if f[0] not in SPLIT_SIZES]
+    _add_settings(p.add_argument_group("task settings (as in train)"), fields, EVAL_ALIASES)
 
 
 def _replay_parser(sub) -> None:
@@ -172,18 +182,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from distzo.config import build, dotted_to_nested
     from distzo.evaluate import evaluate
     from distzo.models import ModelConfig, load_model
     from distzo.tasks import TaskConfig, get_task, load_task
 
     n = args.num_examples
     sizes = {"train": (n, 0, 0), "dev": (0, n, 0), "test": (0, 0, n)}[args.split]
-    tcfg = TaskConfig(name=args.task, data_path=args.data, num_train=sizes[0], num_dev=sizes[1], num_test=sizes[2],
-                      max_length=args.max_length)
+    settings = {k: v for k, v in vars(args).items() if k.startswith("task.")}
+    settings.update(zip(SPLIT_SIZES, sizes))
+    tcfg = build(TaskConfig(), dotted_to_nested(settings)["task"], "task.")
     model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device))
     examples = getattr(load_task(tcfg), args.split)
-    metrics = evaluate(model, tokenizer, get_task(args.task), examples, args.batch_size, args.max_length)
-    print(json.dumps({"model": args.model, "task": args.task, "split": args.split, "examples": len(examples),
+    metrics = evaluate(model, tokenizer, get_task(tcfg.name), examples, args.batch_size, tcfg.max_length)
+    print(json.dumps({"model": args.model, "task": tcfg.name, "split": args.split, "examples": len(examples),
                       **metrics}))
     return 0
 
