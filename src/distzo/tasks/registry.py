@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distzo.tasks.base import Task
+from distzo.tasks.debates import Debates
 from distzo.tasks.local import JsonlSFT, PlainText
 from distzo.tasks.qa import DROP, SQuAD
 from distzo.tasks.rotten_tomatoes import RottenTomatoes
@@ -13,6 +14,7 @@ TASKS: dict[str, Task] = {
     for task in (
         SST2(), RTE(), CB(), BoolQ(), WSC(), WIC(), MultiRC(), COPA(), ReCoRD(),
         SQuAD(), DROP(), RottenTomatoes(), JsonlSFT(), PlainText(),
+        Debates(),
     )
 }  # fmt: skip
 
