@@ -110,9 +110,9 @@ class Arm:
     grid: dict[str, list[str]] = field(default_factory=dict)
 
     def points(self) -> list[dict[str, str]]:
-        """Every combination of the grid's values (one empty point without a grid)."""
+        """The arm's settings with each combination of the grid's values (one point without a grid)."""
         keys = sorted(self.grid)
-        return [dict(zip(keys, values)) for values in product(*(self.grid[k] for k in keys))]
+        return [{**self.settings, **dict(zip(keys, values))} for values in product(*(self.grid[k] for k in keys))]
 
 
 def parse_arm(text: str) -> Arm:
@@ -136,12 +136,13 @@ def add_grid(arms: list[Arm], text: str) -> None:
 
 
 def label(point: dict[str, str]) -> str:
+    """A point by all its settings, as typed: the same run from another invocation gets the same label."""
     return ",".join(f"{k.removeprefix('optim.')}={v}" for k, v in sorted(point.items())) or "default"
 
 
 def arm_config(base: dict[str, str], arm: Arm, point: dict[str, str], seed: int) -> tuple[TrainConfig, int]:
-    """The run's TrainConfig (steps still the default for adamw arms) and its epochs (adamw)."""
-    settings = {**arm.settings, **point}
+    """The run's TrainConfig at one of the arm's points (steps still the default for adamw arms), and its epochs."""
+    settings = dict(point)
     epochs = int(settings.pop("epochs", EPOCHS if arm.family == "adamw" else 0))
     if arm.family == "zo" and epochs:
         raise ValueError(f"arm {arm.name}: epochs is for adamw arms; zo arms count steps")
@@ -555,6 +556,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the evaluation lines
     args = parser().parse_args(argv)
     if args.command == "summarize":
         rows, records = read_results(args.folders)

@@ -29,6 +29,11 @@ def base(model_dir, data_dir) -> dict[str, str]:
     return {"model.name": str(model_dir), "task.name": "sst2", "task.data_path": str(data_dir), **SIZES}
 
 
+def only_point(text: str):
+    arm = convergence.parse_arm(text)
+    return arm, arm.points()[0]
+
+
 @pytest.fixture(scope="module")
 def bench(tiny_model_dir, sst2_dir):
     return convergence.Bench(base(tiny_model_dir, sst2_dir))
@@ -41,7 +46,7 @@ def test_zo_arm_is_distzo_train(bench, tiny_model_dir, sst2_dir, tmp_path):
                         "--lr", "1e-2", "--eps", "1e-2", "--steps", "6", "--eval_every", "3", "--output-dir", str(out),
                         "--progress", "false", "--tensorboard", "false"]) == 0
     arm = convergence.parse_arm("zo:zo:lr=1e-2,eps=1e-2,steps=6,eval_every=3")
-    result = bench.run(arm, {}, seed=0)
+    result = bench.run(arm, arm.points()[0], seed=0)
     assert result.losses == [r["loss"] for r in TrajectoryLog(out / "trajectory.jsonl").read()]
     trained_dev = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "dev"]
     assert [(r["step"], r["accuracy"]) for r in trained_dev] == [(r["step"], r["dev"]["accuracy"]) for r in result.rows[1:]]
@@ -50,22 +55,23 @@ def test_zo_arm_is_distzo_train(bench, tiny_model_dir, sst2_dir, tmp_path):
 
 def test_zo_arm_counts_the_forwards_it_runs(bench):
     arm = convergence.parse_arm("zo-q3:zo:q=3,estimator=one-sided,steps=2,eval_every=1")
-    result = bench.run(arm, {}, seed=1)
+    result = bench.run(arm, arm.points()[0], seed=1)
     # one-sided still runs the batch twice per direction: theta + eps z and theta (one stacked forward)
     assert [r["forwards"] for r in result.rows] == [0, 6, 12]
     assert result.record["config"]["task"]["seed"] == 1 and result.record["config"]["optim"]["directions"] == 3
 
 
-def test_adamw_arms_learn_and_leave_the_base_weights_alone(bench):
+def test_adamw_arms_learn_and_no_arm_changes_the_base_weights(bench):
     before = {k: v.clone() for k, v in bench.model.state_dict().items()}
-    full = bench.run(convergence.parse_arm("ft:adamw:lr=3e-3"), {}, seed=0)
+    full = bench.run(*only_point("ft:adamw:lr=3e-3"), seed=0)
     steps = 5 * 32 // 4  # five epochs of 32 examples in batches of 4
     assert full.record["steps"] == len(full.losses) == steps and full.rows[-1]["backwards"] == steps
     assert sum(full.losses[-8:]) < sum(full.losses[:8])
     assert full.record["config"]["optim"]["schedule"] == "linear"
-    lora = bench.run(convergence.parse_arm("lora:adamw:lora=true,lora.target_modules=q_proj,v_proj,lr=1e-2,epochs=2"),
-                     {}, seed=0)
+    lora = bench.run(*only_point("lora:adamw:lora=true,lora.target_modules=q_proj,v_proj,lr=1e-2,epochs=2"), seed=0)
     assert lora.record["steps"] == 16 and lora.record["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    zo_lora = bench.run(*only_point("zo-lora:zo:lora=true,steps=2,lr=1e-2,eps=1e-2"), seed=0)
+    assert zo_lora.record["steps_done"] == 2 and zo_lora.record["stopped"] is None
     assert all(torch.equal(before[k], v) for k, v in bench.model.state_dict().items())
 
 
@@ -76,16 +82,17 @@ def test_settings_and_grids_parse_and_refuse_what_does_not_apply():
     convergence.add_grid(arms, "lr=1e-5,1e-4")
     convergence.add_grid(arms, "a:eps=1e-3,1e-2")
     assert [convergence.label(p) for p in arms[0].points()] == [
-        "eps=1e-3,lr=1e-5", "eps=1e-3,lr=1e-4", "eps=1e-2,lr=1e-5", "eps=1e-2,lr=1e-4"]
+        "eps=1e-3,lr=1e-5,steps=10", "eps=1e-3,lr=1e-4,steps=10", "eps=1e-2,lr=1e-5,steps=10", "eps=1e-2,lr=1e-4,steps=10"]
+    assert convergence.label(convergence.parse_arm("c:zo").points()[0]) == "default"
     assert arms[1].grid == {"optim.lr": ["1e-5", "1e-4"]}
     with pytest.raises(ValueError, match="names no arm"):
         convergence.add_grid(arms, "c:lr=1")
     with pytest.raises(ValueError, match="NAME:FAMILY"):
         convergence.parse_arm("x:sgd")
     with pytest.raises(ValueError, match="optim.eps do not apply to adamw"):
-        convergence.arm_config({}, convergence.parse_arm("b:adamw:eps=1e-3"), {}, 0)
+        convergence.arm_config({}, *only_point("b:adamw:eps=1e-3"), 0)
     with pytest.raises(ValueError, match="epochs is for adamw"):
-        convergence.arm_config({}, convergence.parse_arm("a:zo:epochs=2"), {}, 0)
+        convergence.arm_config({}, *only_point("a:zo:epochs=2"), 0)
 
 
 def _history(run: str, arm: str, dev: list[float], forwards: int, backwards: int = 0) -> list[dict]:
@@ -128,10 +135,10 @@ def test_time_budget_cuts_a_run_and_skips_the_next(bench):
     arm = convergence.parse_arm("long:zo:steps=100000,eval_every=100000,lr=1e-3")
     bench.deadline = time.monotonic() + 1.0
     try:
-        cut = bench.run(arm, {}, seed=0)
+        cut = bench.run(arm, arm.points()[0], seed=0)
         assert cut.record["stopped"] == "time budget" and 0 < cut.record["steps_done"] < 100000
         assert cut.rows[-1]["step"] == cut.record["steps_done"]  # evaluated where it stopped
-        assert bench.run(arm, {}, seed=1) is None
+        assert bench.run(arm, arm.points()[0], seed=1) is None
     finally:
         bench.deadline = float("inf")
 
@@ -145,8 +152,9 @@ def test_command_line_runs_the_grid_then_the_seeds(tiny_model_dir, sst2_dir, tmp
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     chosen = summary["arms"]["zo"]["chosen"]
+    zo, ft = "eval_every=2,lr={},steps=4", "epochs=1,eval_every=4,lr=1e-3"
     assert [(r["arm"], r["point"], r["seed"]) for r in records] == [
-        ("zo", "lr=1e-3", 0), ("zo", "lr=1e-2", 0), ("ft", "default", 0), ("zo", chosen, 1), ("ft", "default", 1)]
+        ("zo", zo.format("1e-3"), 0), ("zo", zo.format("1e-2"), 0), ("ft", ft, 0), ("zo", chosen, 1), ("ft", ft, 1)]
     assert summary["arms"]["zo"]["seeds"] == [0, 1] and summary["arms"]["ft"]["to_target"]["of"] == 2
     rows = (out / "evals.jsonl").read_text().splitlines()
     assert len(rows) == 3 * 3 + 2 * 3  # zo: steps 0, 2, 4; ft: 8 steps evaluated at 0, 4, 8
