@@ -304,7 +304,8 @@ class Run:
         best = self.best or {}
         return {**self.identity, "metric": self.metric, "higher": self.higher, "steps": self.cfg.steps,
                 "steps_done": len(self.losses), "stopped": stopped, "best_step": best.get("step"),
-                "best_dev": best.get("dev"), "test_at_best_dev": best.get("test"), "zero_shot_test": self.rows[0]["test"],
+                "best_dev": best.get("dev"), "test_at_best_dev": best.get("test"),
+                "zero_shot_test": self.rows[0]["test"],
                 **self.passes, "train_seconds": round(self.train_seconds, 4),
                 "wall_seconds": self.rows[-1]["wall_seconds"], "config": asdict(self.cfg)}
 
@@ -357,7 +358,8 @@ class Bench:
                     "point": label(point), "seed": seed}
         needs = self._seconds.get(arm.name, 0.0)  # nothing known before an arm's first complete run
         if left < needs:
-            print(f"skipped {identity['run']}: {max(left, 0):.0f} s of the budget left, the arm's last run took {needs:.0f} s")
+            print(f"skipped {identity['run']}: {max(left, 0):.0f} s of the budget left, "
+                  f"the arm's last run took {needs:.0f} s")
             return None
         model = self.fresh(cfg)
         step, flush = STEPS_OF[arm.family](model, self.tokenizer, cfg, self.data(cfg.task))
@@ -373,15 +375,21 @@ class Bench:
 
     def run_all(self, arms: list[Arm], seeds: list[int]) -> list[dict[str, Any]]:
         """Every arm's grid with the first seed, then each arm's chosen point with the other seeds."""
-        records = []
+        records: list[dict[str, Any]] = []
+
+        def attempt(arm: Arm, point: dict[str, str], seed: int) -> None:
+            result = self.run(arm, point, seed)
+            if result is not None:
+                records.append(result.record)
+
         for arm in arms:
             for point in arm.points():
-                records += [r.record for r in [self.run(arm, point, seeds[0])] if r]
+                attempt(arm, point, seeds[0])
         for arm in arms:
             chosen = select_point([r for r in records if r["arm"] == arm.name])
-            point = next((p for p in arm.points() if label(p) == chosen), None)
-            for seed in seeds[1:] if point is not None else []:
-                records += [r.record for r in [self.run(arm, point, seed)] if r]
+            for point in (p for p in arm.points() if label(p) == chosen):
+                for seed in seeds[1:]:
+                    attempt(arm, point, seed)
         return records
 
 

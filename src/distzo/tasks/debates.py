@@ -101,8 +101,9 @@ def truncate_words(text: str, max_chars: int) -> str:
 
 def fitted(cfg: TaskConfig, per_class: int) -> TaskConfig:
     """``cfg``, or ``cfg`` with FALLBACK_SIZES (capped by what it asks) when its splits need more than the data."""
-    if cfg.num_train + cfg.num_dev + cfg.num_test <= 2 * per_class:
+    asked = (cfg.num_train, cfg.num_dev, cfg.num_test)
+    if sum(asked) <= 2 * per_class:
         return cfg
-    sizes = [min(asked, fallback) for asked, fallback in zip((cfg.num_train, cfg.num_dev, cfg.num_test), FALLBACK_SIZES)]
+    sizes = [min(n, fallback) for n, fallback in zip(asked, FALLBACK_SIZES)]
     log.warning("debates holds %d statements per party; using %d/%d/%d", per_class, *sizes)
     return dataclasses.replace(cfg, num_train=sizes[0], num_dev=sizes[1], num_test=sizes[2])
