@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from distzo.records import UpdateRecord, log_fields
+
 COMPLETE = "COMPLETE"
 # Not Hugging Face's trainer_state.json: the layout is distzo's own, so is the name.
 TRAINER_STATE = "distzo_state.json"
@@ -557,6 +559,10 @@ class TrajectoryLog:
         self._write(handle, {**record, "seeds": [str(s) for s in record["seeds"]]})
         self._last_step = record["step"]
         return record
+
+    def append_update(self, record: UpdateRecord, loss: float, **extra: Any) -> dict[str, Any]:
+        """Durably record the step that made ``record`` (the fields ``records.from_log`` reads back)."""
+        return self.append(**log_fields(record), loss=loss, **extra)
 
     def append_event(self, kind: str, step: int, **fields: Any) -> dict[str, Any]:
         """Durably record an event (a setting changed, say) that applies from ``step`` on: a step

@@ -14,19 +14,20 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from distzo import directions, estimator, kernels, parallel
+from distzo import directions, estimator, kernels, parallel, records
 from distzo.directions import Kind
 from distzo.losses import IGNORE_INDEX
 from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
-from distzo.update import FULL_PRECISION, apply_update_
+from distzo.records import UpdateRecord
+from distzo.update import apply_update_, perturbed
 
 # Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "logits_to_keep")
@@ -72,14 +73,8 @@ class StepStats:
     losses_plus: list[float] = field(default_factory=list)
     losses_other: list[float] = field(default_factory=list)
     skipped: bool = False
-
-
-@dataclass
-class PendingUpdate:
-    step: int
-    seeds: list[int]
-    grads: list[float]
-    lr: float
+    update: UpdateRecord | None = None
+    """The step's update (what the trajectory log records); not applied when ``skipped``."""
 
 
 class ZOOptimizer:
@@ -124,19 +119,19 @@ class ZOOptimizer:
         self.cache_directions = numel * 4 * directions <= cache_bytes and not shares_directions
         self._z: dict[str, list[torch.Tensor]] = {}  # this step's directions, when cached
         self._z_prev: dict[str, list[torch.Tensor]] = {}  # the pending update's directions
-        self._applying: PendingUpdate | None = None
+        self._applying: UpdateRecord | None = None
         self._unapplied: set[str] = set()
         self.device = offload.device if offload is not None else self.params[0].param.device
         self._fused = kernels.fused_for(torch.empty(0, device=self.device))
         self._seed = 0
         self._direction = 0
-        self.pending: PendingUpdate | None = None
+        self.pending: UpdateRecord | None = None
         self.step_count = 0
         # Offloaded blocks build one stream's shadows at a time: their memory is what limits
         # the model size, and the second read of theta hides behind the PCIe transfers.
         offloaded = {id(b.module) for b in offload.blocks} if offload is not None else set()
         if offload is not None:
-            offload.replay = self._replay
+            offload.reapply_with(self._reapply)
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
 
@@ -175,9 +170,10 @@ class ZOOptimizer:
         grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
         loss = estimator.reported_loss(plus, other, self.estimator)
         lr = self.lr_at(t)
-        stats = StepStats(t, loss, grads, seeds, lr, plus, other)
+        update = records.zo_sgd(t, seeds, grads, lr, self.weight_decay)
+        stats = StepStats(t, loss, grads, seeds, lr, plus, other, update=update)
         if estimator.all_finite(plus, other):
-            self.pending = PendingUpdate(t, seeds, grads, lr)
+            self.pending = update
         else:
             warnings.warn(f"step {t}: non-finite loss ({plus}, {other}); the update is skipped", stacklevel=2)
             stats.skipped = True
@@ -221,18 +217,18 @@ class ZOOptimizer:
         if self.offload is not None:
             self.offload.updated(p.param, u)
 
-    def _replay(self, param: torch.Tensor, u: PendingUpdate) -> None:
+    def _reapply(self, param: torch.Tensor, record: UpdateRecord) -> None:
         """Apply a past update again (to a block whose host copy lacks it; distzo.offload)."""
-        self._apply(self._by_id[id(param)], u)
+        self._apply(self._by_id[id(param)], record)
 
-    def _apply(self, p: TrainableParam, u: PendingUpdate, cached: list[torch.Tensor] | None = None) -> None:
+    def _apply(self, p: TrainableParam, record: UpdateRecord, cached: list[torch.Tensor] | None = None) -> None:
         if self._fused is not None and cached is None:
-            self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
+            self._fused.apply_update(p.param, p.key, record, self.perturbation)
         else:
-            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
+            apply_update_(p.param, p.key, record, self.perturbation, cached)
 
     def state_dict(self) -> dict[str, Any]:
-        pending = None if self.pending is None else vars(self.pending).copy()
+        pending = None if self.pending is None else asdict(self.pending)
         return {
             "step": self.step_count,
             "seed": self.seed,
@@ -253,10 +249,7 @@ class ZOOptimizer:
         self.num_directions, self.perturbation = state["directions"], state["perturbation"]
         self.estimator = state["estimator"]
         self.schedule = Schedule(**state["schedule"])
-        pending = state.get("pending")
-        if pending:  # seeds may come back as decimal strings (JSON that keeps them exact)
-            pending = {**pending, "seeds": [int(s) for s in pending["seeds"]]}
-        self.pending = PendingUpdate(**pending) if pending else None
+        self.pending = _pending_from_state(state.get("pending"), self.weight_decay)
         self._z.clear()
 
     # ------------------------------------------------------------------ internals
@@ -298,24 +291,23 @@ class ZOOptimizer:
             self._unapplied.discard(p.name)
             # The kernel builds two shadows; a single stream (a pert rank) asks for one.
             pair = scales if len(scales) == 2 else (scales[0], 0.0)
-            shadows = self._fused.update_and_shadows(
-                param, p.key, update, self.weight_decay, self.perturbation, self._seed, pair
-            )
+            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, self._seed, pair)
             if update is not None and self.offload is not None:
                 self.offload.updated(p.param, update)
             return shadows[: len(scales)]
         if p.name in self._unapplied:
             self._apply_pending(p)
         z = self._direction_of(p)
-        return tuple(_perturbed(param, z, s) for s in scales)
+        return tuple(perturbed(param, z, s) for s in scales)
 
 
-def _perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 0.0:
-        return param
-    if param.dtype in FULL_PRECISION:
-        return param.add(z.to(param.dtype), alpha=scale)
-    return param.float().add_(z, alpha=scale).to(param.dtype)
+def _pending_from_state(pending: Mapping[str, Any] | None, weight_decay: float) -> UpdateRecord | None:
+    """The saved pending update; checkpoints written before update records hold a log line's fields."""
+    if not pending:
+        return None
+    if "coeffs" not in pending:
+        return records.from_log(pending, weight_decay)
+    return UpdateRecord(**pending)  # seeds may come back as decimal strings: the record reads them
 
 
 def _rows(inputs: Mapping[str, Any]) -> int:

@@ -417,8 +417,7 @@ class Trainer:
             batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
             stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
             if self.mesh.is_main:
-                self._tail = self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss,
-                                             skipped=stats.skipped)
+                self._tail = self.log.append_update(stats.update, stats.loss, skipped=stats.skipped)
             self.state["step"] = t + 1
             window.add(stats, int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions)
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
