@@ -26,8 +26,10 @@ from reference_mezo import mezo_step
 from tiny_models import tiny_batch, tiny_model
 
 from distzo import directions, update
-from distzo.records import zo_sgd
+from distzo.checkpoint import TrajectoryHeader, TrajectoryLog
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
+from distzo.records import zo_sgd
+from distzo.replay import replay_into
 
 pytestmark = [
     pytest.mark.gpu,
@@ -265,3 +267,21 @@ def test_bf16_run_on_cuda_matches_torch_path_and_cpu():
     assert max(dg) <= 2e-3 / eps
     assert max(dcpu) <= 3e-2
     assert excess <= lr * sum(dg) * 6.0 + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
+    # Replay applies each logged update with the kernel the run applied it with, so the
+    # weights it rebuilds are the run's, bit for bit (the torch path differs by z's error).
+    base = tiny_model("llama", dtype=dtype)
+    trained = copy.deepcopy(base).cuda()
+    stats = _run(trained, 6, lr=1e-3, eps=1e-2, q=2)
+    log = TrajectoryLog(tmp_path / "trajectory.jsonl")
+    header = log.start(TrajectoryHeader(model="tiny", weight_decay=0.1, q=2, dtype=str(dtype).removeprefix("torch.")))
+    for s in stats:
+        log.append_update(s.update, s.loss, skipped=s.skipped)
+    log.close()
+    rebuilt = copy.deepcopy(base).cuda()
+    replay_into(rebuilt, header, log.read())
+    changed = any(not torch.equal(a, b.cuda()) for a, b in zip(trained.parameters(), base.parameters()))
+    assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))

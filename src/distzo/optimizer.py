@@ -27,7 +27,7 @@ from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
 from distzo.records import UpdateRecord
-from distzo.update import apply_update_, perturbed
+from distzo.update import apply_record, perturbed
 
 # Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "logits_to_keep")
@@ -222,10 +222,7 @@ class ZOOptimizer:
         self._apply(self._by_id[id(param)], record)
 
     def _apply(self, p: TrainableParam, record: UpdateRecord, cached: list[torch.Tensor] | None = None) -> None:
-        if self._fused is not None and cached is None:
-            self._fused.apply_update(p.param, p.key, record, self.perturbation)
-        else:
-            apply_update_(p.param, p.key, record, self.perturbation, cached)
+        apply_record(p.param, p.key, record, self.perturbation, self._fused, cached)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else asdict(self.pending)

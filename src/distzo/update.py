@@ -68,6 +68,17 @@ def apply_update_(
         param.data.copy_(stochastic_round(new, param.dtype, record.rounding_seed, key))
 
 
+def apply_record(param: torch.Tensor, key: int, record: UpdateRecord, kind: Kind = "gaussian", fused=None,
+                 cached: Sequence[torch.Tensor] | None = None) -> None:
+    """Apply ``record`` to ``param`` the way a run does: with the fused kernel set ``fused``
+    (``kernels.fused_for(param)``; the engine that trained on that device) or, for None or
+    with ``cached`` z's, the torch path. Replay and the optimiser both come through here."""
+    if fused is not None and cached is None:
+        fused.apply_update(param, key, record, kind)
+    else:
+        apply_update_(param, key, record, kind, cached)
+
+
 def perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
     """theta + scale * z in the parameter's dtype (computed in float32 for narrower ones); theta for 0."""
     if scale == 0.0:
