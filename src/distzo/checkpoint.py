@@ -402,8 +402,11 @@ class TrajectoryHeader:
     """The base model as built at step 0; None in logs written before it was recorded."""
     environment: dict[str, str | None] | None = None
     """Versions and device kind the run started on (``distzo.environment.describe``)."""
+    algorithm: str = "mezo"
+    """The zeroth-order algorithm that made the updates; logs written before it was recorded are MeZO's."""
 
     def __post_init__(self) -> None:
+        from distzo.algorithms import check_algorithm
         from distzo.directions import KINDS
         from distzo.models import canonical_dtype  # imported here: models imports this module
 
@@ -421,6 +424,7 @@ class TrajectoryHeader:
             raise ValueError(f"base must be a BaseIdentity, got {type(self.base).__name__}")
         if self.environment is not None and not isinstance(self.environment, dict):
             raise ValueError(f"environment must be a mapping of names to versions, got {self.environment!r}")
+        check_algorithm(self.algorithm)
         self.dtype = canonical_dtype(self.dtype)
 
     @classmethod

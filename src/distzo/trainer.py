@@ -116,6 +116,7 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
         seed=cfg.seed,
         q=cfg.optim.directions,
         dtype=cfg.model.dtype,
+        algorithm=cfg.optim.algorithm,
         extra=extra,
         # rank 0 writes the log and holds weights, also in sliced offload
         base=None if model is None else BaseIdentity.of(model),
@@ -232,6 +233,7 @@ class Trainer:
             estimator=cfg.optim.estimator,
             mesh=self.mesh,
             offload=self.engine,
+            algorithm=cfg.optim.algorithm,
         )
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
