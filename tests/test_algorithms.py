@@ -102,3 +102,14 @@ def test_engines_never_see_the_algorithm():
     opt.flush()
     ref.flush()
     assert all(torch.equal(x, y) for x, y in zip(opt.model.parameters(), ref.model.parameters()))
+
+
+def test_a_plan_is_made_of_probe_pairs():
+    class Three(MeZO):
+        name = "three"
+
+        def plan(self, step):
+            return [Forward((Probe(1, 1e-3), Probe(1, 0.0), Probe(1, -1e-3)))]
+
+    with pytest.raises(ValueError, match="forwards of two probes"):
+        ZOOptimizer(tiny_model("llama"), algorithm=Three()).step(tiny_batch(seed=0))

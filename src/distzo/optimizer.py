@@ -153,6 +153,8 @@ class ZOOptimizer:
         """
         t = self.step_count
         forwards = self.algorithm.plan(t)
+        if any(len(f.probes) != 2 for f in forwards):  # the mesh's pert axis splits a forward's pair
+            raise ValueError(f"{self.algorithm.name}: the engines measure forwards of two probes")
         halves = parallel.my_halves(self.mesh)
         measured: dict[tuple[int, int], float] = {}
         was_training = self.model.training
