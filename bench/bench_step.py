@@ -215,7 +215,7 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
 
     def one_pass():
         for p in opt.params:
-            ops.update_and_shadows(p.param, p.key, pending, 0.0, "gaussian", 12345, (1e-3, -1e-3))
+            ops.update_and_shadows(p.param, p.key, pending, "gaussian", 12345, (1e-3, -1e-3))
 
     r["pass_ms"], _ = timed(one_pass, steps=max(3, steps // 2), warmup=1)
     opt.flush()

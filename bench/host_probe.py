@@ -7,10 +7,7 @@ import time
 import torch
 
 from distzo.kernels import triton_ops as K
-
-
-class Pending:
-    seeds, grads, lr = [123456789], [3.5], 1e-6
+from distzo.records import zo_sgd
 
 
 def per_call(fn, calls=3000):
@@ -25,13 +22,13 @@ def per_call(fn, calls=3000):
 
 
 small = torch.randn(4096, device="cuda").to(torch.bfloat16)
-pend = Pending()
+pend = zo_sgd(0, [123456789], [3.5], 1e-6, 0.0)
 dev = small.device
-sc = K._scalars(pend, 0.0, "gaussian", 9, (1e-3, -1e-3), dev)
+sc = K._scalars(pend, "gaussian", 9, (1e-3, -1e-3), dev)
 buf = torch.empty((2, 4096), dtype=small.dtype, device=dev)
-print("whole call        %.1f us" % per_call(lambda: K.update_and_shadows(small, 5, pend, 0.0, "gaussian", 9, (1e-3, -1e-3))))
+print("whole call        %.1f us" % per_call(lambda: K.update_and_shadows(small, 5, pend, "gaussian", 9, (1e-3, -1e-3))))
 print("empty (2, n)      %.1f us" % per_call(lambda: torch.empty((2, 4096), dtype=small.dtype, device=dev)))
-print("_scalars lookup   %.1f us" % per_call(lambda: K._scalars(pend, 0.0, "gaussian", 9, (1e-3, -1e-3), dev)))
+print("_scalars lookup   %.1f us" % per_call(lambda: K._scalars(pend, "gaussian", 9, (1e-3, -1e-3), dev)))
 print("_launch           %.1f us" % per_call(lambda: K._launch(small, buf[0], buf[1], (True, True), 5, sc, False)))
 spec_kernel = next(iter(K._COMPILED.values()))
 args = (small, buf[0], buf[1], 4096, 1, 2, 3, 4, 5, 6, sc.seeds_t, sc.coef_t)
@@ -42,7 +39,7 @@ print("device.index      %.1f us" % per_call(lambda: small.device.index))
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(3000):
-    K.update_and_shadows(small, 5, pend, 0.0, "gaussian", 9, (1e-3, -1e-3))
+    K.update_and_shadows(small, 5, pend, "gaussian", 9, (1e-3, -1e-3))
 pr.disable()
 torch.cuda.synchronize()
 s = io.StringIO()

@@ -38,11 +38,6 @@ def bench(fn, reps=15, warmup=3, inner=10):
     return statistics.median(times)
 
 
-class Pending:
-    def __init__(self, seeds, grads, lr):
-        self.seeds, self.grads, self.lr = seeds, grads, lr
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -51,12 +46,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from distzo.kernels import triton_ops as K
+    from distzo.records import zo_sgd
 
     dev = torch.device("cuda")
     n = args.rows * args.cols
     p = (torch.randn(args.rows, args.cols, device=dev) * 0.02).to(torch.bfloat16)
     dst = torch.empty_like(p)
-    pending = Pending([123456789], [3.5], 1e-6)
+    pending = zo_sgd(0, [123456789], [3.5], 1e-6, 0.0)
     results = {"device": torch.cuda.get_device_name(), "numel": n, "dtype": "bfloat16"}
 
     copy_ms = bench(lambda: dst.copy_(p))
@@ -76,9 +72,9 @@ def main() -> None:
         for block, warps in shapes if fast else shapes[3:4]:
             K._BLOCK, K._WARPS, K.FAST_MATH = block, warps, fast
             row = {"block": block, "warps": warps, "fast_math": fast}
-            row["shadows_ms"] = bench(lambda: K.update_and_shadows(p, 77, None, 0.0, "gaussian", 99, (1e-3, -1e-3)))
-            row["step_ms"] = bench(lambda: K.update_and_shadows(p, 77, pending, 0.0, "gaussian", 99, (1e-3, -1e-3)))
-            row["update_ms"] = bench(lambda: K.apply_update(p, 77, [5], [1.0], 1e-6))
+            row["shadows_ms"] = bench(lambda: K.update_and_shadows(p, 77, None, "gaussian", 99, (1e-3, -1e-3)))
+            row["step_ms"] = bench(lambda: K.update_and_shadows(p, 77, pending, "gaussian", 99, (1e-3, -1e-3)))
+            row["update_ms"] = bench(lambda: K.apply_update(p, 77, zo_sgd(0, [5], [1.0], 1e-6, 0.0)))
             for what, nbytes in (("shadows", 6), ("step", 8), ("update", 4)):
                 row[f"{what}_GBps"] = nbytes * n / (row[f"{what}_ms"] * 1e-3) / 1e9
             variants.append(row)
@@ -88,12 +84,12 @@ def main() -> None:
 
     small = torch.randn(4096, device=dev).to(torch.bfloat16)
     for _ in range(10):
-        K.update_and_shadows(small, 5, pending, 0.0, "gaussian", 9, (1e-3, -1e-3))
+        K.update_and_shadows(small, 5, pending, "gaussian", 9, (1e-3, -1e-3))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     calls = 2000
     for _ in range(calls):
-        K.update_and_shadows(small, 5, pending, 0.0, "gaussian", 9, (1e-3, -1e-3))
+        K.update_and_shadows(small, 5, pending, "gaussian", 9, (1e-3, -1e-3))
     host_us = (time.perf_counter() - t0) / calls * 1e6
     torch.cuda.synchronize()
     results["host_us_per_call"] = host_us

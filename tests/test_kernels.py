@@ -26,7 +26,10 @@ from reference_mezo import mezo_step
 from tiny_models import tiny_batch, tiny_model
 
 from distzo import directions, update
+from distzo.checkpoint import TrajectoryHeader, TrajectoryLog
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
+from distzo.records import zo_sgd
+from distzo.replay import replay_into
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,11 +51,6 @@ def ops():
     found = kernels.fused_for(torch.empty(1, device="cuda"))
     assert found is not None, "CUDA is available but the Triton kernels did not import"
     return found
-
-
-class Pending:
-    def __init__(self, seeds, grads, lr):
-        self.seeds, self.grads, self.lr = seeds, grads, lr
 
 
 WORD_CASES = [  # (seed, key, start, count)
@@ -123,8 +121,8 @@ def test_apply_update_fp32(ops, q, wd, kind, shape):
     seeds, grads = _update_args(q)
     ref = _param(shape, torch.float32)
     got = ref.cuda()
-    update.apply_update_(ref, KEY, seeds, grads, 1e-3, wd, kind)
-    ops.apply_update(got, KEY, seeds, grads, 1e-3, wd, kind)
+    update.apply_update_(ref, KEY, zo_sgd(0, seeds, grads, 1e-3, wd), kind)
+    ops.apply_update(got, KEY, zo_sgd(0, seeds, grads, 1e-3, wd), kind)
     err = float((got.cpu() - ref).abs().max())
     assert err <= 1e-6 * float(ref.abs().max())
 
@@ -136,8 +134,8 @@ def test_apply_update_half_precision(ops, dtype, q, wd, kind, shape):
     start = _param(shape, dtype)
     ref = start.clone()
     got = start.cuda()
-    update.apply_update_(ref, KEY, seeds, grads, 1e-3, wd, kind)
-    ops.apply_update(got, KEY, seeds, grads, 1e-3, wd, kind)
+    update.apply_update_(ref, KEY, zo_sgd(0, seeds, grads, 1e-3, wd), kind)
+    ops.apply_update(got, KEY, zo_sgd(0, seeds, grads, 1e-3, wd), kind)
     got = got.cpu()
     assert float((got != start).float().mean()) > 0.5  # the update did something
     differ = got != ref
@@ -155,7 +153,7 @@ def test_bf16_update_is_unbiased(ops):
     w = torch.full((n,), 0.05, dtype=torch.bfloat16, device="cuda")
     seeds, grads, lr = [123], [2.0], 1e-5
     exact = w.float() - lr * grads[0] * ops.normal(seeds[0], KEY, 0, n, device="cuda")
-    ops.apply_update(w, KEY, seeds, grads, lr)
+    ops.apply_update(w, KEY, zo_sgd(0, seeds, grads, lr, 0.0))
     ulp = 2.0**-12
     err = w.float() - exact
     assert float(err.abs().max()) <= ulp
@@ -171,12 +169,12 @@ def test_update_and_shadows_match_torch_path(ops, dtype, with_update):
     start = _param(shape, dtype, seed=1)
     ref = start.clone()
     if with_update:
-        update.apply_update_(ref, KEY, seeds, grads, 1e-3, 0.1, "gaussian")
+        update.apply_update_(ref, KEY, zo_sgd(0, seeds, grads, 1e-3, 0.1), "gaussian")
     z = directions.direction_like(ref, seed, KEY)
     want = [(ref.float() + s * z).to(dtype) if dtype != torch.float32 else ref.add(z, alpha=s) for s in (eps, -eps)]
     got = start.cuda()
-    pending = Pending(seeds, grads, 1e-3) if with_update else None
-    plus, minus = ops.update_and_shadows(got, KEY, pending, 0.1, "gaussian", seed, (eps, -eps))
+    pending = zo_sgd(0, seeds, grads, 1e-3, 0.1) if with_update else None
+    plus, minus = ops.update_and_shadows(got, KEY, pending, "gaussian", seed, (eps, -eps))
     if not with_update:
         assert torch.equal(got.cpu(), start)  # evaluation never writes theta
     for sh, w in zip((plus, minus), want):
@@ -188,7 +186,7 @@ def test_update_and_shadows_match_torch_path(ops, dtype, with_update):
             assert float((sh != w).float().mean()) <= FLIP_RATE[dtype]
             assert float((sh.float() - w.float()).abs().max()) <= 2.0**-7 * float(w.float().abs().max())
     # one-sided: a zero scale hands back the parameter itself
-    plus2, same = ops.update_and_shadows(got, KEY, None, 0.0, "gaussian", seed, (eps, 0.0))
+    plus2, same = ops.update_and_shadows(got, KEY, None, "gaussian", seed, (eps, 0.0))
     assert same is got and torch.equal(plus2, plus)
 
 
@@ -197,16 +195,16 @@ def test_non_contiguous_parameter(ops):
     ref = base.t().clone()  # contiguous copy of the transposed values
     got = base.cuda().t()  # a non-contiguous view of them
     assert not got.is_contiguous()
-    update.apply_update_(ref, KEY, [5], [2.0], 1e-2)
-    ops.apply_update(got, KEY, [5], [2.0], 1e-2)
+    update.apply_update_(ref, KEY, zo_sgd(0, [5], [2.0], 1e-2, 0.0))
+    ops.apply_update(got, KEY, zo_sgd(0, [5], [2.0], 1e-2, 0.0))
     assert float((got.cpu() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
 
 
 def test_float64_goes_through_the_reference_arithmetic(ops):
     ref = _param((40, 50), torch.float64)
     got = ref.cuda()
-    update.apply_update_(ref, KEY, [1, 2], [0.5, 3.0], 1e-2, 0.1)
-    ops.apply_update(got, KEY, [1, 2], [0.5, 3.0], 1e-2, 0.1)
+    update.apply_update_(ref, KEY, zo_sgd(0, [1, 2], [0.5, 3.0], 1e-2, 0.1))
+    ops.apply_update(got, KEY, zo_sgd(0, [1, 2], [0.5, 3.0], 1e-2, 0.1))
     assert float((got.cpu() - ref).abs().max()) <= 1e-5 * 3.5e-2  # z's error times lr * sum |g| / q
 
 
@@ -269,3 +267,21 @@ def test_bf16_run_on_cuda_matches_torch_path_and_cpu():
     assert max(dg) <= 2e-3 / eps
     assert max(dcpu) <= 3e-2
     assert excess <= lr * sum(dg) * 6.0 + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
+    # Replay applies each logged update with the kernel the run applied it with, so the
+    # weights it rebuilds are the run's, bit for bit (the torch path differs by z's error).
+    base = tiny_model("llama", dtype=dtype)
+    trained = copy.deepcopy(base).cuda()
+    stats = _run(trained, 6, lr=1e-3, eps=1e-2, q=2)
+    log = TrajectoryLog(tmp_path / "trajectory.jsonl")
+    header = log.start(TrajectoryHeader(model="tiny", weight_decay=0.1, q=2, dtype=str(dtype).removeprefix("torch.")))
+    for s in stats:
+        log.append_update(s.update, s.loss, skipped=s.skipped)
+    log.close()
+    rebuilt = copy.deepcopy(base).cuda()
+    replay_into(rebuilt, header, log.read())
+    changed = any(not torch.equal(a, b.cuda()) for a, b in zip(trained.parameters(), base.parameters()))
+    assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))

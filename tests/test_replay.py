@@ -4,6 +4,7 @@ checkpoint bit for bit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from tiny_models import tiny_model
+
+from distzo import directions
 from distzo.checkpoint import TrajectoryLog
 from distzo.cli import main
 from distzo.environment import describe
+from distzo.replay import replay_into
+from distzo.units import trainable_params
 
 TINY = dict(vocab_size=17, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
@@ -242,3 +248,39 @@ def test_an_offloaded_run_has_the_same_base_and_replays(run, tiny_model_dir, sst
     assert TrajectoryLog(out / "trajectory.jsonl").header().base == TrajectoryLog(run / "trajectory.jsonl").header().base
     assert _replay(capsys, tiny_model_dir, out / "trajectory.jsonl", "--output", tmp_path / "rebuilt")[0] == 0
     assert _same_weights(out / "checkpoints" / "last", tmp_path / "rebuilt")
+
+
+# --------------------------------------------------------------------------- logs of earlier versions
+
+LEGACY_LOG = Path(__file__).parent / "data" / "trajectory_v1.jsonl"
+# sha256 of the weights that distzo's replay built from LEGACY_LOG before update records existed
+# (q = 2, weight decay, a skipped step; Rademacher directions, so every value is exact on any CPU).
+LEGACY_DIGESTS = {
+    torch.bfloat16: "816fd0e91d18b210107e0c08f6f20ec919184803bdbeb7e2465008b07c8c1715",
+    torch.float32: "790eb6cc3102cfc7aff3b095f3af13161e11c4deeb076cb4704e6a8ab8c55342",
+}
+
+
+def _exact_base(dtype):
+    """A tiny Llama whose weights are Rademacher signs / 32: the same bits on every machine."""
+    model = tiny_model("llama", dtype=dtype)
+    with torch.no_grad():
+        for p in trainable_params(model):
+            p.param.copy_(directions.direction_like(p.param.float(), 99, p.key, "rademacher") / 32)
+    return model
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for p in trainable_params(model):
+        h.update(p.name.encode())
+        h.update(p.param.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_log_of_the_previous_format_replays_to_the_same_weights(dtype):
+    log = TrajectoryLog(LEGACY_LOG)
+    model = _exact_base(dtype)
+    replay_into(model, log.header(), log.read())
+    assert _digest(model) == LEGACY_DIGESTS[dtype]

@@ -5,6 +5,7 @@ import torch
 
 from distzo.directions import direction_like
 from distzo.schedules import Schedule
+from distzo.records import zo_sgd
 from distzo.update import apply_update_, stochastic_round
 
 
@@ -16,8 +17,8 @@ def test_update_formula_fp32_with_decay_and_directions():
     zb = [direction_like(b, s, 8) for s in seeds]
     exp_w = w - lr * ((grads[0] * zw[0] + grads[1] * zw[1]) / 2 + wd * w)
     exp_b = b - lr * ((grads[0] * zb[0] + grads[1] * zb[1]) / 2)  # no decay on 1-D tensors
-    apply_update_(w, 7, seeds, grads, lr, wd)
-    apply_update_(b, 8, seeds, grads, lr, wd)
+    apply_update_(w, 7, zo_sgd(0, seeds, grads, lr, wd))
+    apply_update_(b, 8, zo_sgd(0, seeds, grads, lr, wd))
     torch.testing.assert_close(w, exp_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(b, exp_b, rtol=0, atol=1e-6)
 
@@ -25,8 +26,8 @@ def test_update_formula_fp32_with_decay_and_directions():
 def test_cached_directions_give_identical_update():
     a = torch.randn(64, 3)
     b = a.clone()
-    apply_update_(a, 5, [99], [0.3], 1e-3)
-    apply_update_(b, 5, [99], [0.3], 1e-3, cached=[direction_like(b, 99, 5)])
+    apply_update_(a, 5, zo_sgd(0, [99], [0.3], 1e-3, 0.0))
+    apply_update_(b, 5, zo_sgd(0, [99], [0.3], 1e-3, 0.0), cached=[direction_like(b, 99, 5)])
     assert torch.equal(a, b)
 
 
@@ -52,8 +53,8 @@ def test_tiny_bf16_updates_track_fp32_in_mean():
     w16 = torch.ones(n, dtype=torch.bfloat16)
     w32 = torch.ones(n)
     for t in range(steps):
-        apply_update_(w16, 1, [1000 + t], [0.1], 1e-3)
-        apply_update_(w32, 1, [1000 + t], [0.1], 1e-3)
+        apply_update_(w16, 1, zo_sgd(t, [1000 + t], [0.1], 1e-3, 0.0))
+        apply_update_(w32, 1, zo_sgd(t, [1000 + t], [0.1], 1e-3, 0.0))
     drift = (w32 - 1.0).abs().mean()
     assert float(drift) > 2e-4  # the fp32 weights did move
     gap = float((w16.float() - w32).mean())

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from distzo.records import UpdateRecord, log_fields
+
 COMPLETE = "COMPLETE"
 # Not Hugging Face's trainer_state.json: the layout is distzo's own, so is the name.
 TRAINER_STATE = "distzo_state.json"
@@ -400,8 +402,11 @@ class TrajectoryHeader:
     """The base model as built at step 0; None in logs written before it was recorded."""
     environment: dict[str, str | None] | None = None
     """Versions and device kind the run started on (``distzo.environment.describe``)."""
+    algorithm: str = "mezo"
+    """The zeroth-order algorithm that made the updates; logs written before it was recorded are MeZO's."""
 
     def __post_init__(self) -> None:
+        from distzo.algorithms import check_algorithm
         from distzo.directions import KINDS
         from distzo.models import canonical_dtype  # imported here: models imports this module
 
@@ -419,6 +424,7 @@ class TrajectoryHeader:
             raise ValueError(f"base must be a BaseIdentity, got {type(self.base).__name__}")
         if self.environment is not None and not isinstance(self.environment, dict):
             raise ValueError(f"environment must be a mapping of names to versions, got {self.environment!r}")
+        check_algorithm(self.algorithm)
         self.dtype = canonical_dtype(self.dtype)
 
     @classmethod
@@ -557,6 +563,10 @@ class TrajectoryLog:
         self._write(handle, {**record, "seeds": [str(s) for s in record["seeds"]]})
         self._last_step = record["step"]
         return record
+
+    def append_update(self, record: UpdateRecord, loss: float, **extra: Any) -> dict[str, Any]:
+        """Durably record the step that made ``record`` (the fields ``records.from_log`` reads back)."""
+        return self.append(**log_fields(record), loss=loss, **extra)
 
     def append_event(self, kind: str, step: int, **fields: Any) -> dict[str, Any]:
         """Durably record an event (a setting changed, say) that applies from ``step`` on: a step

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from distzo import loggers
+from distzo.algorithms import check_algorithm
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
@@ -54,6 +55,8 @@ class OptimConfig:
     """Steps of linear lr warm-up from 0 (0 = none)."""
     min_lr_ratio: float = 0.0
     """Where linear and cosine decay end, as a fraction of lr."""
+    algorithm: str = "mezo"
+    """The zeroth-order algorithm (distzo.algorithms): mezo, MeZO's ZO-SGD."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -65,6 +68,7 @@ class OptimConfig:
             raise ValueError(f"optim.directions must be >= 1, got {self.directions}")
         check_kind(self.perturbation)
         check_estimator(self.estimator)
+        check_algorithm(self.algorithm)
 
     def schedule_for(self, steps: int) -> Schedule:
         return Schedule(self.schedule, self.warmup_steps, steps, self.min_lr_ratio)

@@ -44,8 +44,10 @@ from typing import Any
 import torch
 import transformers
 
+from distzo.algorithms.mezo import validate
+from distzo.directions import check_kind
 from distzo.offload import OffloadConfig, OffloadEngine
-from distzo.optimizer import LossFn, ZOOptimizer, _validate
+from distzo.optimizer import LossFn, ZOOptimizer, current_state
 from distzo.schedules import Schedule
 
 ZO_STATE_NAME = "zo_state.json"
@@ -96,7 +98,8 @@ class ZOArguments:
             weight_decay=args.weight_decay if self.weight_decay is None else self.weight_decay,
             seed=args.seed if self.seed is None else self.seed,
         )
-        _validate(zo.lr, zo.eps, zo.weight_decay, zo.directions, zo.perturbation, zo.estimator)
+        validate(zo.lr, zo.eps, zo.weight_decay, zo.directions, zo.estimator)
+        check_kind(zo.perturbation)
         return zo
 
 
@@ -178,7 +181,7 @@ class ZOTrainer(transformers.Trainer):
         self.zo = self._build_zo(schedule_from_args(self.args, num_training_steps))
         if self.lr_scheduler is None:
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lambda step: self.zo.schedule.factor(step)
+                optimizer or self.optimizer, lambda step: self.zo.algorithm.schedule.factor(step)
             )
             self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -311,6 +314,7 @@ def _overrides_compute_loss(cls: type) -> bool:
 
 def _check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str) -> None:
     """Resuming must not change how the run updates its weights."""
+    saved = current_state(saved)
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
                if k not in ("step", "pending") and saved.get(k) != v]
     if changed:

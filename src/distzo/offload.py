@@ -52,6 +52,7 @@ from torch import nn
 
 from distzo import collectives
 from distzo.directions import stable_key
+from distzo.records import UpdateRecord
 from distzo.units import UnsupportedModel, layer_stacks
 
 MODES = ("none", "cpu")
@@ -64,6 +65,7 @@ PAGE = 1 << 21  # host buffers are whole (huge-page sized) pages
 BUDGET_MARGIN = 0.05
 
 InitFn = Callable[[str, torch.Tensor], None]
+Reapply = Callable[[nn.Parameter, UpdateRecord], None]
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
@@ -249,7 +251,7 @@ class HostBlock:
         self.by_param = {id(e.param): e for e in entries}
         self.host_ready = None  # event: the last write-back into ``flat`` has landed
         # id(parameter) -> the updates applied on the GPU that its host copy does not have yet
-        self.stale: dict[int, list] = {}
+        self.stale: dict[int, list[UpdateRecord]] = {}
         self.updates: dict[int, int] = {}  # id(parameter) -> updates applied so far
 
     @property
@@ -318,9 +320,7 @@ class OffloadEngine:
         self.bytes_up = self.bytes_down = 0  # this rank's PCIe traffic, for tests and benchmarks
         self.uploads = 0
         self._written = False  # write-backs issued since the last synchronize
-        # replay(param, update) re-applies an update the host copy lacks (write_every > 1); the
-        # optimiser that reports updates through ``updated`` provides it.
-        self.replay: Callable[[nn.Parameter, object], None] | None = None
+        self._reapply: Reapply | None = None  # see ``reapply_with``
         self.slots: list[_Slot] = []
         self.write_every = self.cfg.write_every
         self.prefetch = 0
@@ -475,11 +475,16 @@ class OffloadEngine:
         block.bind(slot.buf)
         self._catch_up(block)
 
+    def reapply_with(self, reapply: Reapply) -> None:
+        """How to apply a past update again to a parameter (the optimiser's own update path): a block
+        whose host copy lacks updates (write_every > 1) gets them re-applied when it comes up."""
+        self._reapply = reapply
+
     def _catch_up(self, block: HostBlock) -> None:
         """Re-apply on the GPU copy the updates the host copy does not have yet, oldest first."""
         for e in block.entries:
-            for update in block.stale.get(id(e.param), ()):
-                self.replay(e.param, update)
+            for record in block.stale.get(id(e.param), ()):
+                self._reapply(e.param, record)
 
     def _release(self, block: HostBlock) -> None:
         slot = self._bound.pop(block.index, None)
@@ -489,9 +494,9 @@ class OffloadEngine:
         slot.free_after.append(self.copies.mark())
         self._free.append(slot)
 
-    def updated(self, param: torch.Tensor, update) -> None:
-        """The optimiser applied ``update`` to ``param`` in place: copy it (this rank's slice) back
-        to the host, or, between write-backs, remember that the host copy lacks ``update``."""
+    def updated(self, param: torch.Tensor, record: UpdateRecord) -> None:
+        """The optimiser applied ``record`` to ``param`` in place: copy it (this rank's slice) back
+        to the host, or, between write-backs, remember that the host copy lacks ``record``."""
         block = self._param_block.get(id(param))
         if block is None or block.index not in self._bound:
             return
@@ -500,7 +505,7 @@ class OffloadEngine:
         # Block i writes back at its updates n with (n + i) % write_every == 0: each step moves
         # 1/write_every of the blocks down, rather than all of them every write_every-th step.
         if (count + block.index) % self.write_every:
-            stale.append(update)
+            stale.append(record)
             return
         stale.clear()
         self._write_back(block, block.by_param[id(param)])

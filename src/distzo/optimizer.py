@@ -1,12 +1,13 @@
-"""ZOOptimizer: MeZO's ZO-SGD with counter-based directions and a dual-stream forward.
+"""ZOOptimizer: a zeroth-order algorithm (MeZO's ZO-SGD by default) with counter-based
+directions and a dual-stream forward.
 
     opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
     stats = opt.step(batch)        # two perturbed losses from one forward of 2R rows
     opt.flush()                    # apply the deferred update before eval or save
 
-A step's update is (seeds, g's, lr): a few bytes. It is kept pending and applied at
-the start of the next step (or by ``flush``), which is where fused engines fold it
-into the next pass over the weights.
+A step measures the algorithm's plan of probes (``distzo.algorithms``) and gets back an
+update record: a few bytes. It is kept pending and applied at the start of the next step
+(or by ``flush``), which is where fused engines fold it into the next pass over the weights.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from distzo import directions, estimator, kernels, parallel
-from distzo.directions import Kind
+from distzo import algorithms, directions, kernels, parallel, records
+from distzo.directions import Kind, check_kind
+from distzo.estimator import Estimator
 from distzo.losses import IGNORE_INDEX
 from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
-from distzo.update import FULL_PRECISION, apply_update_
+from distzo.records import UpdateRecord
+from distzo.update import apply_record, perturbed
 
 # Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "logits_to_keep")
@@ -72,14 +75,8 @@ class StepStats:
     losses_plus: list[float] = field(default_factory=list)
     losses_other: list[float] = field(default_factory=list)
     skipped: bool = False
-
-
-@dataclass
-class PendingUpdate:
-    step: int
-    seeds: list[int]
-    grads: list[float]
-    lr: float
+    update: UpdateRecord | None = None
+    """The step's update (what the trajectory log records); not applied when ``skipped``."""
 
 
 class ZOOptimizer:
@@ -96,18 +93,22 @@ class ZOOptimizer:
         seed: int = 0,
         loss_fn: LossFn | None = None,
         schedule: Schedule | None = None,
-        estimator: estimator.Estimator = "two-sided",
+        estimator: Estimator = "two-sided",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         mesh: parallel.Mesh | None = None,
         offload: OffloadEngine | None = None,
+        algorithm: str | algorithms.Algorithm = "mezo",
     ):
-        _validate(lr, eps, weight_decay, directions, perturbation, estimator)
+        """``algorithm`` is a name, built with the hyper-parameters lr .. schedule, or an
+        algorithm already built (then those are not used)."""
+        check_kind(perturbation)
+        if isinstance(algorithm, str):
+            algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
+                                        estimator=estimator, seed=seed, schedule=schedule)
+        self.algorithm = algorithm
         self.model = model
-        self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
-        self.num_directions, self.perturbation, self.seed = directions, perturbation, seed
+        self.perturbation = perturbation
         self.loss_fn = loss_fn or causal_lm_loss
-        self.schedule = schedule or Schedule()
-        self.estimator = estimator
         # Ranks of a torchrun job share seeds and exchange only losses (distzo.parallel).
         self.mesh = mesh
         # Blocks in host memory stream through the GPU (distzo.offload); the optimiser tells the
@@ -118,66 +119,65 @@ class ZOOptimizer:
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
         self._by_id = {id(p.param): p for p in self.params}
-        numel = sum(p.param.numel() for p in self.params)
-        # A rank that measures only some directions would cache only those z's.
-        shares_directions = mesh is not None and mesh.size("dir") > 1
-        self.cache_directions = numel * 4 * directions <= cache_bytes and not shares_directions
+        self._numel = sum(p.param.numel() for p in self.params)
+        self.cache_bytes = cache_bytes
+        self.cache_directions = False  # set per step, by the size of the step's plan
         self._z: dict[str, list[torch.Tensor]] = {}  # this step's directions, when cached
-        self._z_prev: dict[str, list[torch.Tensor]] = {}  # the pending update's directions
-        self._applying: PendingUpdate | None = None
+        self._z_prev: dict[str, list[torch.Tensor]] = {}  # the previous step's directions
+        self._z_seeds: tuple[int, ...] = ()  # the seeds of _z's directions, in order
+        self._z_prev_seeds: tuple[int, ...] = ()
+        self._applying: UpdateRecord | None = None
         self._unapplied: set[str] = set()
         self.device = offload.device if offload is not None else self.params[0].param.device
         self._fused = kernels.fused_for(torch.empty(0, device=self.device))
         self._seed = 0
         self._direction = 0
-        self.pending: PendingUpdate | None = None
+        self.pending: UpdateRecord | None = None
         self.step_count = 0
         # Offloaded blocks build one stream's shadows at a time: their memory is what limits
         # the model size, and the second read of theta hides behind the PCIe transfers.
         offloaded = {id(b.module) for b in offload.blocks} if offload is not None else set()
         if offload is not None:
-            offload.replay = self._replay
+            offload.reapply_with(self._reapply)
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
 
     # ------------------------------------------------------------------ public API
 
-    def lr_at(self, step: int) -> float:
-        return self.lr * self.schedule.factor(step)
-
     @torch.no_grad()
     def step(self, batch: Mapping[str, Any]) -> StepStats:
-        """Estimate the gradient along q directions at the current weights and queue the update.
+        """Measure the algorithm's plan at the current weights and queue the update it makes.
 
         The pending update of the previous step is applied unit by unit as the first
         forward reaches it, in the same pass over the weights that builds the shadows.
         """
         t = self.step_count
-        seeds = [directions.step_seed(self.seed, t, j) for j in range(self.num_directions)]
-        scales = estimator.half_scales(self.eps, self.estimator)
+        forwards = self.algorithm.plan(t)
+        if any(len(f.probes) != 2 for f in forwards):  # the mesh's pert axis splits a forward's pair
+            raise ValueError(f"{self.algorithm.name}: the engines measure forwards of two probes")
         halves = parallel.my_halves(self.mesh)
         measured: dict[tuple[int, int], float] = {}
         was_training = self.model.training
         self.model.eval()  # no dropout: both halves must see the same function
-        self._begin_update()
+        self._begin_update(forwards)
         try:
-            for j in parallel.my_directions(self.mesh, self.num_directions):
-                self._seed, self._direction = seeds[j], j
-                losses = self.stream_losses(batch, tuple(scales[h] for h in halves))
-                measured.update({(j, h): loss for h, loss in zip(halves, losses)})
+            for i in parallel.my_directions(self.mesh, len(forwards)):
+                self._seed, self._direction = forwards[i].seed, i
+                losses = self.stream_losses(batch, tuple(forwards[i].scales[h] for h in halves))
+                measured.update({(i, h): loss for h, loss in zip(halves, losses)})
                 self._finish_update()
         finally:
             self.model.train(was_training)
         self._finish_update()  # a rank that measured no direction still applies the update
         if self.offload is not None:
             self.offload.after_step()
-        plus, other = parallel.assemble(self.mesh, measured, self.num_directions, self._shard_weight(batch))
-        grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
-        loss = estimator.reported_loss(plus, other, self.estimator)
-        lr = self.lr_at(t)
-        stats = StepStats(t, loss, grads, seeds, lr, plus, other)
-        if estimator.all_finite(plus, other):
-            self.pending = PendingUpdate(t, seeds, grads, lr)
+        plus, other = parallel.assemble(self.mesh, measured, len(forwards), self._shard_weight(batch))
+        done = self.algorithm.finish(t, [list(pair) for pair in zip(plus, other)])
+        update = done.update
+        stats = StepStats(t, done.loss, done.projected_grads, list(update.seeds), update.lr, plus, other,
+                          update=update)
+        if done.finite:
+            self.pending = update
         else:
             warnings.warn(f"step {t}: non-finite loss ({plus}, {other}); the update is skipped", stacklevel=2)
             stats.skipped = True
@@ -188,15 +188,19 @@ class ZOOptimizer:
     @torch.no_grad()
     def flush(self) -> None:
         """Apply the pending update, if any, to the weights (before eval, save or replay)."""
-        self._begin_update()
+        self._begin_update([])
         self._finish_update()
         if self.offload is not None:
             self.offload.synchronize()  # the host copies are what eval and save read
 
-    def _begin_update(self) -> None:
+    def _begin_update(self, forwards: list[algorithms.Forward]) -> None:
         self._applying, self.pending = self.pending, None
         self._unapplied = {p.name for p in self.params} if self._applying else set()
         self._z_prev, self._z = self._z, {}
+        self._z_prev_seeds, self._z_seeds = self._z_seeds, tuple(f.seed for f in forwards)
+        # A rank that measures only some forwards would cache only those z's.
+        shares = self.mesh is not None and self.mesh.size("dir") > 1
+        self.cache_directions = self._numel * 4 * len(forwards) <= self.cache_bytes and not shares
 
     def _finish_update(self) -> None:
         """Apply the pending update to every parameter the forward did not reach."""
@@ -212,51 +216,43 @@ class ZOOptimizer:
                     for p in group:
                         self._apply_pending(p)
         self._applying = None
-        self._z_prev = {}
+        self._z_prev, self._z_prev_seeds = {}, ()
 
     def _apply_pending(self, p: TrainableParam) -> None:
         self._unapplied.discard(p.name)
         u = self._applying
-        self._apply(p, u, self._z_prev.pop(p.name, None))
+        cached = self._z_prev.pop(p.name, None)
+        # the z's measured last step are this update's only when it moves along those directions
+        self._apply(p, u, cached if u.seeds == self._z_prev_seeds else None)
         if self.offload is not None:
             self.offload.updated(p.param, u)
 
-    def _replay(self, param: torch.Tensor, u: PendingUpdate) -> None:
+    def _reapply(self, param: torch.Tensor, record: UpdateRecord) -> None:
         """Apply a past update again (to a block whose host copy lacks it; distzo.offload)."""
-        self._apply(self._by_id[id(param)], u)
+        self._apply(self._by_id[id(param)], record)
 
-    def _apply(self, p: TrainableParam, u: PendingUpdate, cached: list[torch.Tensor] | None = None) -> None:
-        if self._fused is not None and cached is None:
-            self._fused.apply_update(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation)
-        else:
-            apply_update_(p.param, p.key, u.seeds, u.grads, u.lr, self.weight_decay, self.perturbation, cached)
+    def _apply(self, p: TrainableParam, record: UpdateRecord, cached: list[torch.Tensor] | None = None) -> None:
+        apply_record(p.param, p.key, record, self.perturbation, self._fused, cached)
 
     def state_dict(self) -> dict[str, Any]:
-        pending = None if self.pending is None else vars(self.pending).copy()
+        pending = None if self.pending is None else asdict(self.pending)
         return {
             "step": self.step_count,
-            "seed": self.seed,
-            "lr": self.lr,
-            "eps": self.eps,
-            "weight_decay": self.weight_decay,
-            "directions": self.num_directions,
+            "algorithm": self.algorithm.name,
+            **self.algorithm.state_dict(),
             "perturbation": self.perturbation,
-            "estimator": self.estimator,
-            "schedule": vars(self.schedule).copy(),
             "pending": pending,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = current_state(state)
+        name = state["algorithm"]
+        if name != self.algorithm.name:
+            raise ValueError(f"the state is {name}'s, but this optimiser runs {self.algorithm.name}")
         self.step_count = int(state["step"])
-        self.seed = int(state["seed"])
-        self.lr, self.eps, self.weight_decay = state["lr"], state["eps"], state["weight_decay"]
-        self.num_directions, self.perturbation = state["directions"], state["perturbation"]
-        self.estimator = state["estimator"]
-        self.schedule = Schedule(**state["schedule"])
-        pending = state.get("pending")
-        if pending:  # seeds may come back as decimal strings (JSON that keeps them exact)
-            pending = {**pending, "seeds": [int(s) for s in pending["seeds"]]}
-        self.pending = PendingUpdate(**pending) if pending else None
+        self.algorithm.load_state_dict(state)
+        self.perturbation = state["perturbation"]
+        self.pending = _pending_from_state(state.get("pending"), state.get("weight_decay", 0.0))
         self._z.clear()
 
     # ------------------------------------------------------------------ internals
@@ -298,24 +294,29 @@ class ZOOptimizer:
             self._unapplied.discard(p.name)
             # The kernel builds two shadows; a single stream (a pert rank) asks for one.
             pair = scales if len(scales) == 2 else (scales[0], 0.0)
-            shadows = self._fused.update_and_shadows(
-                param, p.key, update, self.weight_decay, self.perturbation, self._seed, pair
-            )
+            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, self._seed, pair)
             if update is not None and self.offload is not None:
                 self.offload.updated(p.param, update)
             return shadows[: len(scales)]
         if p.name in self._unapplied:
             self._apply_pending(p)
         z = self._direction_of(p)
-        return tuple(_perturbed(param, z, s) for s in scales)
+        return tuple(perturbed(param, z, s) for s in scales)
 
 
-def _perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 0.0:
-        return param
-    if param.dtype in FULL_PRECISION:
-        return param.add(z.to(param.dtype), alpha=scale)
-    return param.float().add_(z, alpha=scale).to(param.dtype)
+def current_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved optimiser state with the fields of this version: states saved before
+    algorithms were named are MeZO's."""
+    return {"algorithm": "mezo", **state}
+
+
+def _pending_from_state(pending: Mapping[str, Any] | None, weight_decay: float) -> UpdateRecord | None:
+    """The saved pending update; checkpoints written before update records hold a log line's fields."""
+    if not pending:
+        return None
+    if "coeffs" not in pending:
+        return records.from_log(pending, weight_decay)
+    return UpdateRecord(**pending)  # seeds may come back as decimal strings: the record reads them
 
 
 def _rows(inputs: Mapping[str, Any]) -> int:
@@ -323,16 +324,3 @@ def _rows(inputs: Mapping[str, Any]) -> int:
         if torch.is_tensor(value):
             return value.shape[0]
     raise ValueError("the batch has no input tensor (expected input_ids or inputs_embeds)")
-
-
-def _validate(lr, eps, weight_decay, q, perturbation, est) -> None:
-    if not lr >= 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not (isinstance(q, int) and q >= 1):
-        raise ValueError(f"directions must be an integer >= 1, got {q}")
-    directions.check_kind(perturbation)
-    estimator.check_estimator(est)

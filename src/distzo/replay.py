@@ -1,8 +1,10 @@
 """Rebuild fine-tuned weights from the base model and the trajectory log.
 
-A step's whole update is (seeds, g's, lr), so base weights + log = the fine-tuned
-model. Replay calls the very update function the engines use, in the same order, so
-on the same versions, device kind and dtype it reproduces the checkpoint bit for bit.
+A step's whole update is (seeds, g's, lr): an update record (``distzo.records``) once the
+header's weight decay joins it, so base weights + log = the fine-tuned
+model. Replay calls the very update function the engines use (the fused kernels on a CUDA
+device, the torch path elsewhere), in the same order, so on the same versions, device kind
+and dtype it reproduces the checkpoint bit for bit.
 
 Replay trusts nothing it is given: the base must be the one the log's header identifies,
 the steps must run 0, 1, 2, ... without a gap, and the output folder must not hold
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from distzo import kernels
 from distzo.checkpoint import (
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
@@ -41,9 +44,10 @@ from distzo.models import (
     resolve_device,
     resolve_source,
 )
+from distzo.records import from_log
 from distzo.rundir import LOG_FILE as LOG_NAME
 from distzo.units import trainable_params
-from distzo.update import apply_update_
+from distzo.update import apply_record
 
 
 class ReplayWarning(UserWarning):
@@ -94,12 +98,12 @@ def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):
 def replay_into(model, header: TrajectoryHeader, records: list[dict[str, Any]]) -> None:
     """Apply the updates of ``records`` (consecutive steps from 0) to ``model`` in place."""
     params = trainable_params(model)
-    for record in records:
-        if record.get("skipped"):  # a non-finite loss: the run applied nothing
+    for line in records:
+        if line.get("skipped"):  # a non-finite loss: the run applied nothing
             continue
-        for p in params:
-            apply_update_(p.param, p.key, record["seeds"], record["grads"], record["lr"], header.weight_decay,
-                          header.perturbation)
+        update = from_log(line, header.weight_decay)
+        for p in params:  # on a CUDA device through the kernels the run used there
+            apply_record(p.param, p.key, update, header.perturbation, kernels.fused_for(p.param))
 
 
 # --------------------------------------------------------------------------- checks

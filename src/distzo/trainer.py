@@ -116,6 +116,7 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
         seed=cfg.seed,
         q=cfg.optim.directions,
         dtype=cfg.model.dtype,
+        algorithm=cfg.optim.algorithm,
         extra=extra,
         # rank 0 writes the log and holds weights, also in sliced offload
         base=None if model is None else BaseIdentity.of(model),
@@ -232,6 +233,7 @@ class Trainer:
             estimator=cfg.optim.estimator,
             mesh=self.mesh,
             offload=self.engine,
+            algorithm=cfg.optim.algorithm,
         )
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
@@ -417,8 +419,7 @@ class Trainer:
             batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
             stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
             if self.mesh.is_main:
-                self._tail = self.log.append(t, stats.seeds, stats.projected_grads, stats.lr, stats.loss,
-                                             skipped=stats.skipped)
+                self._tail = self.log.append_update(stats.update, stats.loss, skipped=stats.skipped)
             self.state["step"] = t + 1
             window.add(stats, int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions)
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0

@@ -1,6 +1,6 @@
-"""The ZO-SGD update of one parameter tensor, shared by every engine and by replay.
+"""The update of one parameter tensor from an update record, shared by every engine and by replay.
 
-    theta <- theta - lr * (sum_j g_j z_j / q + decay * theta)
+    theta <- round(theta - lr * (sum_j c_j z_j / divisor + decay * theta))
 
 Because replay and the engines call the same function, rebuilding weights from the
 trajectory log gives the checkpoint's weights bit for bit. In bf16/fp16 the new value
@@ -17,16 +17,10 @@ import torch
 
 from distzo import directions
 from distzo.directions import Kind
+from distzo.records import UpdateRecord
 
-# Rounding noise comes from its own Philox stream, so it never correlates with z.
 # Dtypes updated in place; narrower ones are updated in float32 and stochastically rounded.
 FULL_PRECISION = (torch.float32, torch.float64)
-SR_SEED_SALT = 0x5EED_0F_5EED_0F_5E
-
-
-def sr_seed(seeds: Sequence[int]) -> int:
-    """The seed of the rounding noise of the update made with ``seeds``."""
-    return (seeds[0] ^ SR_SEED_SALT) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def stochastic_round(value: torch.Tensor, dtype: torch.dtype, seed: int, key: int) -> torch.Tensor:
@@ -48,34 +42,50 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, seed: int, key: in
 def apply_update_(
     param: torch.Tensor,
     key: int,
-    seeds: Sequence[int],
-    grads: Sequence[float],
-    lr: float,
-    weight_decay: float = 0.0,
+    record: UpdateRecord,
     kind: Kind = "gaussian",
     cached: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """Apply one step's update to ``param`` in place.
+    """Apply ``record`` to ``param`` in place.
 
-    ``cached`` may hold the z of each direction (as drawn for the forward) to save
+    ``cached`` may hold the z of each seed (as drawn for the forward) to save
     regenerating them; it must be exactly what ``directions.direction_like`` gives.
     """
-    q = len(seeds)
     full = param.dtype in FULL_PRECISION
     work = param.data if full else param.detach().to(torch.float32)
     step = torch.zeros_like(work)
-    for j, (seed, g) in enumerate(zip(seeds, grads)):
+    for j, (seed, c) in enumerate(zip(record.seeds, record.coeffs)):
         z = cached[j] if cached is not None else directions.direction_like(work, seed, key, kind)
-        step.add_(z.to(work.dtype), alpha=g)
-    if q > 1:
-        step.div_(q)
-    if weight_decay and decays(param):
-        step.add_(work, alpha=weight_decay)
+        step.add_(z.to(work.dtype), alpha=c)
+    if record.divisor != 1:
+        step.div_(record.divisor)
+    if record.decay and decays(param):
+        step.add_(work, alpha=record.decay)
     if full:
-        param.data.sub_(step, alpha=lr)
+        param.data.sub_(step, alpha=record.lr)
     else:
-        new = work.sub(step, alpha=lr)
-        param.data.copy_(stochastic_round(new, param.dtype, sr_seed(seeds), key))
+        new = work.sub(step, alpha=record.lr)
+        param.data.copy_(stochastic_round(new, param.dtype, record.rounding_seed, key))
+
+
+def apply_record(param: torch.Tensor, key: int, record: UpdateRecord, kind: Kind = "gaussian", fused=None,
+                 cached: Sequence[torch.Tensor] | None = None) -> None:
+    """Apply ``record`` to ``param`` the way a run does: with the fused kernel set ``fused``
+    (``kernels.fused_for(param)``; the engine that trained on that device) or, for None or
+    with ``cached`` z's, the torch path. Replay and the optimiser both come through here."""
+    if fused is not None and cached is None:
+        fused.apply_update(param, key, record, kind)
+    else:
+        apply_update_(param, key, record, kind, cached)
+
+
+def perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """theta + scale * z in the parameter's dtype (computed in float32 for narrower ones); theta for 0."""
+    if scale == 0.0:
+        return param
+    if param.dtype in FULL_PRECISION:
+        return param.add(z.to(param.dtype), alpha=scale)
+    return param.float().add_(z, alpha=scale).to(param.dtype)
 
 
 def decays(param: torch.Tensor) -> bool:

@@ -4,11 +4,11 @@
 the torch path in ``distzo.update`` and ``distzo.optimizer`` serves (CPU, or a GPU
 without Triton). A kernel set provides
 
-    update_and_shadows(param, key, update, weight_decay, kind, seed, scales)
-        apply ``update`` (a PendingUpdate or None) to ``param`` in place and return
-        (param + scales[0] z, param + scales[1] z) for z = z(seed, key), in one pass;
-    apply_update(param, key, seeds, grads, lr, weight_decay, kind)
-        the update alone (``flush``),
+    update_and_shadows(param, key, record, kind, seed, scales)
+        apply ``record`` (a ``distzo.records.UpdateRecord`` or None) to ``param`` in place and
+        return (param + scales[0] z, param + scales[1] z) for z = z(seed, key), in one pass;
+    apply_update(param, key, record, kind)
+        the update alone (``flush``, offload's catch-up, replay),
 
 with results equal to the torch path's (same integer stream, same rounding rule).
 """

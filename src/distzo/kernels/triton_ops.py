@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from distzo import directions
-from distzo.update import decays, sr_seed
+from distzo.records import UpdateRecord
+from distzo.update import apply_update_, decays, perturbed
 
 try:  # the CUDA libdevice wrappers (absent from the interpreter's view of the world)
     from triton.language.extra.cuda import libdevice
@@ -302,24 +303,25 @@ _SR_MODES = {torch.bfloat16: _SR_BF16, torch.float16: _SR_GENERIC, torch.float32
 
 class _StepScalars:
     """Everything a launch needs besides the tensor: the seeds as int32 halves, the
-    g's / lr / wd / scales in a small device buffer (uploaded once per step, not per
-    tensor) and the constexpr flags. The last few are kept, keyed by their inputs."""
+    coefficients / lr / decay / scales in a small device buffer (uploaded once per step,
+    not per tensor) and the constexpr flags. The last few are kept, keyed by their inputs."""
 
-    def __init__(self, update, weight_decay, kind, seed, scales, device):
-        has_update = update is not None and len(update.seeds) > 0
-        seeds = [int(s) & 0xFFFF_FFFF_FFFF_FFFF for s in update.seeds] if has_update else []
-        grads = [float(g) for g in update.grads] if has_update else [0.0]
-        lr = float(update.lr) if has_update else 0.0
-        # the kernel reads g_0 .. g_{Q-1}, lr, wd, scale+, scale- with Q = max(q, 1)
-        coefs = [*grads, lr, float(weight_decay), float(scales[0]), float(scales[1])]
+    def __init__(self, record: UpdateRecord | None, kind, seed, scales, device):
+        has_update = record is not None and len(record.seeds) > 0
+        seeds = [s & 0xFFFF_FFFF_FFFF_FFFF for s in record.seeds] if has_update else []
+        coeffs = list(record.coeffs) if has_update else [0.0]
+        lr = record.lr if has_update else 0.0
+        decay = record.decay if has_update else 0.0
+        # the kernel reads c_0 .. c_{Q-1}, lr, decay, scale+, scale- with Q = max(q, 1)
+        coefs = [*coeffs, lr, decay, float(scales[0]), float(scales[1])]
         signed = [s - (1 << 64) if s >> 63 else s for s in seeds] or [0]
         self.seeds_t = torch.tensor(signed, dtype=torch.int64).to(device, non_blocking=True)
         self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
-        self.sr = _halves(sr_seed(seeds)) if has_update else (0, 0)
+        self.sr = _halves(record.rounding_seed) if has_update else (0, 0)
         self.dseed = _halves(seed)
         self.q = max(len(seeds), 1)
         self.has_update = has_update
-        self.decay = has_update and bool(weight_decay)
+        self.decay = has_update and bool(decay)
         self.gauss = _gauss(kind)
         self.aligned = _aligned(self.seeds_t) and _aligned(self.coef_t)
 
@@ -327,18 +329,19 @@ class _StepScalars:
 _SCALARS: dict[tuple, _StepScalars] = {}
 
 
-def _scalars(update, weight_decay, kind, seed, scales, device) -> _StepScalars:
-    if update is None:
-        ident = (None, weight_decay, kind, seed, scales[0], scales[1], device)
-    else:
-        ident = (tuple(update.seeds), tuple(update.grads), update.lr, weight_decay, kind, seed, scales[0], scales[1],
-                 device)
+def _scalars(record: UpdateRecord | None, kind, seed, scales, device) -> _StepScalars:
+    ident = (record, kind, seed, scales[0], scales[1], device)
     hit = _SCALARS.get(ident)
     if hit is None:
         if len(_SCALARS) >= 8:
             _SCALARS.pop(next(iter(_SCALARS)))
-        hit = _SCALARS[ident] = _StepScalars(update, weight_decay, kind, seed, scales, device)
+        hit = _SCALARS[ident] = _StepScalars(record, kind, seed, scales, device)
     return hit
+
+
+def _kernel_divides(record: UpdateRecord | None) -> bool:
+    """Whether the kernel computes ``record`` as written: it divides by the seed count Q when Q > 1."""
+    return record is None or record.divisor == max(len(record.seeds), 1)
 
 
 def _direct_launch_supported() -> bool:
@@ -411,17 +414,17 @@ def _check_dtype(param: torch.Tensor) -> None:
         raise TypeError(f"fused kernels take float32/bfloat16/float16/float64 tensors, not {param.dtype}")
 
 
-def update_and_shadows(param, key, update, weight_decay, kind, seed, scales):
-    """Apply ``update`` (or None) to ``param`` in place; return (theta' + a z, theta' + b z).
+def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scales):
+    """Apply ``record`` (or None) to ``param`` in place; return (theta' + a z, theta' + b z).
 
     z = z(seed, key) and (a, b) = ``scales``; a shadow whose scale is 0.0 is ``param``
     itself. One read of theta, one write of theta' (only with an update), one write
     per shadow; every z is generated in registers.
     """
-    if param.dtype == torch.float64:
-        return _update_and_shadows_float64(param, key, update, weight_decay, kind, seed, scales)
+    if param.dtype == torch.float64 or not _kernel_divides(record):
+        return _update_and_shadows_torch(param, key, record, kind, seed, scales)
     _check_dtype(param)
-    sc = _scalars(update, weight_decay, kind, seed, scales, param.device)
+    sc = _scalars(record, kind, seed, scales, param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
     a, b = scales[0] != 0.0, scales[1] != 0.0
     # Both shadows in one allocation (one allocator call; freed together after the unit).
@@ -437,37 +440,30 @@ def update_and_shadows(param, key, update, weight_decay, kind, seed, scales):
     return (param if plus is None else plus), (param if minus is None else minus)
 
 
-def apply_update(param, key, seeds, grads, lr, weight_decay=0.0, kind="gaussian"):
+def apply_update(param, key, record: UpdateRecord, kind="gaussian"):
     """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
-    update = _Update(list(seeds), list(grads), float(lr))
-    if param.dtype == torch.float64:
-        _update_and_shadows_float64(param, key, update, weight_decay, kind, 0, (0.0, 0.0))
+    if param.dtype == torch.float64 or not _kernel_divides(record):
+        _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0))
         return
     _check_dtype(param)
-    sc = _scalars(update, weight_decay, kind, 0, (0.0, 0.0), param.device)
+    sc = _scalars(record, kind, 0, (0.0, 0.0), param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
     _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param))
     if work is not param:
         param.data.copy_(work)
 
 
-class _Update:
-    def __init__(self, seeds, grads, lr):
-        self.seeds, self.grads, self.lr = seeds, grads, lr
-
-
-def _update_and_shadows_float64(param, key, update, weight_decay, kind, seed, scales):
-    """float64 (rare on GPUs): z from the kernels, arithmetic by the torch reference in float64."""
-    from distzo.update import apply_update_
-
+def _update_and_shadows_torch(param, key, record, kind, seed, scales):
+    """float64 (rare on GPUs), or a divisor the kernel does not compute: z from the kernels,
+    arithmetic by the torch reference."""
     n = param.numel()
-    if update is not None and len(update.seeds):
-        zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in update.seeds]
-        apply_update_(param, key, update.seeds, update.grads, update.lr, weight_decay, kind, cached=zs)
+    if record is not None and len(record.seeds):
+        zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in record.seeds]
+        apply_update_(param, key, record, kind, cached=zs)
     if scales[0] == 0.0 and scales[1] == 0.0:
         return param, param
-    z = normal(seed, key, 0, n, kind, param.device).view(param.shape).to(torch.float64)
-    return tuple(param if s == 0.0 else param.add(z, alpha=s) for s in scales)
+    z = normal(seed, key, 0, n, kind, param.device).view(param.shape)
+    return tuple(perturbed(param, z, s) for s in scales)
 
 
 def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The update record: everything one step changes in the weights, in a few bytes.
+
+    theta <- round(theta - lr * (sum_j coeffs[j] z(seeds[j]) / divisor + decay * theta))
+
+Every engine (torch, the fused kernels, offload's catch-up) and replay apply an update
+from this record alone, so a record is the whole contract between an algorithm and the
+engines. ``decay`` applies to the tensors ``update.decays`` selects (MeZO's rule); the
+rounding is the stochastic rounding of bf16/fp16 tensors, its noise seeded by
+``rounding_seed``. Dividing by ``divisor`` is a separate operation (not folded into the
+coefficients) because that is the order MeZO's ZO-SGD computes in, and exactness needs
+the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF
+# Rounding noise comes from its own Philox stream, so it never correlates with z.
+SR_SEED_SALT = 0x5EED_0F_5EED_0F_5E
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    step: int
+    seeds: tuple[int, ...]
+    """One direction seed per coefficient (unsigned 64-bit)."""
+    coeffs: tuple[float, ...]
+    """The multiple of each direction z(seeds[j]) in the step (MeZO: the projected gradient g_j)."""
+    lr: float
+    divisor: int = 1
+    """The coefficient sum is divided by it (MeZO: q, the mean over directions); 1 divides nothing."""
+    decay: float = 0.0
+    """Weight decay: decay * theta joins the step of each tensor that ``update.decays``."""
+    rounding_seed: int = 0
+    """Seed of the stochastic-rounding noise of bf16/fp16 tensors."""
+
+    def __post_init__(self) -> None:
+        # ints from decimal strings too: JSON that keeps 64-bit seeds exact writes them so
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "coeffs", tuple(float(c) for c in self.coeffs))
+        object.__setattr__(self, "rounding_seed", int(self.rounding_seed))
+        if len(self.seeds) != len(self.coeffs):
+            raise ValueError(f"an update needs one coefficient per seed, got {len(self.seeds)} seeds and "
+                             f"{len(self.coeffs)} coefficients")
+        if any(not 0 <= s <= SEED_MASK for s in (*self.seeds, self.rounding_seed)):
+            raise ValueError("update seeds are unsigned 64-bit integers")
+        if not (isinstance(self.divisor, int) and self.divisor >= 1):
+            raise ValueError(f"an update's divisor is an integer >= 1, got {self.divisor!r}")
+
+
+def sr_seed(seeds: Sequence[int]) -> int:
+    """ZO-SGD's rounding seed: derived from the step's first direction seed."""
+    return (int(seeds[0]) ^ SR_SEED_SALT) & SEED_MASK
+
+
+def zo_sgd(step: int, seeds: Sequence[int], grads: Sequence[float], lr: float, weight_decay: float) -> UpdateRecord:
+    """MeZO's ZO-SGD step: theta -= lr * (mean_j g_j z_j + wd * theta)."""
+    return UpdateRecord(step, tuple(seeds), tuple(grads), lr, divisor=len(seeds), decay=weight_decay,
+                        rounding_seed=sr_seed(seeds))
+
+
+def from_log(line: Mapping[str, Any], weight_decay: float) -> UpdateRecord:
+    """The update of a trajectory log line (or a saved pending update: the same fields).
+
+    A line holds (step, seeds, g's, lr); the run's weight decay is in the log's header.
+    """
+    return zo_sgd(int(line["step"]), [int(s) for s in line["seeds"]], line["grads"], line["lr"], weight_decay)
+
+
+def log_fields(record: UpdateRecord) -> dict[str, Any]:
+    """What a log line records of ``record``: the inverse of ``from_log``."""
+    return {"step": record.step, "seeds": list(record.seeds), "grads": list(record.coeffs), "lr": record.lr}

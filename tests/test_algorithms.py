@@ -1,0 +1,115 @@
+"""Algorithms as plans of probes: MeZO's plan and update, and how runs name the algorithm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_batch, tiny_model
+
+from distzo import algorithms, directions
+from distzo.algorithms import Forward, Probe
+from distzo.algorithms.mezo import MeZO
+from distzo.checkpoint import TrajectoryHeader, TrajectoryLog
+from distzo.cli import parser
+from distzo.optimizer import ZOOptimizer
+from distzo.records import zo_sgd
+from distzo.schedules import Schedule
+
+
+@pytest.mark.parametrize("estimator,second", [("two-sided", -1e-2), ("one-sided", 0.0)])
+def test_mezo_plans_q_forwards_of_two_probes_along_the_step_seeds(estimator, second):
+    algo = MeZO(eps=1e-2, directions=3, estimator=estimator, seed=5)
+    plan = algo.plan(7)
+    seeds = [directions.step_seed(5, 7, j) for j in range(3)]
+    assert plan == [Forward((Probe(s, 1e-2), Probe(s, second))) for s in seeds]
+
+
+def test_mezo_finishes_with_the_zo_sgd_record():
+    algo = MeZO(lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2, seed=5,
+                schedule=Schedule("linear", total_steps=10))
+    done = algo.finish(4, [[2.0, 1.5], [1.0, 1.25]])
+    grads = [(2.0 - 1.5) / 2e-2, (1.0 - 1.25) / 2e-2]
+    assert done.projected_grads == grads and done.loss == (2.0 + 1.5 + 1.0 + 1.25) / 4 and done.finite
+    assert done.update == zo_sgd(4, algo.seeds(4), grads, 1e-3 * Schedule("linear", total_steps=10).factor(4), 0.1)
+    assert done.update.divisor == 2
+    assert not algo.finish(4, [[float("nan"), 1.0], [1.0, 1.0]]).finite
+
+
+def test_a_forward_measures_one_direction():
+    with pytest.raises(ValueError, match="share one direction seed"):
+        Forward((Probe(1, 1e-3), Probe(2, -1e-3)))
+
+
+def test_the_optimiser_runs_mezo_by_default_and_by_name():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    by_default = ZOOptimizer(a, lr=1e-3, eps=1e-3, directions=2)
+    by_name = ZOOptimizer(b, lr=1e-3, eps=1e-3, directions=2, algorithm="mezo")
+    built = ZOOptimizer(tiny_model("llama"), algorithm=MeZO(lr=1e-3, eps=1e-3, directions=2))
+    stats = [opt.step(tiny_batch(seed=0)) for opt in (by_default, by_name, built)]
+    assert stats[0] == stats[1] == stats[2]
+    assert by_name.state_dict()["algorithm"] == "mezo"
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        ZOOptimizer(tiny_model("llama"), algorithm="adam")
+
+
+def test_a_state_without_an_algorithm_name_is_mezos():
+    opt = ZOOptimizer(tiny_model("llama"), lr=1e-3)
+    opt.step(tiny_batch(seed=0))
+    state = opt.state_dict()
+    del state["algorithm"]
+    state["pending"] = {"step": 0, "seeds": [str(s) for s in opt.pending.seeds], "grads": list(opt.pending.coeffs),
+                        "lr": opt.pending.lr}  # how checkpoints held it before update records
+    other = ZOOptimizer(tiny_model("llama"), lr=5.0)
+    other.load_state_dict(json.loads(json.dumps(state)))
+    assert other.pending == opt.pending and other.state_dict() == opt.state_dict()
+
+
+def test_the_header_records_the_algorithm_and_old_headers_read_as_mezo(tmp_path):
+    header = TrajectoryHeader(model="tiny")
+    assert header.algorithm == "mezo"
+    line = {k: v for k, v in header.__dict__.items() if k != "algorithm"}
+    assert TrajectoryHeader.from_dict(line) == header
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        TrajectoryHeader(model="tiny", algorithm="adam")
+    log = TrajectoryLog(tmp_path / "t.jsonl")
+    log.start(header)
+    log.close()
+    assert json.loads((tmp_path / "t.jsonl").read_text())["header"]["algorithm"] == "mezo"
+
+
+def test_the_algorithm_is_a_training_setting(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "--help"])
+    assert "--optim.algorithm" in capsys.readouterr().out
+    assert algorithms.names() == ("mezo",)
+
+
+def test_engines_never_see_the_algorithm():
+    # the optimiser's plan-running path is the same for any algorithm with two probes a forward
+    class Doubled(MeZO):
+        name = "doubled"
+
+        def finish(self, step, losses):
+            done = super().finish(step, losses)
+            return done.__class__(done.update, done.loss * 2, done.projected_grads, done.finite)
+
+    opt = ZOOptimizer(tiny_model("llama"), algorithm=Doubled(lr=1e-3))
+    ref = ZOOptimizer(tiny_model("llama"), lr=1e-3)
+    a, b = opt.step(tiny_batch(seed=0)), ref.step(tiny_batch(seed=0))
+    assert a.loss == 2 * b.loss and a.update == b.update
+    opt.flush()
+    ref.flush()
+    assert all(torch.equal(x, y) for x, y in zip(opt.model.parameters(), ref.model.parameters()))
+
+
+def test_a_plan_is_made_of_probe_pairs():
+    class Three(MeZO):
+        name = "three"
+
+        def plan(self, step):
+            return [Forward((Probe(1, 1e-3), Probe(1, 0.0), Probe(1, -1e-3)))]
+
+    with pytest.raises(ValueError, match="forwards of two probes"):
+        ZOOptimizer(tiny_model("llama"), algorithm=Three()).step(tiny_batch(seed=0))
