@@ -63,10 +63,10 @@ from distzo.config import OptimConfig, TrainConfig, load_config
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
 from distzo.models import apply_lora, load_model
-from distzo.optimizer import MODEL_INPUTS, ZOOptimizer
+from distzo.optimizer import MODEL_INPUTS
 from distzo.tasks import TaskData, get_task, load_task
 from distzo.tasks.collate import collate_train
-from distzo.trainer import SELECT_BY, BatchStream
+from distzo.trainer import SELECT_BY, BatchStream, build_optimizer
 
 FAMILIES = ("zo", "adamw")
 SHORT_KEYS = {**ALIASES, "q": "optim.directions"}
@@ -180,18 +180,7 @@ def clock(device: torch.device) -> float:
 
 def zo_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Step, Callable[[], None]]:
     """ZO-SGD as the Trainer builds it (trainer.Trainer.__init__ and _loop), on one process."""
-    opt = ZOOptimizer(
-        model,
-        lr=cfg.optim.lr,
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        directions=cfg.optim.directions,
-        perturbation=cfg.optim.perturbation,
-        seed=cfg.seed,
-        loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
-        schedule=cfg.optim.schedule_for(cfg.steps),
-        estimator=cfg.optim.estimator,
-    )
+    opt = build_optimizer(cfg, model)
     stream = BatchStream(data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
     kind = get_task(cfg.task.name).kind
 

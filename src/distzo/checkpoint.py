@@ -472,23 +472,6 @@ class TrajectoryLog:
 
     # ----- reading
 
-    def _lines(self) -> tuple[list[dict], int]:
-        """Parsed complete lines and the byte length they span (where a torn tail begins)."""
-        data = self.path.read_bytes()
-        parsed, end = [], 0
-        while end < len(data):
-            newline = data.find(b"\n", end)
-            if newline < 0:
-                break  # unterminated: torn by a crash
-            try:
-                parsed.append(json.loads(data[end:newline]))
-            except ValueError as exc:
-                if data[newline + 1 :].strip():
-                    raise ValueError(f"{self.path}: corrupt line {len(parsed) + 1}: {exc}") from exc
-                break  # garbage last line: torn too
-            end = newline + 1
-        return parsed, end
-
     def _body(self, lines: list[dict]) -> list[dict]:
         """The lines after the header, each a JSON object; only the first line is a header."""
         if not lines or not isinstance(lines[0], dict) or "header" not in lines[0]:
@@ -501,7 +484,7 @@ class TrajectoryLog:
 
     def _contents(self) -> tuple[list[dict], list[dict[str, Any]]]:
         """The lines as parsed (header first) and the records after the header, decoded."""
-        lines, _ = self._lines()
+        lines, _ = json_lines(self.path)
         records = []
         for number, line in enumerate(self._body(lines), start=2):
             try:
@@ -511,7 +494,7 @@ class TrajectoryLog:
         return lines, records
 
     def header(self) -> TrajectoryHeader:
-        lines, _ = self._lines()
+        lines, _ = json_lines(self.path)
         self._body(lines)
         return TrajectoryHeader.from_dict(lines[0]["header"])
 
@@ -585,7 +568,7 @@ class TrajectoryLog:
 
     def _handle(self):
         if self._file is None:
-            lines, end = self._lines()  # raises if the file is missing
+            lines, end = json_lines(self.path)  # raises if the file is missing
             if not lines or "header" not in lines[0]:
                 raise ValueError(f"{self.path} has no trajectory header line; call start() first")
             if end < self.path.stat().st_size:
@@ -615,6 +598,26 @@ class TrajectoryLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def json_lines(path: Path) -> tuple[list[Any], int]:
+    """A JSON-lines file's complete lines, parsed, and the byte length they span (where a torn
+    tail begins). A line counts once its newline is on disk: an unterminated or unparseable last
+    line is a write a crash cut short and is dropped; a corrupt line before others is an error."""
+    data = path.read_bytes()
+    parsed, end = [], 0
+    while end < len(data):
+        newline = data.find(b"\n", end)
+        if newline < 0:
+            break  # unterminated: torn by a crash
+        try:
+            parsed.append(json.loads(data[end:newline]))
+        except ValueError as exc:
+            if data[newline + 1 :].strip():
+                raise ValueError(f"{path}: corrupt line {len(parsed) + 1}: {exc}") from exc
+            break  # garbage last line: torn too
+        end = newline + 1
+    return parsed, end
 
 
 def _line(obj: Mapping[str, Any]) -> str:

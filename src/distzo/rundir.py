@@ -146,12 +146,12 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_settings(saved: dict[str, Any], requested: dict[str, Any]) -> tuple[dict, list[str]]:
-    """(accepted changes as {field: [old, new]}, refused field names) between two config dicts."""
+def changed_settings(saved: dict[str, Any], requested: dict[str, Any]) -> tuple[dict, dict]:
+    """(accepted, refused) changes between two config dicts, each as {dotted field: [old, new]}."""
     before, after = flatten(saved), flatten(requested)
     changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
                if before.get(k) != after.get(k)}
-    refused = [k for k in changes if not _resumable(k)]
+    refused = {k: v for k, v in changes.items() if not _resumable(k)}
     accepted = {k: v for k, v in changes.items() if _resumable(k) and k not in ("resume", "output_dir")}
     return accepted, refused
 

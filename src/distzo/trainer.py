@@ -41,6 +41,7 @@ from distzo.checkpoint import (
     TrajectoryLog,
     atomic_write_json,
     atomic_write_text,
+    json_lines,
     load_checkpoint_state,
     readable_checkpoint,
     save_checkpoint,
@@ -124,6 +125,26 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
     )
 
 
+def build_optimizer(cfg: TrainConfig, model, mesh: parallel.Mesh | None = None,
+                    offload: OffloadEngine | None = None) -> ZOOptimizer:
+    """The run's ZOOptimizer, from its config (the trainer and the benchmarks build it alike)."""
+    return ZOOptimizer(
+        model,
+        lr=cfg.optim.lr,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        directions=cfg.optim.directions,
+        perturbation=cfg.optim.perturbation,
+        seed=cfg.seed,
+        loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
+        schedule=cfg.optim.schedule_for(cfg.steps),
+        estimator=cfg.optim.estimator,
+        mesh=mesh,
+        offload=offload,
+        algorithm=cfg.optim.algorithm,
+    )
+
+
 def _config_text(cfg: TrainConfig, environment: dict[str, Any]) -> str:
     """config.yaml: the settings, under comment lines naming what the run's bits depend on."""
     stack = ", ".join(f"{k} {v}" for k, v in environment.items() if v is not None)
@@ -194,14 +215,14 @@ class Trainer:
         self.task = get_task(cfg.task.name)
         self.data = load_task(cfg.task)
         self.state: dict[str, Any] = {"step": 0, "best": None, "zero_shot": None}
-        self._tail: dict[str, Any] | None = None  # the last logged step record
         saved, records = self._resume_point() if cfg.resume else (None, [])
         if saved:
             self.state = saved["trainer_state"]
         elif cfg.resume:
             self.state = self._state_from_log(records)
         self._saved_step = self.state["step"]
-        self._tail = records[self.state["step"] - 1] if self.state["step"] else None
+        # the last logged step record: a checkpoint keeps it, so a resume can check the log still has it
+        self._tail: dict[str, Any] | None = records[self.state["step"] - 1] if self.state["step"] else None
         # Offloaded under torchrun: the ranks of a node share one host copy, which the node's
         # first rank loads; the others build the model without weights (no P copies in host memory).
         slices = parallel.node_slices(self.mesh) if cfg.offload.enabled else None
@@ -220,21 +241,7 @@ class Trainer:
             self.engine = OffloadEngine(self.model, resolve_device(cfg.model.device), cfg.offload, slices=slices)
         # With sliced offload every forward is collective: all ranks evaluate, rank 0 reports.
         self._all_evaluate = self.engine is not None and self.engine.slices is not None
-        self.opt = ZOOptimizer(
-            self.model,
-            lr=cfg.optim.lr,
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-            directions=cfg.optim.directions,
-            perturbation=cfg.optim.perturbation,
-            seed=cfg.seed,
-            loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
-            schedule=cfg.optim.schedule_for(cfg.steps),
-            estimator=cfg.optim.estimator,
-            mesh=self.mesh,
-            offload=self.engine,
-            algorithm=cfg.optim.algorithm,
-        )
+        self.opt = build_optimizer(cfg, self.model, self.mesh, self.engine)
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
             self.opt.load_state_dict(saved["optimizer_state"])
@@ -269,10 +276,9 @@ class Trainer:
         run = run_config(self.out)
         if run is None:
             return {}  # no config.yaml: the log header still guards the update rule
-        saved = to_dict(run)
-        accepted, refused = rundir.changed_settings(saved, to_dict(self.cfg))
+        accepted, refused = rundir.changed_settings(to_dict(run), to_dict(self.cfg))
         if refused:
-            what = ", ".join(f"{k} ({_flat(saved, k)!r} -> {_flat(to_dict(self.cfg), k)!r})" for k in refused)
+            what = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in refused.items())
             raise ValueError(
                 f"--resume: {what} cannot change when a run resumes (the trajectory would no longer describe "
                 f"one run); drop those settings or start a new run in another --output-dir"
@@ -570,20 +576,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's rows; a torn last line (a crash mid-write) is dropped, as in the trajectory log."""
-    if not path.is_file():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if not any(rest.strip() for rest in lines[number:]):  # the last line: torn by a crash
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON") from None
-    return rows
+    return json_lines(path)[0] if path.is_file() else []
 
 
 def _record_key(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -595,10 +588,6 @@ def _record_key(record: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _same_record(record: dict[str, Any], key: dict[str, Any]) -> bool:
     return _record_key(record) == {**key, "seeds": [str(s) for s in key["seeds"]]}
-
-
-def _flat(values: dict[str, Any], dotted: str) -> Any:
-    return rundir.flatten(values).get(dotted)
 
 
 def _has_checkpoint(directory: Path) -> bool:
