@@ -10,6 +10,7 @@ from reference_mezo import mezo_step
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 from torch import nn
 
+from distzo.algorithms import Probe
 from distzo.directions import add_direction_, direction_like, step_seed
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
 from distzo.schedules import Schedule
@@ -126,8 +127,8 @@ def test_evaluation_never_changes_bf16_weights():
     opt = ZOOptimizer(model, eps=1e-3)
     batch = {"input_ids": torch.randint(0, 31, (2, 4))}
     for t in range(1000):
-        opt._seed = step_seed(0, t, 0)
-        opt.stream_losses(batch, (1e-3, -1e-3))
+        seed = step_seed(0, t, 0)
+        opt.stream_losses(batch, (Probe(seed, 1e-3), Probe(seed, -1e-3)))
         opt._z.clear()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -239,18 +240,23 @@ def test_gradient_estimate_approaches_autograd():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_streams_of_any_count_agree(family):
-    # one stream per scale: K = 1 (one side of a pair) and K = 3 give the dual forward's losses
+    # one stream per probe: K = 1 (one side of a pair), K = 3, and probes of different seeds
+    # in one forward give the losses each probe has on its own
     model = tiny_model(family, dtype=torch.float64)
     opt = ZOOptimizer(model, eps=1e-3)
     batch = tiny_batch(rows=3)
-    opt._seed = step_seed(0, 0, 0)
-    plus, minus = opt.stream_losses(batch, (1e-3, -1e-3))
-    assert opt.stream_losses(batch, (1e-3,)) == pytest.approx([plus], abs=1e-12)
-    assert opt.stream_losses(batch, (-1e-3,)) == pytest.approx([minus], abs=1e-12)
-    three = opt.stream_losses(batch, (-1e-3, 0.0, 1e-3))
+    seed, other = step_seed(0, 0, 0), step_seed(0, 0, 1)
+    plus, minus = opt.stream_losses(batch, (Probe(seed, 1e-3), Probe(seed, -1e-3)))
+    assert opt.stream_losses(batch, (Probe(seed, 1e-3),)) == pytest.approx([plus], abs=1e-12)
+    assert opt.stream_losses(batch, (Probe(seed, -1e-3),)) == pytest.approx([minus], abs=1e-12)
+    three = opt.stream_losses(batch, (Probe(seed, -1e-3), Probe(seed, 0.0), Probe(seed, 1e-3)))
     assert three == pytest.approx([minus, three[1], plus], abs=1e-12)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert three[1] == pytest.approx(float(causal_lm_loss(out, batch)), abs=1e-12)
+    (alone,) = opt.stream_losses(batch, (Probe(other, 1e-3),))
+    mixed = opt.stream_losses(batch, (Probe(seed, 1e-3), Probe(other, 1e-3), Probe(other, 0.0)))
+    assert mixed == pytest.approx([plus, alone, three[1]], abs=1e-12)
+    assert alone != pytest.approx(plus, abs=1e-9)  # the other seed is another direction
 
 
 def test_chunked_lm_loss_equals_the_one_shot_loss(monkeypatch):

@@ -1,5 +1,5 @@
 """ZOOptimizer: a zeroth-order algorithm (MeZO's ZO-SGD by default) with counter-based
-directions and a dual-stream forward.
+directions and a multi-stream forward.
 
     opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
     stats = opt.step(batch)        # two perturbed losses from one forward of 2R rows
@@ -72,11 +72,23 @@ class StepStats:
     projected_grads: list[float]
     seeds: list[int]
     lr: float
-    losses_plus: list[float] = field(default_factory=list)
-    losses_other: list[float] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)
+    """losses[i][k]: probe k of the plan's forward i."""
     skipped: bool = False
     update: UpdateRecord | None = None
     """The step's update (what the trajectory log records); not applied when ``skipped``."""
+    log: dict[str, Any] = field(default_factory=dict)
+    """The algorithm's own fields of the step's trajectory line."""
+
+    @property
+    def losses_plus(self) -> list[float]:
+        """A pair plan's first probe per forward (MeZO: L(theta + eps z_j))."""
+        return [f[0] for f in self.losses if len(f) == 2]
+
+    @property
+    def losses_other(self) -> list[float]:
+        """A pair plan's second probe per forward (MeZO: L(theta - eps z_j), or L(theta))."""
+        return [f[1] for f in self.losses if len(f) == 2]
 
 
 class ZOOptimizer:
@@ -98,14 +110,18 @@ class ZOOptimizer:
         mesh: parallel.Mesh | None = None,
         offload: OffloadEngine | None = None,
         algorithm: str | algorithms.Algorithm = "mezo",
+        merge_forwards: bool = False,
     ):
         """``algorithm`` is a name, built with the hyper-parameters lr .. schedule, or an
-        algorithm already built (then those are not used)."""
+        algorithm already built (then those are not used). ``merge_forwards`` measures all of a
+        step's probes in one forward (always so when offloaded): fewer passes over the weights,
+        activations for every probe at once."""
         check_kind(perturbation)
         if isinstance(algorithm, str):
             algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
                                         estimator=estimator, seed=seed, schedule=schedule)
         self.algorithm = algorithm
+        _check_mesh(algorithm, mesh)
         self.model = model
         self.perturbation = perturbation
         self.loss_fn = loss_fn or causal_lm_loss
@@ -115,6 +131,7 @@ class ZOOptimizer:
         # engine which parameters it updated so they are written back.
         self.offload = offload
         self.loss_weight = parallel.loss_weight  # a data shard's share of a loss_fn mean
+        self.merge_forwards = merge_forwards
         self.params: list[TrainableParam] = trainable_params(model)
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
@@ -122,16 +139,13 @@ class ZOOptimizer:
         self._numel = sum(p.param.numel() for p in self.params)
         self.cache_bytes = cache_bytes
         self.cache_directions = False  # set per step, by the size of the step's plan
-        self._z: dict[str, list[torch.Tensor]] = {}  # this step's directions, when cached
-        self._z_prev: dict[str, list[torch.Tensor]] = {}  # the previous step's directions
-        self._z_seeds: tuple[int, ...] = ()  # the seeds of _z's directions, in order
-        self._z_prev_seeds: tuple[int, ...] = ()
+        # name -> seed -> z: this step's directions (when cached) and the previous step's
+        self._z: dict[str, dict[int, torch.Tensor]] = {}
+        self._z_prev: dict[str, dict[int, torch.Tensor]] = {}
         self._applying: UpdateRecord | None = None
         self._unapplied: set[str] = set()
         self.device = offload.device if offload is not None else self.params[0].param.device
         self._fused = kernels.fused_for(torch.empty(0, device=self.device))
-        self._seed = 0
-        self._direction = 0
         self.pending: UpdateRecord | None = None
         self.step_count = 0
         # Offloaded blocks build one stream's shadows at a time: their memory is what limits
@@ -153,37 +167,42 @@ class ZOOptimizer:
         """
         t = self.step_count
         forwards = self.algorithm.plan(t)
-        if any(len(f.probes) != 2 for f in forwards):  # the mesh's pert axis splits a forward's pair
-            raise ValueError(f"{self.algorithm.name}: the engines measure forwards of two probes")
-        halves = parallel.my_halves(self.mesh)
         measured: dict[tuple[int, int], float] = {}
         was_training = self.model.training
-        self.model.eval()  # no dropout: both halves must see the same function
+        self.model.eval()  # no dropout: every stream must see the same function
         self._begin_update(forwards)
         try:
-            for i in parallel.my_directions(self.mesh, len(forwards)):
-                self._seed, self._direction = forwards[i].seed, i
-                losses = self.stream_losses(batch, tuple(forwards[i].scales[h] for h in halves))
-                measured.update({(i, h): loss for h, loss in zip(halves, losses)})
+            for group in self._groups(parallel.my_probes(self.mesh, forwards)):
+                losses = self.stream_losses(batch, tuple(forwards[i].probes[k] for i, k in group))
+                measured.update(zip(group, losses))
                 self._finish_update()
         finally:
             self.model.train(was_training)
-        self._finish_update()  # a rank that measured no direction still applies the update
+        self._finish_update()  # a rank that measured no probe still applies the update
         if self.offload is not None:
             self.offload.after_step()
-        plus, other = parallel.assemble(self.mesh, measured, len(forwards), self._shard_weight(batch))
-        done = self.algorithm.finish(t, [list(pair) for pair in zip(plus, other)])
+        shape = [len(f.probes) for f in forwards]
+        losses = parallel.assemble(self.mesh, measured, shape, self._shard_weight(batch))
+        done = self.algorithm.finish(t, losses)
         update = done.update
-        stats = StepStats(t, done.loss, done.projected_grads, list(update.seeds), update.lr, plus, other,
-                          update=update)
+        stats = StepStats(t, done.loss, done.projected_grads, list(update.seeds), update.lr, losses, update=update,
+                          log=done.log)
         if done.finite:
             self.pending = update
         else:
-            warnings.warn(f"step {t}: non-finite loss ({plus}, {other}); the update is skipped", stacklevel=2)
+            warnings.warn(f"step {t}: non-finite loss ({losses}); the update is skipped", stacklevel=2)
             stats.skipped = True
             self._z.clear()
         self.step_count += 1
         return stats
+
+    def _groups(self, mine: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+        """The forwards this rank runs: the plan's own, or, offloaded, all of a step's probes in
+        one, so each block comes up once per step however many probes the step has."""
+        mine = [group for group in mine if group]
+        if self.offload is not None or self.merge_forwards:
+            return [[probe for group in mine for probe in group]] if mine else []
+        return mine
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -197,10 +216,8 @@ class ZOOptimizer:
         self._applying, self.pending = self.pending, None
         self._unapplied = {p.name for p in self.params} if self._applying else set()
         self._z_prev, self._z = self._z, {}
-        self._z_prev_seeds, self._z_seeds = self._z_seeds, tuple(f.seed for f in forwards)
-        # A rank that measures only some forwards would cache only those z's.
-        shares = self.mesh is not None and self.mesh.size("dir") > 1
-        self.cache_directions = self._numel * 4 * len(forwards) <= self.cache_bytes and not shares
+        seeds = {s for f in forwards for s in f.seeds}
+        self.cache_directions = self._numel * 4 * len(seeds) <= self.cache_bytes
 
     def _finish_update(self) -> None:
         """Apply the pending update to every parameter the forward did not reach."""
@@ -216,14 +233,16 @@ class ZOOptimizer:
                     for p in group:
                         self._apply_pending(p)
         self._applying = None
-        self._z_prev, self._z_prev_seeds = {}, ()
+        self._z_prev = {}
 
     def _apply_pending(self, p: TrainableParam) -> None:
         self._unapplied.discard(p.name)
         u = self._applying
-        cached = self._z_prev.pop(p.name, None)
-        # the z's measured last step are this update's only when it moves along those directions
-        self._apply(p, u, cached if u.seeds == self._z_prev_seeds else None)
+        measured = self._z_prev.pop(p.name, {})
+        # last step's z's serve when they are all of the update's directions (MeZO's are;
+        # a momentum update also moves along older ones, which are regenerated)
+        cached = [measured[s] for s in u.seeds] if all(s in measured for s in u.seeds) else None
+        self._apply(p, u, cached)
         if self.offload is not None:
             self.offload.updated(p.param, u)
 
@@ -263,13 +282,13 @@ class ZOOptimizer:
             return 1.0
         return self.loss_weight(batch)
 
-    def stream_losses(self, batch: Mapping[str, Any], scales: tuple[float, ...]) -> list[float]:
-        """L(theta + s z) for each scale s, from one forward of the batch stacked len(scales) times."""
+    def stream_losses(self, batch: Mapping[str, Any], probes: tuple[algorithms.Probe, ...]) -> list[float]:
+        """L(theta + a z(s)) for each probe (s, a), from one forward of the batch stacked once per probe."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-        rows, parts = _rows(inputs), len(scales)
+        rows, parts = _rows(inputs), len(probes)
         device = self.device
         stacked = {k: torch.cat([v] * parts).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        with self._stream.active(rows, scales):
+        with self._stream.active(rows, probes):
             outputs = self.model(**stacked, use_cache=False)
         losses = []
         for part in range(parts):
@@ -277,31 +296,59 @@ class ZOOptimizer:
             losses.append(float(loss.to(torch.float64).mean()))
         return losses
 
-    def _direction_of(self, p: TrainableParam) -> torch.Tensor:
-        cache = self._z.get(p.name)
-        if cache is not None and len(cache) > self._direction:
-            return cache[self._direction]
-        z = directions.direction_like(p.param, self._seed, p.key, self.perturbation)
-        if self.cache_directions:
-            self._z.setdefault(p.name, []).append(z)
+    def _direction_of(self, p: TrainableParam, seed: int) -> torch.Tensor:
+        cache = self._z.setdefault(p.name, {})
+        z = cache.get(seed)
+        if z is None:
+            z = directions.direction_like(p.param, seed, p.key, self.perturbation)
+            if self.cache_directions:
+                cache[seed] = z
         return z
 
-    def _shadow(self, name: str, param: torch.Tensor, scales: tuple[float, float]) -> tuple[torch.Tensor, ...]:
-        """theta + a*z and theta + b*z in the parameter's dtype; theta itself is never written."""
+    def _shadow(self, name: str, param: torch.Tensor, probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
+        """theta + a z(s) for each probe (s, a), in the parameter's dtype; theta itself is never
+        written (a probe of scale 0 reads it as it is). The pending update is applied first."""
         p = self._by_name[name]
-        if self._fused is not None:
-            update = self._applying if p.name in self._unapplied else None
-            self._unapplied.discard(p.name)
-            # The kernel builds two shadows; a single stream (a pert rank) asks for one.
-            pair = scales if len(scales) == 2 else (scales[0], 0.0)
-            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, self._seed, pair)
+        if self._fused is None:
+            if p.name in self._unapplied:
+                self._apply_pending(p)
+            return tuple(perturbed(param, self._direction_of(p, pr.seed), pr.scale) if pr.scale else param
+                         for pr in probes)
+        update = self._applying if p.name in self._unapplied else None
+        self._unapplied.discard(p.name)
+        out: list[torch.Tensor | None] = [param if pr.scale == 0.0 else None for pr in probes]
+        # The kernel applies the update and builds up to two shadows of one seed in one pass
+        # over theta; further seeds (or scales) take further passes, without the update.
+        for seed, slots in _kernel_calls(probes):
+            scales = tuple(probes[k].scale for k in slots) + (0.0,) * (2 - len(slots))
+            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales)
+            for k, shadow in zip(slots, shadows):
+                out[k] = shadow
             if update is not None and self.offload is not None:
                 self.offload.updated(p.param, update)
-            return shadows[: len(scales)]
-        if p.name in self._unapplied:
-            self._apply_pending(p)
-        z = self._direction_of(p)
-        return tuple(perturbed(param, z, s) for s in scales)
+            update = None
+        if update is not None:  # every probe reads theta: the update alone
+            self._apply(p, update)
+            if self.offload is not None:
+                self.offload.updated(p.param, update)
+        return tuple(out)
+
+
+def _check_mesh(algorithm: algorithms.Algorithm, mesh: parallel.Mesh | None) -> None:
+    """A pert axis wider than the plan's forwards would leave ranks with nothing to measure."""
+    widest = max(len(f.probes) for f in algorithm.plan(0))
+    if mesh is not None and mesh.size("pert") > widest:
+        raise ValueError(f"parallel.pert {mesh.size('pert')} exceeds the {widest} probes of a {algorithm.name} "
+                         "forward: some ranks would measure nothing")
+
+
+def _kernel_calls(probes) -> list[tuple[int, list[int]]]:
+    """(seed, stream indices) per kernel pass: the nonzero-scale probes grouped by seed, two at a time."""
+    by_seed: dict[int, list[int]] = {}
+    for k, probe in enumerate(probes):
+        if probe.scale != 0.0:
+            by_seed.setdefault(probe.seed, []).append(k)
+    return [(seed, slots[i : i + 2]) for seed, slots in by_seed.items() for i in range(0, len(slots), 2)]
 
 
 def current_state(state: Mapping[str, Any]) -> dict[str, Any]:

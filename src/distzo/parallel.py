@@ -5,18 +5,19 @@
     torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 \\
         -m distzo.cli train --parallel.pert 2                              # pert=2 x data=8
 
-Every rank derives the same seeds, so a step needs no weights on the wire: each rank
-measures the losses it is responsible for and one all-reduce of a zero-filled float64
-vector of shape (q, 2, 2) — per direction and half, (sum of loss x weight, sum of weight)
-— hands every rank all q pairs of losses. Every rank then applies the same q updates to
-its own copy of the weights, which therefore stay identical.
+Every rank derives the same plan of probes (``distzo.algorithms``), so a step needs no
+weights on the wire: each rank measures the probes it is responsible for and one all-reduce
+of a zero-filled float64 array of shape (forwards, probes, 2) — per probe, (sum of loss x
+weight, sum of weight) — hands every rank every loss of the plan. Every rank then applies
+the same update record to its own copy of the weights, which therefore stay identical.
 
 Axes (sizes multiply to the world size; ``data = 0`` takes what is left):
-    pert   1 or 2. With 2, pert-rank 0 measures L(theta + eps z), pert-rank 1 the other half
-           (theta - eps z, or theta itself for the one-sided estimator): one forward of R rows
-           each instead of one of 2R rows.
-    dir    direction j of a step is measured by dir-rank j % dir (q need not be a multiple).
-    data   each rank measures the same z on its own contiguous shard of the global batch;
+    pert   probe k of a forward is measured by pert-rank k % pert. For MeZO's pair and pert = 2,
+           pert-rank 0 measures L(theta + eps z), pert-rank 1 the other probe: one forward of
+           R rows each instead of one of 2R rows.
+    dir    forward i of a plan (MeZO: direction i) is measured by dir-rank i % dir (the number
+           of forwards need not be a multiple).
+    data   each rank measures the same probes on its own contiguous shard of the global batch;
            shard losses are combined with weights so the result is the global batch's loss.
 """
 
@@ -36,8 +37,8 @@ from distzo.collectives import ParallelError
 from distzo.losses import IGNORE_INDEX
 from distzo.offload import SliceGroup
 
-__all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init", "loss_weight", "my_directions",
-           "my_halves", "node_slices", "shard_batch", "shard_bounds", "world_size"]
+__all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init", "loss_weight", "my_probes",
+           "node_slices", "shard_batch", "shard_bounds", "world_size"]
 
 AXES = ("pert", "dir", "data")
 # Keys of a candidate batch that hold one entry per example rather than per row.
@@ -49,7 +50,7 @@ class ParallelConfig:
     """How the ranks of a torchrun job split a step. Ignored in a single process."""
 
     pert: int = 1
-    """Perturbation parallelism: 1, or 2 to measure the two halves of a pair on two ranks."""
+    """Perturbation parallelism: ranks that measure different probes of one forward (2: MeZO's pair on two ranks)."""
     dir: int = 1
     """Direction parallelism: ranks that measure different directions (optim.directions) of a step."""
     data: int = 0
@@ -58,8 +59,8 @@ class ParallelConfig:
     """A collective (or a wait for rank 0's eval or save) that takes longer fails the job."""
 
     def __post_init__(self) -> None:
-        if self.pert not in (1, 2):
-            raise ValueError(f"parallel.pert must be 1 or 2, got {self.pert}")
+        if self.pert < 1:
+            raise ValueError(f"parallel.pert must be >= 1, got {self.pert}")
         if self.dir < 1:
             raise ValueError(f"parallel.dir must be >= 1, got {self.dir}")
         if self.data < 0:
@@ -208,38 +209,33 @@ def node_slices(mesh: Mesh) -> SliceGroup | None:
 # ---------------------------------------------------------------- what a rank measures
 
 
-def my_directions(mesh: Mesh | None, q: int) -> list[int]:
-    """The directions of a step this rank measures: j with j % dir == dir-rank."""
-    if mesh is None:
-        return list(range(q))
-    return [j for j in range(q) if j % mesh.size("dir") == mesh.coord("dir")]
+def my_probes(mesh: Mesh | None, forwards) -> list[list[tuple[int, int]]]:
+    """Per forward i of the plan, the (i, k) of the probes this rank measures: forward i on
+    dir-rank i % dir, its probe k on pert-rank k % pert."""
+    dirs, pert = (1, 1) if mesh is None else (mesh.size("dir"), mesh.size("pert"))
+    d, r = (0, 0) if mesh is None else (mesh.coord("dir"), mesh.coord("pert"))
+    return [[(i, k) for k in range(len(f.probes)) if k % pert == r] if i % dirs == d else []
+            for i, f in enumerate(forwards)]
 
 
-def my_halves(mesh: Mesh | None) -> list[int]:
-    """The halves of each pair this rank measures: 0 is theta + eps z, 1 the other."""
-    if mesh is None or mesh.size("pert") == 1:
-        return [0, 1]
-    return [mesh.coord("pert")]
-
-
-def assemble(
-    mesh: Mesh | None, measured: Mapping[tuple[int, int], float], q: int, weight: float
-) -> tuple[list[float], list[float]]:
-    """Every (direction, half) loss of the step, from this rank's ``measured`` and its peers'.
+def assemble(mesh: Mesh | None, measured: Mapping[tuple[int, int], float], shape: list[int],
+             weight: float) -> list[list[float]]:
+    """Every loss of the step, ``losses[i][k]`` for forward i's probe k (``shape[i]`` probes),
+    from this rank's ``measured`` and its peers'.
 
     ``weight`` is this rank's share of the global batch in the loss's own units (see
     ``loss_weight``); the combined loss is sum(loss x weight) / sum(weight) over the
     data ranks. In a single process the losses pass through untouched.
     """
     if mesh is None or not mesh.distributed:
-        return [measured[j, 0] for j in range(q)], [measured[j, 1] for j in range(q)]
-    slots = torch.zeros(q, 2, 2, dtype=torch.float64)
-    for (j, half), loss in measured.items():
+        return [[measured[i, k] for k in range(n)] for i, n in enumerate(shape)]
+    slots = torch.zeros(len(shape), max(shape, default=0), 2, dtype=torch.float64)
+    for (i, k), loss in measured.items():
         # A shard with no label tokens has no loss (NaN): it carries no weight either.
-        slots[j, half] = torch.tensor([loss * weight if weight else 0.0, weight], dtype=torch.float64)
+        slots[i, k] = torch.tensor([loss * weight if weight else 0.0, weight], dtype=torch.float64)
     total = mesh.all_reduce_sum(slots)
     losses = (total[..., 0] / total[..., 1]).tolist()
-    return [row[0] for row in losses], [row[1] for row in losses]
+    return [row[:n] for row, n in zip(losses, shape)]
 
 
 # ---------------------------------------------------------------- the data axis

@@ -5,13 +5,13 @@ model's layer list, and every other module that owns trainable parameters direct
 (embeddings, position embeddings, final norm, head, projections). The units cover
 every trainable parameter, and no unit contains another.
 
-During a dual-stream forward the model runs once on the batch stacked twice
-(2R rows). Each unit's ``forward`` is replaced, on that instance only and only for
-the duration, by a wrapper that splits its inputs by rows, runs the original forward
-on rows [0, R) with shadow weights theta + a*z and on rows [R, 2R) with theta + b*z,
-and concatenates the results. The same machinery runs K streams (K*R rows, one
-scale each); K = 1 serves a rank that evaluates only one side of the pair. theta itself is never written. The model family's own
-forward code runs unchanged, so no family needs code of its own.
+During a K-stream forward the model runs once on the batch stacked K times (K*R rows),
+one stream per probe (seed s_k, scale a_k). Each unit's ``forward`` is replaced, on that
+instance only and only for the duration, by a wrapper that splits its inputs by rows, runs
+the original forward on rows [kR, (k+1)R) with the shadow weights theta + a_k z(s_k), and
+concatenates the results. MeZO's pair is K = 2 (theta + eps z, theta - eps z); a rank that
+measures one probe of the pair runs K = 1. theta itself is never written. The model
+family's own forward code runs unchanged, so no family needs code of its own.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def _merge(outs: list, rows: int, unit_name: str):
 # ---------------------------------------------------------------- dual-stream forward
 
 
-# shadow(name, param, scales) -> (theta + scales[0] z, theta + scales[1] z, ...)
-ShadowFn = Callable[[str, torch.Tensor, tuple[float, ...]], tuple[torch.Tensor, ...]]
+# shadow(name, param, probes) -> (theta + a_0 z(s_0), theta + a_1 z(s_1), ...) for probes (s_k, a_k)
+ShadowFn = Callable[[str, torch.Tensor, tuple], tuple[torch.Tensor, ...]]
 
 
 @contextlib.contextmanager
@@ -190,25 +190,25 @@ def _swapped(slots: list[tuple[nn.Module, str, str]], values: dict[str, torch.Te
 class DualStream:
     """Installs the row-splitting wrappers on every unit while active.
 
-    ``shadow(name, param, scales)`` returns the shadows theta + s*z, one per
-    stream scale s, of a canonical parameter name. It is called once per parameter and
-    unit call, so an engine decides where z comes from (regenerated, cached, or a
-    fused kernel); at most one unit's shadows are alive at a time.
+    ``shadow(name, param, probes)`` returns the shadows theta + a*z(s), one per stream's
+    probe (seed s, scale a; ``distzo.algorithms.Probe``), of a canonical parameter name. It
+    is called once per parameter and unit call, so an engine decides where z comes from
+    (regenerated, cached, or a fused kernel); at most one unit's shadows are alive at a time.
     """
 
     def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn,
                  lean: Callable[[Unit], bool] | None = None):
         self.units, self.params, self.shadow = units, params, shadow
         # A lean unit builds one stream's shadows at a time (shadow() is then called once per
-        # stream with that stream's scale): half the shadow memory, one more read of theta.
+        # stream with that stream's probe): 1/K of the shadow memory, K-1 more reads of theta.
         self.lean = lean
         self.rows = 0
-        self.scales: tuple[float, ...] = (0.0, 0.0)
+        self.probes: tuple = ()
         self.calls: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def active(self, rows: int, scales: tuple[float, ...]) -> Iterator[None]:
-        self.rows, self.scales = rows, scales
+    def active(self, rows: int, probes: tuple) -> Iterator[None]:
+        self.rows, self.probes = rows, tuple(probes)
         self.calls = {u.name: 0 for u in self.units}
         try:
             for unit in self.units:
@@ -232,8 +232,8 @@ class DualStream:
             rows = self.rows
             names = {name for _, _, name in unit.slots}
             lean = self.lean is not None and self.lean(unit)
-            shadows = {} if lean else {n: self.shadow(n, self.params[n], self.scales) for n in names}
-            parts = len(self.scales)
+            shadows = {} if lean else {n: self.shadow(n, self.params[n], self.probes) for n in names}
+            parts = len(self.probes)
             split = parts > 1 and _has_batch((args, kwargs), rows, parts)
             outs = []
             for part in range(parts):
@@ -242,7 +242,7 @@ class DualStream:
                     kwargs,
                 )
                 if lean:
-                    current = {n: self.shadow(n, self.params[n], (self.scales[part],))[0] for n in names}
+                    current = {n: self.shadow(n, self.params[n], (self.probes[part],))[0] for n in names}
                 else:
                     current = {n: pair[part] for n, pair in shadows.items()}
                 with _swapped(unit.slots, current):

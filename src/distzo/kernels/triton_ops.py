@@ -209,7 +209,7 @@ def _step_kernel(
     p_ptr, plus_ptr, minus_ptr, n,
     key_lo, key_hi, dseed_lo, dseed_hi, sr_lo, sr_hi,
     useeds_ptr, coef_ptr,
-    Q: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
+    Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
     PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -230,8 +230,8 @@ def _step_kernel(
             shi = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
             g = tl.load(coef_ptr + j)
             acc += g * _direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, FAST)
-        if Q > 1:
-            acc = tl.div_rn(acc, tl.full([BLOCK], Q, tl.float32))
+        if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
+            acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         if DECAY:
             acc += tl.load(coef_ptr + Q + 1) * x
         x = x - tl.load(coef_ptr + Q) * acc
@@ -320,6 +320,7 @@ class _StepScalars:
         self.sr = _halves(record.rounding_seed) if has_update else (0, 0)
         self.dseed = _halves(seed)
         self.q = max(len(seeds), 1)
+        self.div = record.divisor if has_update else 1
         self.has_update = has_update
         self.decay = has_update and bool(decay)
         self.gauss = _gauss(kind)
@@ -339,11 +340,6 @@ def _scalars(record: UpdateRecord | None, kind, seed, scales, device) -> _StepSc
     return hit
 
 
-def _kernel_divides(record: UpdateRecord | None) -> bool:
-    """Whether the kernel computes ``record`` as written: it divides by the seed count Q when Q > 1."""
-    return record is None or record.divisor == max(len(record.seeds), 1)
-
-
 def _direct_launch_supported() -> bool:
     """Whether compiled kernels can be launched without the JIT's per-call binding.
 
@@ -360,7 +356,7 @@ def _direct_launch_supported() -> bool:
 
 _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
-_STEP_CONSTS = ("Q", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "BLOCK")
+_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -393,7 +389,7 @@ def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool) -> N
     key_lo, key_hi = _halves(key)
     args = (work, work if plus is None else plus, work if minus is None else minus, n,
             key_lo, key_hi, sc.dseed[0], sc.dseed[1], sc.sr[0], sc.sr[1], sc.seeds_t, sc.coef_t)
-    consts = (sc.q, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
+    consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
               sc.gauss, FAST_MATH, _BLOCK)
     grid0 = triton.cdiv(n, _BLOCK)
     device = work.get_device()
@@ -421,7 +417,7 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
     itself. One read of theta, one write of theta' (only with an update), one write
     per shadow; every z is generated in registers.
     """
-    if param.dtype == torch.float64 or not _kernel_divides(record):
+    if param.dtype == torch.float64:
         return _update_and_shadows_torch(param, key, record, kind, seed, scales)
     _check_dtype(param)
     sc = _scalars(record, kind, seed, scales, param.device)
@@ -442,7 +438,7 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
 
 def apply_update(param, key, record: UpdateRecord, kind="gaussian"):
     """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
-    if param.dtype == torch.float64 or not _kernel_divides(record):
+    if param.dtype == torch.float64:
         _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0))
         return
     _check_dtype(param)
@@ -454,8 +450,7 @@ def apply_update(param, key, record: UpdateRecord, kind="gaussian"):
 
 
 def _update_and_shadows_torch(param, key, record, kind, seed, scales):
-    """float64 (rare on GPUs), or a divisor the kernel does not compute: z from the kernels,
-    arithmetic by the torch reference."""
+    """float64 (rare on GPUs): z from the kernels, arithmetic by the torch reference."""
     n = param.numel()
     if record is not None and len(record.seeds):
         zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in record.seeds]
