@@ -25,8 +25,10 @@ def _named(model):
 
 
 @torch.no_grad()
-def mezo_step(model, batch, step, *, lr, eps, weight_decay=0.0, run_seed=0, kind="gaussian", q=1, loss_fn):
-    """One MeZO step (q directions, each its own four passes); returns (losses+, losses-, grads)."""
+def mezo_step(model, batch, step, *, lr, eps, weight_decay=0.0, run_seed=0, kind="gaussian", q=1, loss_fn,
+              coeff=lambda g: g):
+    """One MeZO step (q directions, each its own four passes); returns (losses+, losses-, grads).
+    ``coeff(g)`` multiplies z in the update (sign-SGD: the sign of g)."""
     model.eval()
     plus, minus, grads, zs = [], [], [], []
     for j in range(q):
@@ -45,7 +47,7 @@ def mezo_step(model, batch, step, *, lr, eps, weight_decay=0.0, run_seed=0, kind
         grads.append((lp - lm) / (2 * eps))
         zs.append(z)
     for n, p in _named(model):
-        step_vec = sum(g * z[n] for g, z in zip(grads, zs)) / q
+        step_vec = sum(coeff(g) * z[n] for g, z in zip(grads, zs)) / q
         decay = weight_decay * p.data if p.ndim >= 2 else 0.0
         p.data = p.data - lr * (step_vec + decay)
     return plus, minus, grads

@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 
 from distzo import algorithms, directions
-from distzo.algorithms import Forward, Probe
+from distzo.algorithms import Finished, Forward, Probe
 from distzo.algorithms.mezo import MeZO
 from distzo.checkpoint import TrajectoryHeader, TrajectoryLog
 from distzo.cli import parser
@@ -37,9 +37,11 @@ def test_mezo_finishes_with_the_zo_sgd_record():
     assert not algo.finish(4, [[float("nan"), 1.0], [1.0, 1.0]]).finite
 
 
-def test_a_forward_measures_one_direction():
-    with pytest.raises(ValueError, match="share one direction seed"):
-        Forward((Probe(1, 1e-3), Probe(2, -1e-3)))
+def test_a_forward_holds_probes_of_any_seeds():
+    forward = Forward((Probe(1, 1e-3), Probe(2, -1e-3), Probe(1, 0.0)))
+    assert forward.seeds == (1, 2)
+    with pytest.raises(ValueError, match="at least one probe"):
+        Forward(())
 
 
 def test_the_optimiser_runs_mezo_by_default_and_by_name():
@@ -83,7 +85,7 @@ def test_the_algorithm_is_a_training_setting(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "--help"])
     assert "--optim.algorithm" in capsys.readouterr().out
-    assert algorithms.names() == ("mezo",)
+    assert algorithms.names() == ("mezo", "fzoo", "momentum")
 
 
 def test_engines_never_see_the_algorithm():
@@ -104,12 +106,27 @@ def test_engines_never_see_the_algorithm():
     assert all(torch.equal(x, y) for x, y in zip(opt.model.parameters(), ref.model.parameters()))
 
 
-def test_a_plan_is_made_of_probe_pairs():
-    class Three(MeZO):
-        name = "three"
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_plan_of_any_shape_is_measured_probe_by_probe(merge):
+    # forwards of one, three and mixed-seed probes: each loss is that probe's own loss
+    plan = [Forward((Probe(11, 1e-3), Probe(11, 0.0), Probe(11, -1e-3))), Forward((Probe(12, 2e-3),)),
+            Forward((Probe(13, 1e-3), Probe(14, -1e-3)))]
+
+    class Shaped(MeZO):
+        name = "shaped"
 
         def plan(self, step):
-            return [Forward((Probe(1, 1e-3), Probe(1, 0.0), Probe(1, -1e-3)))]
+            return plan
 
-    with pytest.raises(ValueError, match="forwards of two probes"):
-        ZOOptimizer(tiny_model("llama"), algorithm=Three()).step(tiny_batch(seed=0))
+        def finish(self, step, losses):
+            self.seen = losses
+            return Finished(zo_sgd(step, [11], [1.0], 0.0, 0.0), losses[0][1], [1.0], True)
+
+    model = tiny_model("llama", dtype=torch.float64)
+    algo = Shaped(lr=0.0)
+    opt = ZOOptimizer(model, algorithm=algo, merge_forwards=merge)
+    batch = tiny_batch(seed=0)
+    opt.step(batch)
+    alone = [[opt.stream_losses(batch, (probe,))[0] for probe in f.probes] for f in plan]
+    assert [len(row) for row in algo.seen] == [3, 1, 2]
+    assert algo.seen == [pytest.approx(row, abs=1e-12) for row in alone]

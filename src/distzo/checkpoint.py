@@ -404,6 +404,9 @@ class TrajectoryHeader:
     """Versions and device kind the run started on (``distzo.environment.describe``)."""
     algorithm: str = "mezo"
     """The zeroth-order algorithm that made the updates; logs written before it was recorded are MeZO's."""
+    algorithm_settings: dict[str, Any] | None = None
+    """The algorithm's own settings (``settings()``: optim.<name>.*, an eps rule); None in logs written
+    before they were recorded, which were plain MeZO's."""
 
     def __post_init__(self) -> None:
         from distzo.algorithms import check_algorithm
@@ -524,6 +527,8 @@ class TrajectoryLog:
             return header
         existing = self.header()
         ours, theirs = header.settings(), existing.settings()
+        if theirs["algorithm_settings"] is None:  # an older log: plain MeZO, which the algorithm check covers
+            ours["algorithm_settings"] = None
         if ours != theirs:
             differ = sorted(k for k in ours if ours[k] != theirs[k])
             raise ValueError(f"{self.path} belongs to a run with different settings: {differ}")

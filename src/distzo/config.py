@@ -22,6 +22,9 @@ import yaml
 
 from distzo import loggers
 from distzo.algorithms import check_algorithm
+from distzo.algorithms.fzoo import FZOOConfig
+from distzo.algorithms.mezo import MeZOConfig
+from distzo.algorithms.momentum import MomentumConfig
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.models import LoraSettings, ModelConfig
@@ -56,7 +59,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """Where linear and cosine decay end, as a fraction of lr."""
     algorithm: str = "mezo"
-    """The zeroth-order algorithm (distzo.algorithms): mezo, MeZO's ZO-SGD."""
+    """The zeroth-order algorithm (distzo.algorithms): mezo (ZO-SGD), fzoo (N probes, normalised), momentum (heavy-ball from the last h steps)."""
+    eps_schedule: str = "constant"
+    """constant | linear | cosine: eps decays over `steps` to eps_min_ratio * eps."""
+    eps_min_ratio: float = 1.0
+    """Where a decaying eps schedule ends, as a fraction of eps."""
+    eps_band_low: float = 0.0
+    """Adaptive eps: grow eps while the mean |L+ - L-| is below this (needs eps_band_high)."""
+    eps_band_high: float = 0.0
+    """Adaptive eps: shrink eps while the mean |L+ - L-| is above this (0 = eps does not adapt)."""
+    mezo: MeZOConfig = field(default_factory=MeZOConfig)
+    fzoo: FZOOConfig = field(default_factory=FZOOConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -69,6 +83,11 @@ class OptimConfig:
         check_kind(self.perturbation)
         check_estimator(self.estimator)
         check_algorithm(self.algorithm)
+        Schedule(self.eps_schedule, 0, 1, self.eps_min_ratio)  # checks the name and the ratio
+        if self.eps_band_high and not 0 < self.eps_band_low < self.eps_band_high:
+            raise ValueError(f"optim.eps_band_low must be in (0, eps_band_high), got {self.eps_band_low}")
+        if self.algorithm == "fzoo" and self.directions != 1:
+            raise ValueError("optim.directions does not apply to fzoo: set optim.fzoo.probes")
 
     def schedule_for(self, steps: int) -> Schedule:
         return Schedule(self.schedule, self.warmup_steps, steps, self.min_lr_ratio)

@@ -65,11 +65,24 @@ def zo_sgd(step: int, seeds: Sequence[int], grads: Sequence[float], lr: float, w
 def from_log(line: Mapping[str, Any], weight_decay: float) -> UpdateRecord:
     """The update of a trajectory log line (or a saved pending update: the same fields).
 
-    A line holds (step, seeds, g's, lr); the run's weight decay is in the log's header.
+    A ZO-SGD line holds (step, seeds, g's, lr), the run's weight decay is in the log's header;
+    any other record's line holds every field of the record (``log_fields``).
     """
+    if "divisor" in line:
+        return UpdateRecord(int(line["step"]), line["seeds"], line["grads"], line["lr"], int(line["divisor"]),
+                            line["decay"], line["rounding_seed"])
     return zo_sgd(int(line["step"]), [int(s) for s in line["seeds"]], line["grads"], line["lr"], weight_decay)
 
 
 def log_fields(record: UpdateRecord) -> dict[str, Any]:
-    """What a log line records of ``record``: the inverse of ``from_log``."""
-    return {"step": record.step, "seeds": list(record.seeds), "grads": list(record.coeffs), "lr": record.lr}
+    """What a log line records of ``record``: the inverse of ``from_log``. ZO-SGD's records keep
+    the line MeZO runs have always written; others add their divisor, decay and rounding seed
+    ("grads" then holds the coefficients)."""
+    fields = {"step": record.step, "seeds": list(record.seeds), "grads": list(record.coeffs), "lr": record.lr}
+    if not _is_zo_sgd(record):
+        fields.update(divisor=record.divisor, decay=record.decay, rounding_seed=str(record.rounding_seed))
+    return fields
+
+
+def _is_zo_sgd(record: UpdateRecord) -> bool:
+    return bool(record.seeds) and record == zo_sgd(record.step, record.seeds, record.coeffs, record.lr, record.decay)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from distzo import loggers, parallel, rundir
+from distzo import algorithms, loggers, parallel, rundir
 from distzo.checkpoint import (
     BaseIdentity,
     TrajectoryHeader,
@@ -118,6 +118,7 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
         q=cfg.optim.directions,
         dtype=cfg.model.dtype,
         algorithm=cfg.optim.algorithm,
+        algorithm_settings=algorithms.build(cfg.optim, cfg.seed, cfg.steps).settings(),
         extra=extra,
         # rank 0 writes the log and holds weights, also in sliced offload
         base=None if model is None else BaseIdentity.of(model),
@@ -130,18 +131,11 @@ def build_optimizer(cfg: TrainConfig, model, mesh: parallel.Mesh | None = None,
     """The run's ZOOptimizer, from its config (the trainer and the benchmarks build it alike)."""
     return ZOOptimizer(
         model,
-        lr=cfg.optim.lr,
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        directions=cfg.optim.directions,
         perturbation=cfg.optim.perturbation,
-        seed=cfg.seed,
         loss_fn=lambda outputs, batch: default_loss(outputs.logits, batch),
-        schedule=cfg.optim.schedule_for(cfg.steps),
-        estimator=cfg.optim.estimator,
         mesh=mesh,
         offload=offload,
-        algorithm=cfg.optim.algorithm,
+        algorithm=algorithms.build(cfg.optim, cfg.seed, cfg.steps),
     )
 
 
@@ -245,8 +239,9 @@ class Trainer:
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
             self.opt.load_state_dict(saved["optimizer_state"])
-        elif cfg.resume:
+        elif cfg.resume:  # the log rebuilt the weights; it rebuilds the algorithm's state too
             self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
+            self.opt.algorithm.restore(records)
         self._signal: int | None = None
         self._evaluating = False
         self._loggers = loggers.Loggers()
@@ -425,7 +420,7 @@ class Trainer:
             batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
             stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
             if self.mesh.is_main:
-                self._tail = self.log.append_update(stats.update, stats.loss, skipped=stats.skipped)
+                self._tail = self.log.append_update(stats.update, stats.loss, skipped=stats.skipped, **stats.log)
             self.state["step"] = t + 1
             window.add(stats, int(batch["attention_mask"].sum()) * 2 * cfg.optim.directions)
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0

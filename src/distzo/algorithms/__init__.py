@@ -14,10 +14,11 @@ offload engine run plans and apply records; they never know which algorithm made
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from distzo.records import UpdateRecord
+from distzo.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,23 @@ class Probe:
 
 @dataclass(frozen=True)
 class Forward:
-    """Probes measured by one forward of the batch stacked once per probe. They share one
-    direction seed: the engines build every stream's shadow of a tensor in one pass over it."""
+    """Probes measured together: the batch stacked once per probe, one stream each.
+
+    The probes may have different seeds (FZOO's N directions around one theta). The engines
+    may measure several of a plan's forwards as one (the offload engine does, so a block comes
+    up once per step) or split one over ranks (the pert axis); the losses are the same.
+    """
 
     probes: tuple[Probe, ...]
 
     def __post_init__(self) -> None:
-        if len({p.seed for p in self.probes}) != 1:
-            raise ValueError("the probes of one forward share one direction seed")
+        if not self.probes:
+            raise ValueError("a forward measures at least one probe")
 
     @property
-    def seed(self) -> int:
-        return self.probes[0].seed
-
-    @property
-    def scales(self) -> tuple[float, ...]:
-        return tuple(p.scale for p in self.probes)
+    def seeds(self) -> tuple[int, ...]:
+        """The distinct direction seeds of the probes, in order of first use."""
+        return tuple(dict.fromkeys(p.seed for p in self.probes))
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Finished:
     """One scalar per forward (MeZO: the directional derivative estimate g_j)."""
     finite: bool
     """False when a loss was not finite: the update is then not applied."""
+    log: dict[str, Any] = field(default_factory=dict)
+    """Fields the step adds to its trajectory line, from which ``restore`` rebuilds the state
+    (FZOO's loss spread, an adaptive eps); JSON values."""
 
 
 class Algorithm(Protocol):
@@ -73,6 +78,10 @@ class Algorithm(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def restore(self, lines: list[Mapping[str, Any]]) -> None:
+        """Rebuild the state a run had after the trajectory lines ``lines`` (steps 0..n-1): a run
+        resumed from its log alone continues exactly. Stateless algorithms do nothing."""
 
 
 def names() -> tuple[str, ...]:
@@ -91,9 +100,24 @@ def make(name: str, **settings: Any) -> Algorithm:
 
 
 def _registry() -> dict[str, type]:
-    from distzo.algorithms.mezo import MeZO  # the algorithms import this module's types
+    # the algorithms import this module's types
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.mezo import MeZO
+    from distzo.algorithms.momentum import Momentum
 
-    return {MeZO.name: MeZO}
+    return {cls.name: cls for cls in (MeZO, FZOO, Momentum)}
+
+
+def build(optim, seed: int, steps: int) -> Algorithm:
+    """The algorithm an ``OptimConfig`` names, with the common settings and its own (optim.<name>.*)."""
+    from distzo.algorithms.eps import EpsRule
+
+    band = (optim.eps_band_low, optim.eps_band_high) if optim.eps_band_high > 0 else None
+    eps_rule = EpsRule(optim.eps, Schedule(optim.eps_schedule, 0, steps, optim.eps_min_ratio), band)
+    own = asdict(getattr(optim, optim.algorithm)) if hasattr(optim, optim.algorithm) else {}
+    return make(optim.algorithm, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay,
+                directions=optim.directions, estimator=optim.estimator, seed=seed,
+                schedule=optim.schedule_for(steps), eps_rule=eps_rule, **own)
 
 
 _REGISTRY = _registry()

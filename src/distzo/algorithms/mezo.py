@@ -3,44 +3,92 @@
 two-sided: the probes are theta + eps z and theta - eps z;  g = (L+ - L-) / (2 eps)
 one-sided: the probes are theta + eps z and theta;          g = (L+ - L0) / eps
 
-    theta <- round(theta - lr_t * (sum_j g_j z_j / q + wd * theta))
+    theta <- round(theta - lr_t * (sum_j c(g_j) z_j / q + wd * theta))
+
+c is the identity (MeZO), sign(g) (sign-SGD) or g clipped to [-clip, clip]; eps may follow a
+schedule or adapt to the loss difference (``distzo.algorithms.eps``). No state but the
+adaptive eps factor; no memory beyond the engines' shadows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from distzo import directions, estimator
 from distzo.algorithms import Finished, Forward, Probe
+from distzo.algorithms.eps import EpsRule
 from distzo.records import zo_sgd
 from distzo.schedules import Schedule
+
+TRANSFORMS = ("plain", "sign", "clip")
+
+
+@dataclass
+class MeZOConfig:
+    """MeZO's own settings (optim.mezo.*)."""
+
+    transform: str = "plain"
+    """plain | sign | clip: what multiplies z_j in the update: g_j, sign(g_j), or g_j clipped to ±clip."""
+    clip: float = 1.0
+    """The bound of the clip transform."""
+
+    def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"optim.mezo.transform must be one of {', '.join(TRANSFORMS)}, got '{self.transform}'")
+        if not self.clip > 0:
+            raise ValueError(f"optim.mezo.clip must be > 0, got {self.clip}")
 
 
 class MeZO:
     name = "mezo"
 
     def __init__(self, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, directions: int = 1,
-                 estimator: estimator.Estimator = "two-sided", seed: int = 0, schedule: Schedule | None = None):
+                 estimator: estimator.Estimator = "two-sided", seed: int = 0, schedule: Schedule | None = None,
+                 eps_rule: EpsRule | None = None, transform: str = "plain", clip: float = 1.0):
         validate(lr, eps, weight_decay, directions, estimator)
+        self.own = MeZOConfig(transform, clip)
         self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
         self.num_directions, self.estimator, self.seed = directions, estimator, seed
         self.schedule = schedule or Schedule()
+        self.eps_rule = eps_rule or EpsRule(eps, Schedule())
 
     def seeds(self, step: int) -> list[int]:
         return [directions.step_seed(self.seed, step, j) for j in range(self.num_directions)]
 
     def plan(self, step: int) -> list[Forward]:
-        scales = estimator.half_scales(self.eps, self.estimator)
+        scales = estimator.half_scales(self.eps_rule.at(step), self.estimator)
         return [Forward(tuple(Probe(s, scale) for scale in scales)) for s in self.seeds(step)]
 
-    def finish(self, step: int, losses: list[list[float]]) -> Finished:
+    def estimate(self, step: int, losses: list[list[float]]) -> tuple[list[float], float, bool]:
+        """(g_j per direction, the reported loss, whether every loss is finite); moves the adaptive eps."""
         plus, other = [pair[0] for pair in losses], [pair[1] for pair in losses]
-        grads = estimator.projected_grads(plus, other, self.eps, self.estimator)
+        eps = self.eps_rule.at(step)
+        grads = estimator.projected_grads(plus, other, eps, self.estimator)
+        finite = estimator.all_finite(plus, other)
+        if finite:
+            self.eps_rule.observe(sum(abs(p - o) for p, o in zip(plus, other)) / len(plus))
+        return grads, estimator.reported_loss(plus, other, self.estimator), finite
+
+    def finish(self, step: int, losses: list[list[float]]) -> Finished:
+        grads, loss, finite = self.estimate(step, losses)
+        coeffs = [self.transformed(g) for g in grads]
         lr = self.lr * self.schedule.factor(step)
-        return Finished(zo_sgd(step, self.seeds(step), grads, lr, self.weight_decay),
-                        estimator.reported_loss(plus, other, self.estimator), grads,
-                        estimator.all_finite(plus, other))
+        return Finished(zo_sgd(step, self.seeds(step), coeffs, lr, self.weight_decay), loss, grads, finite,
+                        self.eps_rule.log())
+
+    def transformed(self, g: float) -> float:
+        if self.own.transform == "sign":
+            return math.copysign(1.0, g) if g else 0.0
+        if self.own.transform == "clip":
+            return max(-self.own.clip, min(self.own.clip, g))
+        return g
+
+    def settings(self) -> dict[str, Any]:
+        """The algorithm's own settings (the trajectory header records them)."""
+        return {**asdict(self.own), **_eps_settings(self.eps_rule)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +99,7 @@ class MeZO:
             "directions": self.num_directions,
             "estimator": self.estimator,
             "schedule": vars(self.schedule).copy(),
+            **self.eps_rule.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -58,6 +107,20 @@ class MeZO:
         self.lr, self.eps, self.weight_decay = state["lr"], state["eps"], state["weight_decay"]
         self.num_directions, self.estimator = state["directions"], state["estimator"]
         self.schedule = Schedule(**state["schedule"])
+        self.eps_rule.load_state_dict(state)
+
+    def restore(self, lines: list[Mapping[str, Any]]) -> None:
+        self.eps_rule.restore(lines)
+
+
+def _eps_settings(rule: EpsRule) -> dict[str, Any]:
+    """The eps rule as header settings; empty for a constant eps (headers written before eps rules)."""
+    out: dict[str, Any] = {}
+    if rule.schedule.name != "constant":  # its horizon is `steps`, which a resumed run may extend
+        out["eps_schedule"] = [rule.schedule.name, rule.schedule.min_ratio]
+    if rule.band is not None:
+        out["eps_band"] = list(rule.band)
+    return out
 
 
 def validate(lr, eps, weight_decay, q, est) -> None:
