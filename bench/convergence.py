@@ -186,7 +186,7 @@ def zo_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Step, 
 
     def step(t: int) -> tuple[float, int, int]:
         stats = opt.step(collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length))
-        return stats.loss, len(stats.losses_plus) + len(stats.losses_other), 0
+        return stats.loss, sum(len(probes) for probes in stats.losses), 0
 
     return step, opt.flush
 

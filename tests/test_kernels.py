@@ -285,3 +285,30 @@ def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
     replay_into(rebuilt, header, log.read())
     changed = any(not torch.equal(a, b.cuda()) for a, b in zip(trained.parameters(), base.parameters()))
     assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
+
+
+@pytest.mark.parametrize("name", ["fzoo", "momentum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, dtype):
+    # records with many seeds and divisor 1 run through the fused kernel and replay through it
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.momentum import Momentum
+
+    algorithm = FZOO(lr=1e-3, eps=1e-2, weight_decay=0.1, probes=4) if name == "fzoo" else \
+        Momentum(beta=0.9, history=4, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2)
+    base = tiny_model("llama", dtype=dtype)
+    trained = copy.deepcopy(base).cuda()
+    opt = ZOOptimizer(trained, algorithm=algorithm)
+    assert opt._fused is not None
+    stats = [opt.step(tiny_batch(seed=t)) for t in range(6)]
+    opt.flush()
+    log = TrajectoryLog(tmp_path / "trajectory.jsonl")
+    header = log.start(TrajectoryHeader(model="tiny", weight_decay=0.1, dtype=str(dtype).removeprefix("torch."),
+                                        algorithm=name))
+    for s in stats:
+        log.append_update(s.update, s.loss, skipped=s.skipped, **s.log)
+    log.close()
+    rebuilt = copy.deepcopy(base).cuda()
+    replay_into(rebuilt, header, log.read())
+    changed = any(not torch.equal(a, b.cuda()) for a, b in zip(trained.parameters(), base.parameters()))
+    assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
