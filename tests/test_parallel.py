@@ -93,11 +93,11 @@ def _env(**extra) -> dict[str, str]:
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _start_ranks(world: int, argv: list[str], **env) -> list[subprocess.Popen]:
-    """``world`` processes running this file with torchrun's environment variables (and ``env``)."""
+def _start_ranks(world: int, argv: list[str], script: Path = HERE, **env) -> list[subprocess.Popen]:
+    """``world`` processes running ``script`` (this file) with torchrun's environment variables (and ``env``)."""
     port = _free_port()
     return [
-        subprocess.Popen([sys.executable, str(HERE), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
                          env=_env(**env, RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
