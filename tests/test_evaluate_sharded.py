@@ -113,6 +113,80 @@ def test_batch_size_changes_no_metric(tiny_model_dir, single_process, batch_size
         _assert_same(got[name], single_process[name])
 
 
+def test_auto_batch_size_on_a_gpu_fills_the_planned_share(tiny_model_dir, monkeypatch):
+    # The GPU branch on a CPU machine: the free memory is what the (patched) CUDA calls say.
+    from distzo import evaluate as ev
+
+    model, tokenizer = _model(tiny_model_dir)
+    examples = _examples("multi-token", "classification", 7)
+    per_example = ev.bytes_per_example(model, tokenizer, "classification", examples, max_length=32)
+    monkeypatch.setattr(ev, "model_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * per_example, 10 * per_example))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: per_example)  # cached but unused
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    assert ev.auto_batch_size(model, tokenizer, "classification", examples, 32) == int(4 * ev.MEMORY_SHARE)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000 * per_example, 2000 * per_example))
+    assert ev.auto_batch_size(model, tokenizer, "classification", examples, 32) == len(examples)  # no more than all
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 2000 * per_example))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    assert ev.auto_batch_size(model, tokenizer, "classification", examples, 32) == 1  # at least one
+
+
+def test_an_example_costs_more_memory_the_longer_it_is(tiny_model_dir):
+    from distzo.evaluate import bytes_per_example
+    from distzo.tasks import Example
+
+    model, tokenizer = _model(tiny_model_dir)
+    short = [Example(prompt="good", candidates=[" good", " bad"], gold=0)]
+    long = [Example(prompt="good " * 20, candidates=[" good", " bad"], gold=0)]
+    rows = [Example(prompt="good", candidates=[" good movie", " bad", " not very great"], gold=0)]
+    cost = {name: bytes_per_example(model, tokenizer, "classification", ex, max_length=64)
+            for name, ex in (("short", short), ("long", long), ("rows", rows))}
+    assert cost["short"] < cost["long"] and cost["short"] < cost["rows"]
+    # Generation also holds the KV cache of its new tokens.
+    assert bytes_per_example(model, tokenizer, "generation", short, 64, 8) > bytes_per_example(
+        model, tokenizer, "lm", [Example(prompt="good", target=" a")], 64)
+
+
+# ---------------------------------------------------------------- generation under offload
+
+
+def _greedy_one_by_one(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Obviously correct: one prompt, no padding, no cache, the whole prefix every step."""
+    from distzo.tasks.collate import bos_ids
+
+    ids = bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+            if new[-1] == model.generation_config.eos_token_id:  # kept, as generate keeps it
+                break
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_offloaded_generation_decodes_the_batch_together(tiny_model_dir):
+    from distzo.evaluate import generate
+    from distzo.offload import OffloadConfig, OffloadEngine
+
+    examples = _examples("generation", "generation", 4)
+    resident, tokenizer = _model(tiny_model_dir)
+    want = [_greedy_one_by_one(resident, tokenizer, e.prompt, MAX_NEW_TOKENS) for e in examples]
+    assert generate(resident, tokenizer, examples, MAX_NEW_TOKENS, 4, 32, stop=None) == want
+    model, _ = _model(tiny_model_dir)
+    engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"))
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape))
+    assert generate(model, tokenizer, examples, MAX_NEW_TOKENS, 4, 32, stop=None) == want
+    hook.remove()
+    assert all(w == (len(examples), 1) for w in widths[1:])  # the KV cache: one new token per prompt a step
+    # One forward per new token for the whole batch, each block up once per forward (prefetch:
+    # the next forward's first block goes up early), not once per prompt and token.
+    blocks = len(engine.blocks)
+    assert engine.uploads <= (MAX_NEW_TOKENS + 1) * blocks < len(examples) * MAX_NEW_TOKENS * blocks
+    engine.close()
+
+
 # ---------------------------------------------------------------- ranks
 
 
