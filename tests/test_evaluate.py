@@ -59,14 +59,16 @@ class EchoLM(torch.nn.Module):
 
 
 class ScriptedLM(torch.nn.Module):
-    """``generate`` appends the next scripted reply to each row, padded with EOS."""
+    """``generate`` appends to each row the reply scripted for its prompt, padded with EOS
+    (by prompt, not by call order: evaluation batches prompts of similar length together)."""
 
-    def __init__(self, tokenizer, replies: list[str]):
+    def __init__(self, tokenizer, replies: dict[str, str]):
         super().__init__()
-        self.tokenizer, self.replies = tokenizer, list(replies)
+        self.tokenizer, self.replies = tokenizer, dict(replies)
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        new = [self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"] for _ in input_ids]
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        new = [self.tokenizer(self.replies[p], add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(len(n) for n in new)
         eos = self.tokenizer.eos_token_id
         tail = torch.tensor([n + [eos] * (width - len(n)) for n in new], dtype=torch.long)
@@ -181,7 +183,8 @@ def test_generation_scores_cut_at_newline_and_take_the_best_answer(tokenizer):
         Example(prompt="Q: landmark?\nA:", target=" Eiffel Tower\n", answers=["Tower", "the Eiffel Tower"]),
         Example(prompt="Q: ?\nA:", target=" something\n", answers=["something"]),
     ]
-    model = ScriptedLM(tokenizer, [" Paris\nQ: next question", " Eiffel Tower in Paris", " nothing"])
+    replies = [" Paris\nQ: next question", " Eiffel Tower in Paris", " nothing"]
+    model = ScriptedLM(tokenizer, {e.prompt: r for e, r in zip(examples, replies)})
     scores = generation_scores(model, tokenizer, examples, max_new_tokens=8, batch_size=2)
     assert scores["em"] == pytest.approx(1 / 3)
     assert scores["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,11 +94,11 @@ def _env(**extra) -> dict[str, str]:
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _start_ranks(world: int, argv: list[str], **env) -> list[subprocess.Popen]:
-    """``world`` processes running this file with torchrun's environment variables (and ``env``)."""
+def _start_ranks(world: int, argv: list[str], script: Path = HERE, **env) -> list[subprocess.Popen]:
+    """``world`` processes running ``script`` (this file) with torchrun's environment variables (and ``env``)."""
     port = _free_port()
     return [
-        subprocess.Popen([sys.executable, str(HERE), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
                          env=_env(**env, RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -480,14 +481,44 @@ def test_resume_at_another_world_size(tiny_model_dir, sst2_dir, whole, tmp_path)
     _assert_same_run(out, whole, 6)
 
 
-def test_sliced_offload_run_of_the_entry_point(tiny_model_dir, sst2_dir, whole, tmp_path):
-    # torchrun, two ranks, --offload cpu: one host copy in shared memory, evaluated by all
-    # ranks together (every forward is collective), saved by rank 0.
+def _assert_evaluations_of(out: Path, splits: list[str]) -> None:
+    """The run's sharded zero-shot and final metrics equal one process scoring the same weights."""
+    from distzo.config import run_config
+    from distzo.evaluate import evaluate
+    from distzo.models import load_model
+    from distzo.tasks import get_task, load_task
+
+    cfg = run_config(out)
+    rows = {r["split"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "split" in r}
+    assert sorted(rows) == sorted(splits) and all(r["eval_seconds"] >= 0 for r in rows.values())
+    test = load_task(cfg.task).test
+    weights = {"zero_shot": cfg.model.name, "test": out / "checkpoints" / "last"}  # base and final weights
+    for split, model_dir in ((s, w) for s, w in weights.items() if s in rows):
+        model, tokenizer = load_model(replace(cfg.model, name=str(model_dir), device="cpu"))
+        metrics = evaluate(model, tokenizer, get_task(cfg.task.name), test, cfg.eval_batch_size, cfg.task.max_length)
+        assert {k: rows[split][k] for k in metrics} == metrics, split
+
+
+def test_sharded_evaluation_of_the_entry_point(tiny_model_dir, sst2_dir, tmp_path):
+    # torchrun, two resident ranks: each scores half of every evaluation, the metrics are the whole split's.
     out = tmp_path / "run"
     done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
-                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "6", "--offload", "cpu", "--eval-every", "3"))
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "2", "--zero_shot", "true",
+                            "--eval-batch-size", "auto"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_evaluations_of(out, ["zero_shot", "test"])
+
+
+def test_sliced_offload_run_of_the_entry_point(tiny_model_dir, sst2_dir, whole, tmp_path):
+    # torchrun, two ranks, --offload cpu: one host copy in shared memory, evaluated by all
+    # ranks together in lockstep (every forward is collective), saved by rank 0.
+    out = tmp_path / "run"
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "6", "--offload", "cpu", "--eval-every", "3",
+                            "--eval-batch-size", "3"))
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_run(out, whole, 6)
+    _assert_evaluations_of(out, ["dev", "test_at_best_dev", "test"])
     assert not list(Path("/dev/shm").glob("distzo-*"))  # the shared buffers leave nothing behind
 
 

@@ -199,3 +199,17 @@ def test_offloaded_run_equals_resident_run(tiny_model_dir, sst2_dir, tmp_path):
         (offloaded / "results.json").read_text())["final"]
     wa, wb = _weights(plain / "checkpoints" / "last"), _weights(offloaded / "checkpoints" / "last")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_each_evaluation_reports_its_time(tiny_model_dir, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*_args(tiny_model_dir, sst2_dir, out, "--steps", "2", "--eval-every", "2", "--test-at-best", "false"),
+                 "--progress", "true"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
+    assert [line.split(":")[0] for line in lines] == ["eval zero_shot at step 0", "eval dev at step 2",
+                                                      "eval test at step 2"]
+    assert all(" s (evaluation is " in line and "of the run's time so far)" in line for line in lines)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["eval_seconds"] >= 0 for r in rows if "split" in r)
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["eval_seconds"] <= results["wall_seconds"] + 0.1

@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from distzo import __version__
@@ -137,9 +138,19 @@ def _eval_parser(sub) -> None:
     p.add_argument("--num-examples", type=int, default=500, help="examples drawn from the split")
     p.add_argument("--dtype", default="float32", help="weight dtype: float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu; or a torch device")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+    p.add_argument("--batch-size", type=_batch_size, default=32,
+                   help="examples per forward, or auto (as many as fit in half the free GPU memory)")
     fields = [f for f in flat_fields(TaskConfig(), "task.") if f[0] not in SPLIT_SIZES]
     _add_settings(p.add_argument_group("task settings (as in train)"), fields, EVAL_ALIASES)
+
+
+def _batch_size(text: str) -> int | str:
+    from distzo.evaluate import AUTO, check_batch_size
+
+    try:
+        return check_batch_size(text if text == AUTO else int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO}, got {text!r}") from None
 
 
 def _replay_parser(sub) -> None:
@@ -182,6 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from distzo import parallel
     from distzo.config import build, dotted_to_nested
     from distzo.evaluate import evaluate
     from distzo.models import ModelConfig, load_model
@@ -192,11 +204,19 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k.startswith("task.")}
     settings.update(zip(SPLIT_SIZES, sizes))
     tcfg = build(TaskConfig(), dotted_to_nested(settings)["task"], "task.")
-    model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device))
-    examples = getattr(load_task(tcfg), args.split)
-    metrics = evaluate(model, tokenizer, get_task(tcfg.name), examples, args.batch_size, tcfg.max_length)
-    print(json.dumps({"model": args.model, "task": tcfg.name, "split": args.split, "examples": len(examples),
-                      **metrics}))
+    mesh = parallel.init(device=args.device)  # under torchrun every rank scores its share
+    try:
+        model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device))
+        examples = getattr(load_task(tcfg), args.split)
+        began = time.perf_counter()
+        metrics = evaluate(model, tokenizer, get_task(tcfg.name), examples, args.batch_size, tcfg.max_length,
+                           mesh=mesh)
+        seconds = round(time.perf_counter() - began, 3)
+    finally:
+        mesh.close()
+    if mesh.is_main:
+        print(json.dumps({"model": args.model, "task": tcfg.name, "split": args.split, "examples": len(examples),
+                          **metrics, "eval_seconds": seconds}))
     return 0
 
 

@@ -27,6 +27,7 @@ from distzo.algorithms.mezo import MeZOConfig
 from distzo.algorithms.momentum import MomentumConfig
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
+from distzo.evaluate import check_batch_size
 from distzo.models import LoraSettings, ModelConfig
 from distzo.offload import OffloadConfig
 from distzo.parallel import ParallelConfig
@@ -119,8 +120,9 @@ class TrainConfig:
     test_at_best: bool = True
     """When evaluating on dev, also score the test split at each new best dev checkpoint, so the results
     report test at the best dev checkpoint (MeZO's protocol) beside test at the last step."""
-    eval_batch_size: int = 32
-    """Examples per forward when evaluating."""
+    eval_batch_size: int | str = 32
+    """Examples per forward when evaluating, or auto: as many as fit in half the free GPU memory (16 on the CPU),
+    so an offloaded block comes up once for as many examples as fit."""
     save_every: int = 500
     """Also write the `last` checkpoint every N steps, bounding what a killed run must replay from its
     trajectory log on resume (0 = only at eval time, on a signal and at the end)."""
@@ -155,9 +157,10 @@ class TrainConfig:
     """Stream the decoder blocks from host memory (models larger than the GPU); under torchrun, one host copy per node, sliced."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_batch_size(self.eval_batch_size, "eval_batch_size")
         for name in ("eval_every", "save_every", "time_limit_minutes", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -241,7 +244,7 @@ def coerce(value: Any, tp, where: str):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        value = coerce(value, options[0], where)
+        value = _first_fit(value, options, where)
         if isinstance(value, str) and not value.strip():  # None already says "unset"; "" would be a path to "."
             raise ValueError(f"config key '{where}' must not be empty; leave it out or set it to null")
         return value
@@ -255,6 +258,16 @@ def coerce(value: Any, tp, where: str):
     if tp in (bool, int, float, str):
         return _scalar(value, tp, where)
     return value
+
+
+def _first_fit(value: Any, options: list, where: str):
+    """``value`` as the first of a union's types it converts to (``int | str``: "32" is 32, "auto" stays)."""
+    for tp in options[:-1]:
+        try:
+            return coerce(value, tp, where)
+        except ValueError:
+            pass
+    return coerce(value, options[-1], where)
 
 
 def _scalar(value: Any, tp, where: str):

@@ -13,7 +13,8 @@ Files in ``output_dir`` (what each promises: docs/runs.md):
     launch.json            the torchrun launch that wrote the run (to resume it after a restart)
 
 Under torchrun every rank runs this loop on its shard of the same global batch
-(``distzo.parallel``); rank 0 alone evaluates and writes files, the others wait for it.
+(``distzo.parallel``) and scores its share of each evaluation (``distzo.evaluate``); rank 0
+alone writes files.
 
 Nothing is written before every check has passed: a refused run or resume leaves the folder
 as it was. ``--resume`` continues from ``checkpoints/last`` or, when the run stopped before
@@ -233,8 +234,8 @@ class Trainer:
         self.engine = None
         if cfg.offload.enabled:
             self.engine = OffloadEngine(self.model, resolve_device(cfg.model.device), cfg.offload, slices=slices)
-        # With sliced offload every forward is collective: all ranks evaluate, rank 0 reports.
-        self._all_evaluate = self.engine is not None and self.engine.slices is not None
+        # With sliced offload every forward is collective: the ranks evaluate in lockstep.
+        self._lockstep = self.engine is not None and self.engine.slices is not None
         self.opt = build_optimizer(cfg, self.model, self.mesh, self.engine)
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
         if saved:
@@ -244,6 +245,10 @@ class Trainer:
             self.opt.algorithm.restore(records)
         self._signal: int | None = None
         self._evaluating = False
+        self._eval_seconds = 0.0  # spent evaluating in this process, for the log line and results.json
+        self._last_eval_seconds: float | None = None  # shown in the progress bar
+        self._began = time.time()
+        self._bar = None
         self._loggers = loggers.Loggers()
 
     # ------------------------------------------------------------------ setup (reads only)
@@ -367,7 +372,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        start_time = time.time()
+        start_time = self._began = time.time()
         self.mesh.barrier()  # every rank has read the output folder before rank 0 writes to it
         self._open()
         cfg = self.cfg
@@ -395,6 +400,7 @@ class Trainer:
             "test_at_best_dev": (best or {}).get("test"),
             "test_examples": len(self.data.test),
             "wall_seconds": round(time.time() - start_time, 1),
+            "eval_seconds": round(self._eval_seconds, 1),
         }
         if self.mesh.is_main:
             atomic_write_json(self.out / "results.json", results)
@@ -412,7 +418,7 @@ class Trainer:
     def _loop(self, start_time: float) -> None:
         cfg = self.cfg
         deadline = start_time + cfg.time_limit_minutes * 60 if cfg.time_limit_minutes else math.inf
-        bar = _progress(cfg, self.state["step"]) if self.mesh.is_main else None
+        bar = self._bar = _progress(cfg, self.state["step"]) if self.mesh.is_main else None
         skipped_in_row = 0
         window = _Window()
         while self.state["step"] < cfg.steps:
@@ -433,7 +439,7 @@ class Trainer:
             if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._metric({"step": t + 1, **window.summary(), "grad": stats.projected_grads[0], "lr": stats.lr})
                 window = _Window()
-            _advance(bar, stats, rate)
+            _advance(bar, stats, rate, self._last_eval_seconds)
             self._maybe_eval_and_save(t + 1)
             signalled, out_of_time = self._should_stop(deadline)
             if signalled:
@@ -444,6 +450,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        self._bar = None
 
     def _interrupt(self) -> None:
         """Save what was trained since the last checkpoint, then stop."""
@@ -481,19 +488,36 @@ class Trainer:
         return best is None or (metrics[name] > best[name] if higher else metrics[name] < best[name])
 
     def _evaluate(self, examples, split: str) -> dict[str, float]:
-        """The split's metrics, measured by rank 0 (the weights are the same on every rank)."""
-        if not examples or not (self.mesh.is_main or self._all_evaluate):
+        """The split's metrics, every rank scoring its share (the weights are the same on every rank)."""
+        if not examples:
             return {}
         began = time.time()
         self._evaluating = True
         try:
             metrics = evaluate(self.model, self.tokenizer, self.task, examples, self.cfg.eval_batch_size,
-                               self.cfg.task.max_length)
+                               self.cfg.task.max_length, mesh=self.mesh, lockstep=self._lockstep)
         finally:
             self._evaluating = False
-        self._metric({"step": self.state["step"], "split": split, **metrics,
-                      "eval_seconds": round(time.time() - began, 3)})
+        seconds = time.time() - began
+        self._eval_seconds += seconds
+        self._last_eval_seconds = seconds
+        self._metric({"step": self.state["step"], "split": split, **metrics, "eval_seconds": round(seconds, 3)})
+        self._report_eval(split, metrics, seconds)
         return metrics
+
+    def _report_eval(self, split: str, metrics: dict[str, float], seconds: float) -> None:
+        """One line per evaluation with its time and evaluation's share of the run so far, so that
+        a run whose evaluations dominate shows it."""
+        if not self.mesh.is_main or not self.cfg.progress:
+            return
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        share = self._eval_seconds / max(time.time() - self._began, 1e-9)
+        line = (f"eval {split} at step {self.state['step']}: {shown} in {seconds:.1f} s "
+                f"(evaluation is {share:.0%} of the run's time so far)")
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
 
     def _save(self, directory: Path, wait: bool = True, final: dict[str, float] | None = None) -> None:
         """Rank 0 writes the checkpoint and its model card (``final``: the test metrics after the last
@@ -619,11 +643,12 @@ def _progress(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="distzo", unit="step", dynamic_ncols=True)
 
 
-def _advance(bar, stats: StepStats, tokens_per_s: float) -> None:
+def _advance(bar, stats: StepStats, tokens_per_s: float, eval_seconds: float | None) -> None:
     if bar is None:
         return
+    last_eval = {} if eval_seconds is None else {"eval_s": f"{eval_seconds:.1f}"}
     bar.set_postfix(loss=f"{stats.loss:.4f}", g=f"{stats.projected_grads[0]:+.3g}", tok_s=f"{tokens_per_s:.0f}",
-                    refresh=False)
+                    **last_eval, refresh=False)
     bar.update(1)
 
 
