@@ -340,6 +340,10 @@ _BROKEN_FILE = (OSError, ValueError, RuntimeError)
 def _load_local(location: str, cfg: ModelConfig, dtype: torch.dtype, **extra):
     from safetensors import SafetensorError
 
+    if (Path(location) / QUANTIZED_BASE_FILE).is_file() and not (Path(location) / "config.json").is_file():
+        raise ValueError(f"'{location}' is a checkpoint of a run on a quantized base: it holds a LoRA adapter "
+                         f"(adapter/), not a model; load the adapter over the base its {QUANTIZED_BASE_FILE} names "
+                         "(its README.md shows how)")
     try:
         model = _from_pretrained(location, cfg, dtype, **extra)
     except (*_BROKEN_FILE, SafetensorError) as exc:
@@ -485,24 +489,33 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
 
     bitsandbytes quantizes weights on the device they are loaded to, so the whole model is
     placed there by ``device_map``. A GGUF file is first dequantized into a temporary Hugging
-    Face folder (float32, as for the packaged default), which then loads like any other.
+    Face folder (float32, as for the packaged default) in the cache, which then loads like any other.
     """
+    if device.type == "cuda" and device.index is None:  # the rank's own GPU, not whichever "cuda" maps to
+        device = torch.device("cuda", torch.cuda.current_device())
     extra = {"quantization_config": bnb_config(quantization_settings(cfg.quantize, cfg.dtype)),
              "device_map": {"": str(device)}}
     if source.kind == "hub":
         model, tokenizer = _load_from_hub(cfg, dtype, **extra)
-    elif source.kind != "gguf":
-        model, tokenizer = _load_local(source.location, cfg, dtype, **extra)
+    elif source.kind == "gguf":
+        model, tokenizer = _load_gguf_quantized(Path(source.location) / source.gguf_file, cfg, dtype, extra)
     else:
-        gguf = Path(source.location) / source.gguf_file
-        with tempfile.TemporaryDirectory(prefix="distzo-gguf-") as tmp:
-            _convert_gguf(gguf, Path(tmp))
-            model, tokenizer = _load_local(tmp, cfg, dtype, **extra)
-        # Not the temporary folder: the adapter's base_model_name_or_path should name the real base.
-        model.name_or_path = model.config._name_or_path = str(gguf)
+        model, tokenizer = _load_local(source.location, cfg, dtype, **extra)
     _keep_4bit_layout(model)
     if cfg.quantize == "int8":
         _quiet_int8_cast_notice()
+    return model, tokenizer
+
+
+def _load_gguf_quantized(gguf: Path, cfg: ModelConfig, dtype: torch.dtype, extra: dict[str, Any]):
+    # In distzo's cache, not /tmp: a float32 copy of a large model would not fit a RAM-backed /tmp.
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-dequantized-", dir=cache) as tmp:
+        _convert_gguf(gguf, Path(tmp))
+        model, tokenizer = _load_local(tmp, cfg, dtype, **extra)
+    # Not the temporary folder: the adapter's base_model_name_or_path should name the real base.
+    model.name_or_path = model.config._name_or_path = str(gguf)
     return model, tokenizer
 
 
