@@ -157,6 +157,11 @@ def test_replay_rebuilds_the_adapter_bit_for_bit(bnb, run, tiny_model_dir, tmp_p
     assert (rebuilt / QUANTIZED_BASE_FILE).is_file() and not (rebuilt / "model.safetensors").exists()
 
 
+def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tmp_path, capsys):
+    err = _refused(capsys, ["eval", "--model", str(run / "checkpoints" / "last"), "--task", "sst2"])
+    assert "checkpoint of a run on a quantized base" in err and QUANTIZED_BASE_FILE in err
+
+
 def _rewrite_header(run: Path, dest: Path, **quantize) -> Path:
     lines = (run / "trajectory.jsonl").read_text().splitlines(keepends=True)
     first = json.loads(lines[0])
@@ -221,3 +226,14 @@ def test_missing_bitsandbytes_says_what_to_install(tiny_model_dir, sst2_dir, tmp
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec reports it absent
     err = _refused(capsys, _args(tiny_model_dir, sst2_dir, tmp_path / "o", "--steps", "1"))
     assert "pip install 'distzo[quant]'" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_gguf_base_is_dequantized_then_quantized(bnb, tmp_path):
+    # the packaged GGUF file given as a path: dequantized into the cache, loaded quantized, the folder removed
+    from distzo.models import packaged_gguf
+
+    gguf = packaged_gguf()
+    model, _ = load_model(ModelConfig(name=str(gguf), device="cpu", quantize="nf4", cache_dir=str(tmp_path)))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.name_or_path == str(gguf) and list(tmp_path.iterdir()) == []
