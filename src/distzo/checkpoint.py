@@ -355,6 +355,8 @@ class BaseIdentity:
         for name, param in model.named_parameters():
             values.update(f"{name}:{tuple(param.shape)}:{param.dtype}\n".encode())
             values.update(_sample_bytes(name, param))
+            for scale in _quantization_scales(param):
+                values.update(_sample_bytes(name, scale))
         return cls(core.config.model_type, [type(core).__name__], shapes.hexdigest(), values.hexdigest())
 
     def mismatch(self, logged: BaseIdentity) -> str | None:
@@ -367,6 +369,16 @@ class BaseIdentity:
         if self.weights != logged.weights:
             return "its weights differ from those of the log's base (weights fingerprint)"
         return None
+
+
+def _quantization_scales(param: torch.Tensor) -> list[torch.Tensor]:
+    """The scales of a weight quantized by bitsandbytes (none for any other tensor): the codes alone
+    do not fix the weights, since W and 2W quantize to the same 4-bit codes with other scales."""
+    state = getattr(param, "quant_state", None)  # 4-bit: a block-wise absmax, itself quantized when nested
+    found = [getattr(param, "SCB", None)]  # int8: one scale per row
+    if state is not None:
+        found += [state.absmax, state.state2.absmax if getattr(state, "nested", False) else None]
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def _sample_bytes(name: str, param: torch.Tensor) -> bytes:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 ALIASES = {
     "model": "model.name",
     "dtype": "model.dtype",
+    "quantize": "model.quantize",
     "device": "model.device",
     "task": "task.name",
     "data": "task.data_path",

@@ -168,7 +168,17 @@ class TrainConfig:
             raise ValueError("output_dir must not be empty")
         self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
         self.report_to = loggers.check(_legacy_report_to(self.report_to))
+        self._check_quantize()
         self._check_push()
+
+    def _check_quantize(self) -> None:
+        if self.model.quantize is None:
+            return
+        if not self.use_lora:
+            raise ValueError(f"model.quantize {self.model.quantize} needs LoRA (--lora): a quantized base is frozen, "
+                             "only adapters can train on it")
+        if self.offload.enabled:  # offload streams blocks of one float dtype; quantized blocks are not
+            raise ValueError("model.quantize does not work with offload yet; drop one of them")
 
     def _check_push(self) -> None:
         if self.push_checkpoint not in ("best", "last"):

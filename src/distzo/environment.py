@@ -17,10 +17,12 @@ import transformers
 from distzo import __version__
 
 
-def describe(device: torch.device | str) -> dict[str, str | None]:
+def describe(device: torch.device | str, quantized: bool = False) -> dict[str, str | None]:
     """Versions of distzo, torch, transformers, the CUDA build and Triton (None where absent),
-    and the kind of ``device`` (``"cpu"``, or the GPU's model name)."""
-    return {
+    and the kind of ``device`` (``"cpu"``, or the GPU's model name). With ``quantized`` (a base
+    quantized by bitsandbytes) also bitsandbytes', which makes the base's bits; other runs do
+    not depend on it, so their records leave it out."""
+    stack = {
         "distzo": __version__,
         "torch": str(torch.__version__),  # a TorchVersion otherwise
         "transformers": transformers.__version__,
@@ -28,6 +30,17 @@ def describe(device: torch.device | str) -> dict[str, str | None]:
         "triton": _triton_version(),
         "device": device_kind(torch.device(device)),
     }
+    return {**stack, "bitsandbytes": bitsandbytes_version()} if quantized else stack
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes version (read without importing it: its import is slow), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
 
 
 def device_kind(device: torch.device) -> str:

