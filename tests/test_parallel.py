@@ -60,7 +60,18 @@ PORTABLE_MODES = {
         ("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
         ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
 }
-TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES}
+# The other algorithms on the same axes, named "algorithm:mode": FZOO's one forward of N + 1 = 4
+# probes (split over pert ranks; a second dir rank has no forward to measure) and momentum's
+# records of the last steps' seeds.
+ALGORITHM_MODES = {
+    2: [("fzoo:pert2", 2, 1, 1, 1, "one-sided", "tiny"), ("momentum:dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
+        ("fzoo:offload-data2", 1, 1, 2, 1, "one-sided", "larger")],
+    4: [("fzoo:pert2xdir2", 2, 2, 1, 1, "one-sided", "tiny"), ("momentum:pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
+        ("fzoo:pert2xdata2", 2, 1, 2, 1, "one-sided", "tiny"),
+        ("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
+}
+TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES,
+          "algorithm-modes": ALGORITHM_MODES}
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
@@ -139,6 +150,21 @@ def _model(size: str):
     return float64_throughout(transformers.LlamaForCausalLM(cfg).to(torch.float64).eval())
 
 
+def _algorithm(mode):
+    """The mode's algorithm (MeZO's ZO-SGD unless the name says "algorithm:mode")."""
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.mezo import MeZO
+    from distzo.algorithms.momentum import Momentum
+
+    name, _, _, _, q, est, _ = mode
+    algorithm = name.partition(":")[0] if ":" in name else "mezo"
+    if algorithm == "fzoo":
+        return FZOO(lr=LR, eps=EPS, weight_decay=WD, probes=3)
+    if algorithm == "momentum":
+        return Momentum(beta=0.8, history=2, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
+    return MeZO(lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
+
+
 def _batch(t: int):
     from tiny_models import tiny_batch
 
@@ -163,27 +189,28 @@ def mode_results(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def _reference(mode) -> dict:
-    """The same steps in one process: MeZO's four-pass reference (two-sided) or the
-    single-process engine (one-sided, which the reference does not implement)."""
+    """The same steps in one process: MeZO's four-pass reference (two-sided ZO-SGD) or the
+    single-process engine (one-sided, which the reference does not implement, and the other
+    algorithms, whose engine runs meet their own references in tests/test_algorithm_runs.py)."""
     from reference_mezo import mezo_step
 
     from distzo.optimizer import ZOOptimizer, causal_lm_loss
 
-    _, _, _, _, q, est, size = mode
+    name, _, _, _, q, est, size = mode
     model = _model(size)
-    opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
-    plus, other, grads = [], [], []
+    opt = ZOOptimizer(model, algorithm=_algorithm(mode))
+    losses, grads = [], []
     for t in range(STEPS):
-        if est == "two-sided":
+        if est == "two-sided" and ":" not in name:
             p, o, g = mezo_step(model, _batch(t), t, lr=LR, eps=EPS, weight_decay=WD, q=q, loss_fn=causal_lm_loss)
+            losses.append([list(pair) for pair in zip(p, o)])
         else:
             stats = opt.step(_batch(t))
-            p, o, g = stats.losses_plus, stats.losses_other, stats.projected_grads
-        plus.append(p)
-        other.append(o)
+            losses.append(stats.losses)
+            g = stats.projected_grads
         grads.append(g)
     opt.flush()
-    return {"plus": plus, "other": other, "grads": grads, "weights": copy.deepcopy(model.state_dict())}
+    return {"losses": losses, "grads": grads, "weights": copy.deepcopy(model.state_dict())}
 
 
 def _assert_matches(rec: dict, ref: dict) -> None:
@@ -191,9 +218,10 @@ def _assert_matches(rec: dict, ref: dict) -> None:
 
     float64 throughout: shard losses combined by label-token weights equal the global mean
     to ~1e-16, so the bounds are those of the single-process engine."""
-    for t in range(STEPS):  # every rank ends with all q losses and g's of every step
-        assert rec["plus"][t] == pytest.approx(ref["plus"][t], abs=1e-11)
-        assert rec["other"][t] == pytest.approx(ref["other"][t], abs=1e-11)
+    for t in range(STEPS):  # every rank ends with every loss and g of every step
+        assert [len(f) for f in rec["losses"][t]] == [len(f) for f in ref["losses"][t]]
+        for got, want in zip(rec["losses"][t], ref["losses"][t]):
+            assert got == pytest.approx(want, abs=1e-11)
         assert rec["grads"][t] == pytest.approx(ref["grads"][t], abs=1e-8)
     assert max(float((rec["weights"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"]) < 1e-12
 
@@ -252,6 +280,24 @@ def test_float64_modes_match_on_portable_kernels(portable_results, world, mode):
         _assert_matches(rec, ranks[0]["reference"])  # rank 0's, on the same kernels
 
 
+@pytest.fixture(scope="module")
+def algorithm_results(tmp_path_factory) -> dict[str, list[dict]]:
+    return _run_table(tmp_path_factory.mktemp("algorithm-modes"), "algorithm-modes")
+
+
+@pytest.mark.parametrize("world,mode", **_cases(ALGORITHM_MODES))
+def test_algorithm_mode_matches_single_process_run(algorithm_results, world, mode):
+    ranks = algorithm_results[mode[0]]
+    ref = _reference(mode)
+    for rec in ranks:
+        _assert_matches(rec, ref)
+        # one all-reduce a step of (forwards, probes, [loss x weight, weight]) float64
+        shape = [len(f) for f in ref["losses"][0]]
+        assert rec["mesh_bytes"] == [16 * len(shape) * max(shape)] * STEPS
+    first = ranks[0]["weights"]
+    assert all(torch.equal(first[k], rec["weights"][k]) for rec in ranks[1:] for k in first)
+
+
 def test_each_step_sends_only_scalars(mode_results):
     # One all-reduce per step of a (q, 2 halves, [loss x weight, weight]) float64 vector:
     # 32 bytes per direction whatever the model size.
@@ -274,7 +320,7 @@ def _run_modes(out: Path, world: int, command: str) -> None:
     counts = _count_collectives()
     for mode in TABLES[command][world]:
         name, pert, dir_, data, q, est, size = mode
-        offload = name.startswith("offload-")
+        offload = name.partition(":")[2 if ":" in name else 0].startswith("offload-")
         mesh = parallel.init(parallel.ParallelConfig(pert=pert, dir=dir_, data=data, timeout_s=60))
         assert mesh.sizes == {"pert": pert, "dir": dir_, "data": data}
         assert all(torch.distributed.get_world_size(mesh.group(a)) == n for a, n in mesh.sizes.items())
@@ -284,17 +330,15 @@ def _run_modes(out: Path, world: int, command: str) -> None:
             # "-deferred": each rank writes its slices back with every second update only
             cfg = OffloadConfig("cpu", write_every=2 if name.endswith("-deferred") else 1)
             engine = OffloadEngine(model, "cpu", cfg, slices=parallel.node_slices(mesh))
-        opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est,
-                          loss_fn=causal_lm_loss, mesh=mesh, offload=engine)
-        rec = {"plus": [], "other": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],
+        opt = ZOOptimizer(model, algorithm=_algorithm(mode), loss_fn=causal_lm_loss, mesh=mesh, offload=engine)
+        rec = {"losses": [], "grads": [], "mesh_bytes": [], "dist_bytes": [],
                "params": sum(p.numel() for p in model.parameters())}
         counts.clear()
         with _late_gathers() if name.endswith("-late") else contextlib.nullcontext():
             for t in range(STEPS):
                 before, sent = counts.get("bytes", 0), mesh.bytes_sent
                 stats = opt.step(parallel.shard_batch(_batch(t), mesh.coord("data"), mesh.size("data")))
-                rec["plus"].append(stats.losses_plus)
-                rec["other"].append(stats.losses_other)
+                rec["losses"].append(stats.losses)
                 rec["grads"].append(stats.projected_grads)
                 rec["mesh_bytes"].append(mesh.bytes_sent - sent)
                 rec["dist_bytes"].append(counts.get("bytes", 0) - before)
