@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# The algorithms on rotten_tomatoes at equal forward passes, in three harness processes that
-# share the one GPU (a 135M step is launch-bound, so they overlap), after carry_packaged.sh
-# assemble (docs/convergence.md). One seed; a preset for a 10-minute call.
-#   OUT=/some/dir bash bench/convergence_algorithms.sh
+# The algorithms on rotten_tomatoes at equal forward passes (2,000 a run), in harness processes
+# that share the one GPU (a 135M step is launch-bound, so they overlap), after
+# carry_packaged.sh assemble (docs/convergence.md). One 10-minute call per preset:
+#   OUT=/some/dir bash bench/convergence_algorithms.sh grid    # seed 0: each algorithm's lr grid
+#   OUT=/some/dir bash bench/convergence_algorithms.sh seeds   # seeds 1, 2 of the chosen points; q = 2, 4, 8
 set -uo pipefail
 OUT=${OUT:-bench-out}
 BUDGET=${BUDGET:-480}
 mkdir -p "$OUT"
 eval "$(bash bench/carry_packaged.sh env)"
 export PYTHONUNBUFFERED=1
-rt=(--task rotten_tomatoes --set eval_batch_size=250 --seeds 0 --time-budget-s "$BUDGET")
-# 2,000 forward passes each: ZO-SGD 1,000 steps of 2; FZOO N = 4: 400 steps of 5
-python3 bench/convergence.py run "${rt[@]}" --out "$OUT/mezo" \
-    --arm zo:zo:steps=1000,eval_every=100,lr=3e-5 \
-    --arm momentum:zo:optim.algorithm=momentum,steps=1000,eval_every=100 --grid momentum:lr=3e-5,1e-4 \
-    > "$OUT/mezo.log" 2>&1 &
-python3 bench/convergence.py run "${rt[@]}" --out "$OUT/fzoo" \
-    --arm fzoo:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,optim.perturbation=rademacher,steps=400,eval_every=40 \
-    --grid fzoo:lr=1e-4,3e-4,1e-3 > "$OUT/fzoo.log" 2>&1 &
-python3 bench/convergence.py run "${rt[@]}" --out "$OUT/sign" \
-    --arm sign:zo:optim.mezo.transform=sign,steps=1000,eval_every=100 --grid sign:lr=3e-5,1e-4 \
-    > "$OUT/sign.log" 2>&1 &
+rt=(--task rotten_tomatoes --set eval_batch_size=250 --time-budget-s "$BUDGET")
+zo="steps=1000,eval_every=100"
+fzoo="optim.algorithm=fzoo,optim.fzoo.probes=4,optim.perturbation=rademacher,steps=400,eval_every=40"
+launch() {  # NAME ARGS...: one harness process into $OUT/NAME
+    local name=$1
+    shift
+    python3 bench/convergence.py run "${rt[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 &
+}
+case "${1:-}" in
+    grid)
+        launch mezo --seeds 0 --arm "zo:zo:$zo,lr=3e-5" \
+            --arm "momentum:zo:optim.algorithm=momentum,$zo" --grid momentum:lr=3e-5,1e-4
+        launch fzoo --seeds 0 --arm "fzoo:zo:$fzoo" --grid fzoo:lr=1e-4,3e-4,1e-3
+        launch sign --seeds 0 --arm "sign:zo:optim.mezo.transform=sign,$zo" --grid sign:lr=3e-5,1e-4 ;;
+    seeds)
+        launch zo-seeds --seeds 1,2 --arm "zo:zo:$zo,lr=3e-5"
+        launch fzoo-seeds --seeds 1,2 --arm "fzoo:zo:$fzoo,lr=1e-3"
+        launch momentum-seeds --seeds 1,2 --arm "momentum:zo:optim.algorithm=momentum,$zo,lr=3e-5"
+        launch directions --seeds 0 --arm "q2:zo:q=2,steps=500,eval_every=50,lr=3e-5" \
+            --arm "q4:zo:q=4,steps=250,eval_every=25,lr=3e-5" --arm "q8:zo:q=8,steps=125,eval_every=25,lr=3e-5" ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds" >&2
+       exit 2 ;;
+esac
 wait
-tail -n 5 "$OUT"/*.log
-python3 bench/convergence.py summarize "$OUT/mezo" "$OUT/fzoo" "$OUT/sign" --target-arm zo --out "$OUT/merged" \
-    2>&1 | tail -n 40
+for log in "$OUT"/*.log; do echo "== $log"; grep -E "seed [0-9]+ step [0-9]+: dev" "$log" | tail -n 3; done
