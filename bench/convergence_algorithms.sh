@@ -35,3 +35,5 @@ case "${1:-}" in
 esac
 wait
 for log in "$OUT"/*.log; do echo "== $log"; grep -E "seed [0-9]+ step [0-9]+: dev" "$log" | tail -n 3; done
+# one archive: a device call brings back only a few files
+tar czf /tmp/convergence.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/convergence.tgz "$OUT/"
