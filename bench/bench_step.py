@@ -50,6 +50,10 @@ def model_config(name: str):
     if name == "opt-13b":
         return transformers.OPTConfig(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480, num_attention_heads=40,
                                       word_embed_proj_dim=5120, **opt)
+    if name == "smollm2-135m":  # the packaged model's shape: small enough that the host sets the pace
+        return transformers.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                        num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                                        rope_theta=100000.0, tie_word_embeddings=True, use_cache=False)
     if name == "llama-3-8b":
         return transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
                                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
