@@ -1,0 +1,487 @@
+"""QLoRA-ZO at scale: ZO steps over LoRA adapters on an NF4 base resident on one GPU, random init.
+
+    PYTHONPATH=src python3 bench/bench_quantized.py --out q.json                 # OPT-175B shape, 96 layers
+    PYTHONPATH=src python3 bench/bench_quantized.py --layers 24 --out q24.json   # a quarter, extrapolated
+    PYTHONPATH=src python3 bench/bench_quantized.py --device cpu --tiny          # every path on the CPU
+
+The base is OPT-175B-shaped (hidden 12288, 96 layers, ffn 49152, 96 heads, vocab 50272). It is
+never held in bf16: the model is built on the meta device (``distzo.offload.build_on_meta``), then
+one decoder layer at a time each ``nn.Linear`` gets a bf16 weight drawn N(0, 0.02) on the GPU
+(``distzo.offload.random_init``, seeded by the parameter's name), which a ``bitsandbytes``
+``Params4bit`` quantizes there (nf4, blocksize 64, no double quantization, uint8 storage: the
+settings of ``distzo.models.quantization_settings``) into a ``bnb.nn.Linear4bit`` with compute
+dtype bf16; the bf16 copy is freed before the next layer. Biases, norms, the embeddings and the
+(tied) head are bf16 on the GPU. If the GPU fills up while building, the layers built so far
+minus four (room for activations) are kept and the run goes on with those; ``--layers N`` builds
+N layers (the per-layer figures extrapolate a shorter run to 96).
+
+Then PEFT LoRA r=8 (alpha 16, no dropout) on q_proj and v_proj, and distzo's
+``ZOOptimizer(model, lr=1e-6, eps=1e-3)``, which perturbs the parameters that require grad: the
+adapters. For each batch (default 1x512 and 4x512, rows x tokens):
+
+  zo_step      median ms of ``opt.step(batch)`` (10 steps after 3 warm-up; CUDA events): one
+               forward of the 2B stacked rows plus the fused update/shadow pass over the adapters
+  fwd_2B       a plain forward (+ loss) of the 2B rows, adapters on, and ``fwd_2B_no_lora`` with
+               them disabled (the adapters' share of a forward)
+  layer_parts  one decoder layer's pieces alone: dequantizing its six NF4 weights
+               (``bnb.functional.dequantize_4bit``) and bf16 GEMMs of the 2B rows with them: the
+               floor a dequantize-then-matmul layer cannot go below
+  profile      one step under torch.profiler: the top 15 CUDA kernels by time, kernel time by
+               kind (NF4 dequantisation, GEMM, distzo's fused kernel, attention, elementwise and
+               casts, norms, ...), kernel launches per step and per layer, host (CPU) time
+               against kernel (CUDA) time, and the device time of each decoder layer and of the
+               LoRA-wrapped q/v projections against their bare NF4 base layer (record_function
+               ranges put around them by hooks). In a ZO step each LoRA-wrapped projection runs once
+               per stream on its half of the rows (distzo's unit wrapper swaps in that stream's
+               perturbed adapter), so q_proj's and v_proj's NF4 weights are dequantized twice per
+               layer where a plain forward dequantizes them once: ``launches_per_layer_by_kind``
+               shows it
+
+with the peak allocated memory (torch.cuda.max_memory_allocated) and the driver's used memory
+(total - free). Per layer: ms (step / layers), extrapolated to 96 layers (an upper estimate: the
+head's time is scaled too), memory per layer, and how many layers would fit. Goals:
+<= 0.7 s per 1x512 step and <= 2 s per 4x512 step (at 96 layers).
+
+Every measurement is guarded: an error (an OOM above all) is recorded as a string and the other
+measurements still run. Results go to stdout as JSON lines as they come and to ``--out``
+(rewritten after each measurement). Expected on one H200: 3-5 minutes at 96 layers (build about
+1-2 min, ~100 GB of NF4 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+# Before CUDA starts: the build frees a bf16 weight after each quantization; expandable segments
+# keep those holes from fragmenting the memory the NF4 layers fill.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Recorder, device_of, environment, guarded, memory, release, sync, timed_ms  # noqa: E402
+
+OPT_175B = dict(hidden=12288, layers=96, ffn=49152, heads=96, vocab=50272)
+TINY = dict(hidden=64, layers=2, ffn=256, heads=4, vocab=512)
+FULL_LAYERS = OPT_175B["layers"]
+GOALS_MS = {"1x512": 700.0, "4x512": 2000.0}
+# Kernel kinds, by substrings of the kernel's name (first match wins).
+KINDS = [
+    ("nf4_dequant", ("dequant",)),
+    ("distzo_fused", ("_step_kernel", "_draw_kernel")),
+    ("attention", ("flash", "fmha", "attention", "efficient_attention", "softmax")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "gemv", "splitk", "sm90_", "sm80_")),
+    ("norm", ("layer_norm", "layernorm", "norm_")),
+    ("elementwise_copy_cast", ("elementwise", "copy", "cast", "vectorized", "unrolled", "fill", "index")),
+    ("reduce_loss", ("reduce", "nll", "cross_entropy", "log_softmax", "logsumexp")),
+]
+
+
+def opt_config(shape: dict, layers: int | None):
+    import transformers
+
+    return transformers.OPTConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
+        num_attention_heads=shape["heads"], num_hidden_layers=layers or shape["layers"],
+        word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048, do_layer_norm_before=True,
+        dropout=0.0, attention_dropout=0.0, activation_function="relu", enable_bias=True, use_cache=False,
+    )
+
+
+# ---------------------------------------------------------------- building the NF4 model
+
+
+class Materializer:
+    """Gives meta parameters storage on ``device`` filled by ``init``; a tied parameter once."""
+
+    def __init__(self, model: nn.Module, device: torch.device, init):
+        self.device, self.init = device, init
+        self.where: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    self.where.setdefault(id(p), []).append((module, attr))
+
+    def module(self, module: nn.Module, prefix: str) -> None:
+        for name, p in list(module.named_parameters(prefix=prefix)):
+            if p.is_meta:
+                self.param(name, p)
+
+    def param(self, name: str, p: nn.Parameter) -> None:
+        data = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+        self.init(name, data)
+        new = nn.Parameter(data, requires_grad=False)
+        slots = self.where.pop(id(p))
+        for owner, attr in slots:
+            owner._parameters[attr] = new
+        self.where[id(new)] = slots
+
+
+def quantized_linear(linear: nn.Linear, name: str, device: torch.device, init, quant_type: str) -> nn.Module:
+    """``linear`` (on meta) as a bnb Linear4bit quantized on ``device`` from a random bf16 weight."""
+    import bitsandbytes as bnb
+
+    with torch.device("meta"):
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=False, quant_type=quant_type,
+                              quant_storage=torch.uint8)
+    weight = torch.empty(linear.out_features, linear.in_features, dtype=torch.bfloat16, device=device)
+    init(f"{name}.weight", weight)
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, compress_statistics=False,
+                                 quant_type=quant_type, quant_storage=torch.uint8, module=q).to(device)
+    del weight  # the bf16 copy: Params4bit now holds the packed codes and its quant_state the scales
+    if linear.bias is not None:
+        bias = torch.empty(linear.out_features, dtype=torch.bfloat16, device=device)
+        init(f"{name}.bias", bias)
+        q.bias = nn.Parameter(bias, requires_grad=False)
+    # On the CPU backend: keep bitsandbytes from repacking the weight at its first forward.
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, the 4-bit weights' scales included."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    total += sum(b.numel() * b.element_size() for b in module.buffers())
+    for m in module.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    return total
+
+
+def build(cfg, device: torch.device, quant_type: str, rec: Recorder):
+    """The NF4 model, one layer at a time; on an error mid-way, the layers that fit (minus four)."""
+    from distzo.offload import build_on_meta, random_init
+    from distzo.units import layer_stacks
+
+    init = random_init(0.02)
+    t0 = time.perf_counter()
+    model = build_on_meta(cfg)
+    stack_name, stack = max(layer_stacks(model), key=lambda item: len(item[1]))
+    inside = {id(p) for p in stack.parameters()}
+    mat = Materializer(model, device, init)
+    for name, p in list(model.named_parameters()):  # embeddings, final norm, head (tied): bf16 on the device
+        if p.is_meta and id(p) not in inside:
+            mat.param(name, p)
+    for owner in model.modules():
+        for attr, b in owner._buffers.items():
+            if b is not None and b.is_meta:
+                raise RuntimeError(f"buffer {attr} of {type(owner).__name__} is on meta: not built by this script")
+    sync(device)
+    base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    layer_s, built, error, requested = [], 0, None, len(stack)
+    for i, layer in enumerate(stack):
+        t = time.perf_counter()
+        try:
+            prefix = f"{stack_name}.{i}"
+            for name, child in list(layer.named_modules()):
+                for attr, sub in list(child.named_children()):
+                    if isinstance(sub, nn.Linear):
+                        full = ".".join(x for x in (prefix, name, attr) if x)
+                        setattr(child, attr, quantized_linear(sub, full, device, init, quant_type))
+            mat.module(layer, prefix)  # the layer norms
+            sync(device)
+        except Exception as e:  # out of memory above all: keep what fits
+            error = f"{type(e).__name__} at layer {i}: {str(e)[:500]}"
+            break
+        built += 1
+        layer_s.append(time.perf_counter() - t)
+    if error is not None:
+        keep = max(1, built - 4)
+        del stack[keep:]
+        cfg.num_hidden_layers = model.config.num_hidden_layers = keep
+        release()
+    sync(device)
+    layers = len(stack)
+    per_layer = quantized_bytes(stack[0])
+    model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets; PEFT picks its 4-bit LoRA layer by it
+    alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    info = {"layers": layers, "layers_requested": requested, "build_error": error,
+            "build_s": round(time.perf_counter() - t0, 2),
+            "layer_build_s_median": statistics.median(layer_s) if layer_s else None,
+            "layer_bytes": per_layer, "layer_GB": per_layer / 1e9, "resident_non_layer_GB": resident_bytes / 1e9,
+            "weights_GB": (resident_bytes + layers * per_layer) / 1e9,
+            "allocated_per_layer_GB": (alloc - base_alloc) / max(layers, 1) / 1e9 if device.type == "cuda" else None,
+            "linear_types": sorted({type(m).__name__ for m in stack[0].modules() if "Linear" in type(m).__name__}),
+            **memory(device)}
+    return model, info
+
+
+def add_lora(model, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def batch_of(rows: int, seq: int, vocab: int, device: torch.device) -> dict:
+    g = torch.Generator(device=device).manual_seed(rows * 7919 + seq)
+    ids = torch.randint(3, vocab, (rows, seq), device=device, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def forward_loss(model, batch: dict) -> float:
+    from distzo.optimizer import causal_lm_loss
+
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return float(causal_lm_loss(out, batch))
+
+
+def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int, warmup: int) -> dict:
+    """One layer's NF4 dequantisations alone, and bf16 GEMMs of ``tokens`` rows with the dequantized weights."""
+    import bitsandbytes as bnb
+
+    quantized = [m for m in layer.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+    def dequantize_all():
+        for m in quantized:
+            bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+
+    deq = timed_ms(dequantize_all, device, steps, warmup)
+    total = 0.0
+    shapes = []
+    for m in quantized:
+        w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(torch.bfloat16)
+        x = torch.randn(tokens, w.shape[1], dtype=torch.bfloat16, device=device)
+        total += timed_ms(lambda: torch.nn.functional.linear(x, w), device, steps, warmup)["median_ms"]
+        shapes.append(list(w.shape))
+        del w, x
+    return {"dequant_ms_per_layer": deq["median_ms"], "gemm_ms_per_layer": total, "tokens": tokens,
+            "linears": len(quantized), "weight_shapes": shapes}
+
+
+def _device_us(e) -> float:
+    return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+
+def _device_total_us(e) -> float:
+    return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0) or 0.0)
+
+
+def _is_kernel(e) -> bool:
+    kind = getattr(e, "device_type", None)
+    return kind is not None and kind.name != "CPU"
+
+
+@contextlib.contextmanager
+def ranges(model):
+    """record_function ranges around every decoder layer, every LoRA-wrapped q/v projection and its
+    bare NF4 base layer, put in by forward hooks (removed on exit)."""
+    from distzo.units import layer_stacks
+
+    hooks = []
+
+    def wrap(module, label):
+        state = {}
+
+        def pre(m, args):
+            state.setdefault("open", []).append(torch.profiler.record_function(label).__enter__())
+
+        def post(m, args, out):
+            state["open"].pop().__exit__(None, None, None)
+
+        hooks.append(module.register_forward_pre_hook(pre))
+        hooks.append(module.register_forward_hook(post))
+
+    _, stack = max(layer_stacks(model), key=lambda item: len(item[1]))
+    for layer in stack:
+        wrap(layer, "range:decoder_layer")
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            wrap(m, "range:qv_with_lora")
+            wrap(m.base_layer, "range:qv_nf4_base")
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def profile_step(model, opt, batch: dict, device: torch.device, layers: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    opt.step(batch)
+    sync(device)
+    with ranges(model):
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            opt.step(batch)
+            sync(device)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    kernels = [e for e in events if _is_kernel(e)]
+    by_kind: dict[str, float] = {}
+    launches_by_kind: dict[str, int] = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, subs in KINDS if any(s in name for s in subs)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + _device_us(e) / 1e3
+        launches_by_kind[kind] = launches_by_kind.get(kind, 0) + int(e.count)
+    cuda_ms = sum(_device_us(e) for e in kernels) / 1e3
+    launches = sum(int(e.count) for e in kernels)
+    top = sorted(kernels, key=_device_us, reverse=True)[:15]
+    cpu_ops = [e for e in events if not _is_kernel(e) and not e.key.startswith("range:")]
+    spans = {e.key: {"count": int(e.count), "cpu_ms": e.cpu_time_total / 1e3, "device_ms": _device_total_us(e) / 1e3}
+             for e in events if e.key.startswith("range:")}
+    out = {
+        "wall_ms_profiled": wall_ms,
+        "cuda_kernel_ms": cuda_ms,
+        "cpu_self_ms": sum(e.self_cpu_time_total for e in cpu_ops) / 1e3,
+        "kernel_launches": launches,
+        "kernel_launches_per_layer": launches / max(layers, 1),
+        "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "launches_per_layer_by_kind": {k: round(v / max(layers, 1), 2) for k, v in launches_by_kind.items()},
+        "top15_kernels": [{"name": e.key[:160], "ms": round(_device_us(e) / 1e3, 3), "count": int(e.count)}
+                          for e in top],
+        "top10_cpu_ops": [{"name": e.key[:100], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+                           "count": int(e.count)}
+                          for e in sorted(cpu_ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]],
+        "ranges": spans,
+    }
+    lora, base = spans.get("range:qv_with_lora"), spans.get("range:qv_nf4_base")
+    if lora and base:
+        out["lora_overhead_device_ms"] = lora["device_ms"] - base["device_ms"]
+        out["lora_overhead_cpu_ms"] = lora["cpu_ms"] - base["cpu_ms"]
+    opt.flush()
+    return out
+
+
+def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layers: int, rec: Recorder,
+              stack_layer: nn.Module) -> None:
+    vocab = model.config.vocab_size
+    key = f"{rows}x{seq}"
+    batch = batch_of(rows, seq, vocab, device)
+    double = {k: torch.cat((v, v)) for k, v in batch.items()}
+    head = {"rows": rows, "seq": seq, "tokens": rows * seq, "layers": layers}
+
+    def step():
+        losses = []
+        r = timed_ms(lambda: losses.append(opt.step(batch).loss), device, args.steps, args.warmup)
+        opt.flush()
+        r = {**head, **r, "loss_first_last": [losses[0], losses[-1]], "ms_per_layer": r["median_ms"] / layers,
+             "est_ms_at_96_layers": r["median_ms"] * FULL_LAYERS / layers}
+        goal = GOALS_MS.get(key)
+        if goal is not None:
+            r["goal_ms"] = goal
+            r["meets_goal_at_96"] = r["est_ms_at_96_layers"] <= goal
+        return r
+
+    zo = guarded(rec, f"zo_step_{key}", step)
+    fwd = guarded(rec, f"fwd_2B_{key}", lambda: {**head, **timed_ms(lambda: forward_loss(model, double), device,
+                                                                   args.steps, args.warmup)})
+
+    def no_lora():
+        with model.disable_adapter():
+            return {**head, **timed_ms(lambda: forward_loss(model, double), device, args.steps, args.warmup)}
+
+    bare = guarded(rec, f"fwd_2B_no_lora_{key}", no_lora)
+    parts = guarded(rec, f"layer_parts_{key}",
+                    lambda: layer_parts(stack_layer, 2 * rows * seq, device, max(3, args.steps // 2), 1))
+    if zo and fwd:
+        summary = {"zo_step_over_fwd_2B": zo["median_ms"] / fwd["median_ms"]}
+        if bare:
+            summary["lora_share_of_fwd"] = 1 - bare["median_ms"] / fwd["median_ms"]
+            summary["lora_ms_per_layer"] = (fwd["median_ms"] - bare["median_ms"]) / layers
+        if parts:
+            floor = parts["dequant_ms_per_layer"] + parts["gemm_ms_per_layer"]
+            summary.update(floor_ms_per_layer=floor, dequant_ms_per_layer=parts["dequant_ms_per_layer"],
+                           gemm_ms_per_layer=parts["gemm_ms_per_layer"],
+                           rest_ms_per_layer=zo["ms_per_layer"] - floor, step_over_floor=zo["ms_per_layer"] / floor)
+        rec.put(f"per_layer_{key}", summary)
+    if not args.no_profile:
+        guarded(rec, f"profile_{key}", lambda: {**head, **profile_step(model, opt, batch, device, layers)})
+    del batch, double
+    release()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers, short batches: checks every path")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers to build (default 96)")
+    ap.add_argument("--batches", nargs="+", default=None, help="ROWSxSEQ (default 1x512 4x512)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (10)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (3)")
+    ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = device_of(args.device)
+    tiny = args.tiny
+    shape = TINY if tiny else OPT_175B
+    batches = args.batches or (["1x16", "4x16"] if tiny else ["1x512", "4x512"])
+    args.steps = args.steps or (2 if tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    rec = Recorder(args.out, environment(device, sys.argv[1:] if argv is None else argv, "bench_quantized.py",
+                                         ("transformers", "peft", "triton", "bitsandbytes")))
+    from distzo.optimizer import ZOOptimizer
+    from distzo.units import layer_stacks
+
+    cfg = opt_config(shape, args.layers)
+    model, info = build(cfg, device, args.quant_type, rec)
+    rec.put("build", {"model": "tiny OPT" if tiny else "OPT-175B shape", "quant_type": args.quant_type, **info})
+
+    def peft_and_optimizer():
+        nonlocal model
+        t0 = time.perf_counter()
+        model = add_lora(model, args.lora_r)
+        opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        values = {"lora_s": round(time.perf_counter() - t0, 2), "trainable_tensors": len(trainable),
+                  "trainable_params": sum(p.numel() for _, p in trainable),
+                  "trainable_dtypes": sorted({str(p.dtype) for _, p in trainable}),
+                  "all_trainable_are_lora": all("lora_" in n for n, _ in trainable),
+                  "fused_kernels": getattr(opt, "_fused", None) is not None, **memory(device)}
+        return values, opt
+
+    holder = {}
+    guarded(rec, "lora", lambda: holder.update(zip(("values", "opt"), peft_and_optimizer())) or holder["values"])
+    opt = holder.get("opt")
+    if opt is None:
+        return 1
+    layers = info["layers"]
+    _, stack = max(layer_stacks(model), key=lambda item: len(item[1]))
+    for spec in batches:
+        rows, seq = (int(v) for v in spec.lower().split("x"))
+        run_shape(model, opt, rows, seq, device, args, layers, rec, stack[0])
+    if device.type == "cuda":
+        fit = layers_that_fit(rec.data["results"], info, device)
+        if fit:
+            rec.put("fit", fit)
+    return 0
+
+
+def layers_that_fit(results: dict, info: dict, device: torch.device) -> dict | None:
+    """The largest layer count the GPU holds with the largest batch's step, from this run's figures."""
+    steps = [(k, v) for k, v in results.items() if k.startswith("zo_step_") and "max_allocated_GB" in v]
+    if not steps:
+        return None
+    key, worst = max(steps, key=lambda kv: kv[1]["max_allocated_GB"])
+    free, total = torch.cuda.mem_get_info(device)
+    outside = (total - free) - torch.cuda.memory_reserved(device)  # the context, library workspaces
+    weights = info["weights_GB"] * 1e9
+    activations = worst["max_allocated_GB"] * 1e9 - torch.cuda.memory_allocated(device)
+    spare = total * 0.97 - outside - activations - info["resident_non_layer_GB"] * 1e9
+    return {"batch": key, "step_peak_over_weights_GB": activations / 1e9, "outside_torch_GB": outside / 1e9,
+            "weights_GB": weights / 1e9, "layers_that_fit_est": int(spare // info["layer_bytes"])}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    raise SystemExit(main())
