@@ -85,7 +85,7 @@ def test_the_algorithm_is_a_training_setting(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "--help"])
     assert "--optim.algorithm" in capsys.readouterr().out
-    assert algorithms.names() == ("mezo", "fzoo", "momentum")
+    assert algorithms.names() == ("mezo", "fzoo", "momentum", "sparse")
 
 
 def test_engines_never_see_the_algorithm():

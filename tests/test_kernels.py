@@ -312,3 +312,65 @@ def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, dtype
     replay_into(rebuilt, header, log.read())
     changed = any(not torch.equal(a, b.cuda()) for a, b in zip(trained.parameters(), base.parameters()))
     assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
+
+
+# ------------------------------------------------------------------ masked (Sparse MeZO)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_update", [False, True])
+def test_masked_update_and_shadows_are_the_unmasked_ones_selected(ops, dtype, with_update):
+    # the masked pass is the unmasked arithmetic plus a select: bit for bit the unmasked result
+    # where |theta| <= h (theta before the update for the update, after it for the shadows)
+    shape, eps, seed = (513, 200), 1e-3, directions.step_seed(5, 12, 0)
+    seeds, grads = _update_args(2)
+    start = _param(shape, dtype, seed=1).cuda()
+    h = float(start.float().abs().flatten().kthvalue(start.numel() // 4).values)
+    pending = zo_sgd(0, seeds, grads, 1e-3, 0.1) if with_update else None
+    plain, masked = start.clone(), start.clone()
+    ops.update_and_shadows(plain, KEY, pending, "gaussian", seed, (eps, -eps))
+    shadows = ops.update_and_shadows(masked, KEY, pending, "gaussian", seed, (eps, -eps), h)
+    before = start.float().abs() <= h
+    assert torch.equal(masked, torch.where(before, plain, start))
+    after = masked.float().abs() <= h
+    unmasked = ops.update_and_shadows(masked.clone(), KEY, None, "gaussian", seed, (eps, -eps))
+    for got, want in zip(shadows, unmasked):
+        assert torch.equal(got, torch.where(after, want, masked))
+    if not with_update:
+        return
+    assert torch.any(masked != start)
+    # the update alone masks the same way; so does the torch path, given the kernel's z
+    alone = start.clone()
+    ops.apply_update(alone, KEY, pending, "gaussian", h)
+    assert torch.equal(alone, masked)
+    ref = start.clone()
+    zs = [ops.normal(s, KEY, 0, start.numel(), device="cuda").view(shape) for s in seeds]
+    update.apply_update_(ref, KEY, pending, cached=zs, threshold=h)
+    assert torch.equal(ref[~before], start[~before])
+    assert float((ref.float() - masked.float()).abs().max()) <= 2.0**-7 * float(start.float().abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
+    from distzo.algorithms.sparse import SparseMeZO
+
+    base = tiny_model("llama", dtype=dtype)
+    trained = copy.deepcopy(base).cuda()
+    opt = ZOOptimizer(trained, algorithm=SparseMeZO(0.75, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2))
+    assert opt._fused is not None
+    stats = [opt.step(tiny_batch(seed=t)) for t in range(6)]
+    opt.flush()
+    log = TrajectoryLog(tmp_path / "trajectory.jsonl")
+    header = log.start(TrajectoryHeader(model="tiny", weight_decay=0.1, q=2, dtype=str(dtype).removeprefix("torch."),
+                                        algorithm="sparse"))
+    for s in stats:
+        log.append_update(s.update, s.loss, skipped=s.skipped, **s.log)
+    log.close()
+    rebuilt = copy.deepcopy(base).cuda()
+    replay_into(rebuilt, header, log.read())
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
+    masks = opt.algorithm.masks
+    for (name, a), b in zip(trained.named_parameters(), base.parameters()):
+        if name in masks:  # a weight above its threshold never moves, so never drops below it
+            large = b.float().abs() > masks[name]
+            assert torch.equal(a.cpu()[large], b[large]) and torch.any(a.cpu() != b)

@@ -25,6 +25,7 @@ from distzo.algorithms import check_algorithm
 from distzo.algorithms.fzoo import FZOOConfig
 from distzo.algorithms.mezo import MeZOConfig
 from distzo.algorithms.momentum import MomentumConfig
+from distzo.algorithms.sparse import SparseConfig
 from distzo.directions import check_kind
 from distzo.estimator import check_estimator
 from distzo.evaluate import check_batch_size
@@ -60,7 +61,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """Where linear and cosine decay end, as a fraction of lr."""
     algorithm: str = "mezo"
-    """The zeroth-order algorithm (distzo.algorithms): mezo (ZO-SGD), fzoo (N probes, normalised), momentum (heavy-ball from the last h steps)."""
+    """The zeroth-order algorithm (distzo.algorithms): mezo (ZO-SGD), fzoo (N probes, normalised), momentum (heavy-ball from the last h steps), sparse (only the small weights)."""
     eps_schedule: str = "constant"
     """constant | linear | cosine: eps decays over `steps` to eps_min_ratio * eps."""
     eps_min_ratio: float = 1.0
@@ -72,6 +73,7 @@ class OptimConfig:
     mezo: MeZOConfig = field(default_factory=MeZOConfig)
     fzoo: FZOOConfig = field(default_factory=FZOOConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -170,6 +172,10 @@ class TrainConfig:
         self.report_to = loggers.check(_legacy_report_to(self.report_to))
         self._check_quantize()
         self._check_push()
+        if self.use_lora and self.optim.algorithm == "sparse":
+            # LoRA's B starts at zero: its threshold would be 0, and B would freeze after one step
+            raise ValueError("optim.algorithm sparse tunes the small weights of the model itself; it does not work "
+                             "with LoRA (--lora false)")
 
     def _check_quantize(self) -> None:
         if self.model.quantize is None:

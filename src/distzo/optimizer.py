@@ -135,6 +135,9 @@ class ZOOptimizer:
         self.params: list[TrainableParam] = trainable_params(model)
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
+        self._weights = {p.name: p.param for p in self.params}
+        # name -> mask threshold of a masking algorithm (distzo.algorithms.Masked); none masks nothing
+        self._thresholds: dict[str, float] = {}
         self._by_id = {id(p.param): p for p in self.params}
         self._numel = sum(p.param.numel() for p in self.params)
         self.cache_bytes = cache_bytes
@@ -213,6 +216,8 @@ class ZOOptimizer:
             self.offload.synchronize()  # the host copies are what eval and save read
 
     def _begin_update(self, forwards: list[algorithms.Forward]) -> None:
+        # before anything moves: a masking algorithm reads its thresholds from the step-0 weights
+        self._thresholds = algorithms.thresholds(self.algorithm, self._weights)
         self._applying, self.pending = self.pending, None
         self._unapplied = {p.name for p in self.params} if self._applying else set()
         self._z_prev, self._z = self._z, {}
@@ -251,7 +256,7 @@ class ZOOptimizer:
         self._apply(self._by_id[id(param)], record)
 
     def _apply(self, p: TrainableParam, record: UpdateRecord, cached: list[torch.Tensor] | None = None) -> None:
-        apply_record(p.param, p.key, record, self.perturbation, self._fused, cached)
+        apply_record(p.param, p.key, record, self.perturbation, self._fused, cached, self._thresholds.get(p.name))
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else asdict(self.pending)
@@ -309,10 +314,11 @@ class ZOOptimizer:
         """theta + a z(s) for each probe (s, a), in the parameter's dtype; theta itself is never
         written (a probe of scale 0 reads it as it is). The pending update is applied first."""
         p = self._by_name[name]
+        threshold = self._thresholds.get(name)
         if self._fused is None:
             if p.name in self._unapplied:
                 self._apply_pending(p)
-            return tuple(perturbed(param, self._direction_of(p, pr.seed), pr.scale) if pr.scale else param
+            return tuple(perturbed(param, self._direction_of(p, pr.seed), pr.scale, threshold) if pr.scale else param
                          for pr in probes)
         update = self._applying if p.name in self._unapplied else None
         self._unapplied.discard(p.name)
@@ -321,7 +327,7 @@ class ZOOptimizer:
         # over theta; further seeds (or scales) take further passes, without the update.
         for seed, slots in _kernel_calls(probes):
             scales = tuple(probes[k].scale for k in slots) + (0.0,) * (2 - len(slots))
-            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales)
+            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales, threshold)
             for k, shadow in zip(slots, shadows):
                 out[k] = shadow
             if update is not None and self.offload is not None:

@@ -20,6 +20,10 @@ from typing import Any
 SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF
 # Rounding noise comes from its own Philox stream, so it never correlates with z.
 SR_SEED_SALT = 0x5EED_0F_5EED_0F_5E
+# A trajectory line may carry per-tensor mask thresholds {parameter name: float}: from that
+# step's update on, a tensor named there moves only where |theta| <= its threshold (Sparse
+# MeZO, ``distzo.algorithms.sparse``). Replay reads them from the log, as the run used them.
+MASK_FIELD = "mask_thresholds"
 
 
 @dataclass(frozen=True)

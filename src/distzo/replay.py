@@ -47,7 +47,7 @@ from distzo.models import (
     resolve_device,
     resolve_source,
 )
-from distzo.records import from_log
+from distzo.records import MASK_FIELD, from_log
 from distzo.rundir import LOG_FILE as LOG_NAME
 from distzo.units import trainable_params
 from distzo.update import apply_record
@@ -121,12 +121,15 @@ def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):
 def replay_into(model, header: TrajectoryHeader, records: list[dict[str, Any]]) -> None:
     """Apply the updates of ``records`` (consecutive steps from 0) to ``model`` in place."""
     params = trainable_params(model)
+    masks: dict[str, float] = {}
     for line in records:
+        masks = line.get(MASK_FIELD, masks)  # logged by the step that set them (a skipped one too)
         if line.get("skipped"):  # a non-finite loss: the run applied nothing
             continue
         update = from_log(line, header.weight_decay)
         for p in params:  # on a CUDA device through the kernels the run used there
-            apply_record(p.param, p.key, update, header.perturbation, kernels.fused_for(p.param))
+            apply_record(p.param, p.key, update, header.perturbation, kernels.fused_for(p.param),
+                         threshold=masks.get(p.name))
 
 
 # --------------------------------------------------------------------------- checks

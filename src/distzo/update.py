@@ -7,6 +7,11 @@ trajectory log gives the checkpoint's weights bit for bit. In bf16/fp16 the new 
 is computed in float32 and stochastically rounded: rounding to nearest would erase an
 update smaller than half a unit in the last place, which for lr ~ 1e-6 is nearly all
 of them.
+
+A ``threshold`` masks the step (Sparse MeZO): only elements with |theta| <= threshold
+(compared in float32) move, or are perturbed in a shadow; the others keep their bits. The
+mask is taken from theta as it is when the function runs, so an update is masked by the
+weights its step measured and a shadow by the weights it perturbs. None masks nothing.
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ def apply_update_(
     record: UpdateRecord,
     kind: Kind = "gaussian",
     cached: Sequence[torch.Tensor] | None = None,
+    threshold: float | None = None,
 ) -> None:
-    """Apply ``record`` to ``param`` in place.
+    """Apply ``record`` to ``param`` in place (only where |param| <= ``threshold``, if given).
 
     ``cached`` may hold the z of each seed (as drawn for the forward) to save
     regenerating them; it must be exactly what ``directions.direction_like`` gives.
     """
+    live = within(param, threshold)  # before the update: the weights the step measured at
     full = param.dtype in FULL_PRECISION
     work = param.data if full else param.detach().to(torch.float32)
     step = torch.zeros_like(work)
@@ -61,6 +68,8 @@ def apply_update_(
         step.div_(record.divisor)
     if record.decay and decays(param):
         step.add_(work, alpha=record.decay)
+    if live is not None:  # a zero step leaves theta's bits as they are, rounding included
+        step = torch.where(live, step, 0.0)
     if full:
         param.data.sub_(step, alpha=record.lr)
     else:
@@ -69,23 +78,34 @@ def apply_update_(
 
 
 def apply_record(param: torch.Tensor, key: int, record: UpdateRecord, kind: Kind = "gaussian", fused=None,
-                 cached: Sequence[torch.Tensor] | None = None) -> None:
+                 cached: Sequence[torch.Tensor] | None = None, threshold: float | None = None) -> None:
     """Apply ``record`` to ``param`` the way a run does: with the fused kernel set ``fused``
     (``kernels.fused_for(param)``; the engine that trained on that device) or, for None or
     with ``cached`` z's, the torch path. Replay and the optimiser both come through here."""
     if fused is not None and cached is None:
-        fused.apply_update(param, key, record, kind)
+        fused.apply_update(param, key, record, kind, threshold)
     else:
-        apply_update_(param, key, record, kind, cached)
+        apply_update_(param, key, record, kind, cached, threshold)
 
 
-def perturbed(param: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-    """theta + scale * z in the parameter's dtype (computed in float32 for narrower ones); theta for 0."""
+def perturbed(param: torch.Tensor, z: torch.Tensor, scale: float, threshold: float | None = None) -> torch.Tensor:
+    """theta + scale * z in the parameter's dtype (computed in float32 for narrower ones); theta for 0.
+    With ``threshold``, elements with |theta| > threshold stay theta."""
     if scale == 0.0:
         return param
     if param.dtype in FULL_PRECISION:
-        return param.add(z.to(param.dtype), alpha=scale)
-    return param.float().add_(z, alpha=scale).to(param.dtype)
+        shadow = param.add(z.to(param.dtype), alpha=scale)
+    else:
+        shadow = param.float().add_(z, alpha=scale).to(param.dtype)
+    live = within(param, threshold)
+    return shadow if live is None else torch.where(live, shadow, param)
+
+
+def within(param: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
+    """The mask |theta| <= threshold, compared in float32 as the fused kernel compares; None for no threshold."""
+    if threshold is None:
+        return None
+    return param.detach().to(torch.float32).abs() <= threshold
 
 
 def decays(param: torch.Tensor) -> bool:

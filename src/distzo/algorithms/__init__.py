@@ -84,6 +84,21 @@ class Algorithm(Protocol):
         resumed from its log alone continues exactly. Stateless algorithms do nothing."""
 
 
+class Masked(Protocol):
+    """An algorithm that perturbs and updates part of each tensor (optional; ``distzo.algorithms.sparse``)."""
+
+    def thresholds(self, weights: Mapping[str, Any]) -> Mapping[str, float]:
+        """Per-tensor thresholds by parameter name: the engines perturb and update only the elements
+        with |theta| <= threshold (tensors not named: all of them). Called before each step and
+        flush with the current weights (name -> tensor); the algorithm decides when to read them."""
+
+
+def thresholds(algorithm: Algorithm, weights: Mapping[str, Any]) -> dict[str, float]:
+    """The algorithm's mask thresholds; none for an algorithm that perturbs whole tensors."""
+    own = getattr(algorithm, "thresholds", None)
+    return {} if own is None else dict(own(weights))
+
+
 def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
@@ -104,8 +119,9 @@ def _registry() -> dict[str, type]:
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.mezo import MeZO
     from distzo.algorithms.momentum import Momentum
+    from distzo.algorithms.sparse import SparseMeZO
 
-    return {cls.name: cls for cls in (MeZO, FZOO, Momentum)}
+    return {cls.name: cls for cls in (MeZO, FZOO, Momentum, SparseMeZO)}
 
 
 def build(optim, seed: int, steps: int) -> Algorithm:

@@ -4,13 +4,14 @@
 the torch path in ``distzo.update`` and ``distzo.optimizer`` serves (CPU, or a GPU
 without Triton). A kernel set provides
 
-    update_and_shadows(param, key, record, kind, seed, scales)
+    update_and_shadows(param, key, record, kind, seed, scales, threshold=None)
         apply ``record`` (a ``distzo.records.UpdateRecord`` or None) to ``param`` in place and
         return (param + scales[0] z, param + scales[1] z) for z = z(seed, key), in one pass;
-    apply_update(param, key, record, kind)
+    apply_update(param, key, record, kind, threshold=None)
         the update alone (``flush``, offload's catch-up, replay),
 
-with results equal to the torch path's (same integer stream, same rounding rule).
+both masked to the elements with |param| <= ``threshold`` when one is given, with results
+equal to the torch path's (same integer stream, same rounding rule, same mask).
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ One pass over a parameter tensor does everything a step needs from it:
     round theta' to the parameter dtype (stochastically for bf16/fp16), write it back
     write theta' + a z and theta' + b z (the two shadows of the dual-stream forward)
 
-so a step moves 8 bytes per bf16 parameter (read 2, write 2 + 2 + 2) instead of the
+With a threshold (Sparse MeZO) only elements with |theta| <= threshold take the step
+(the mask of theta before it) or the perturbation (the mask of theta' after it); the
+others keep their bits: one compare and select, no mask in memory.
+
+So a step moves 8 bytes per bf16 parameter (read 2, write 2 + 2 + 2) instead of the
 ~74 of MeZO's four torch passes. Every z comes from the same counter-based
 Philox4x32-10 stream as ``distzo.directions`` (the integer words are identical; the
 float transform differs from the CPU's libm by at most a few 1e-6, see
@@ -208,12 +212,13 @@ def _round_generic(x, k, DTYPE: tl.constexpr, ITYPE: tl.constexpr, SIGN: tl.cons
 def _step_kernel(
     p_ptr, plus_ptr, minus_ptr, n,
     key_lo, key_hi, dseed_lo, dseed_hi, sr_lo, sr_hi,
-    useeds_ptr, coef_ptr,
+    useeds_ptr, coef_ptr, thr,
     Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
-    PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr,
+    PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-
+    # coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-; thr (float32): the
+    # mask threshold, read only when MASKED
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
     mask = offs < n - base
@@ -234,6 +239,8 @@ def _step_kernel(
             acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         if DECAY:
             acc += tl.load(coef_ptr + Q + 1) * x
+        if MASKED:  # x is theta before the update; a zero step keeps theta's bits (update.apply_update_)
+            acc = tl.where(tl.abs(x) <= thr, acc, 0.0)
         x = x - tl.load(coef_ptr + Q) * acc
         if SR == 1:
             theta = _round_bf16(x, _noise(blk, klo, khi, _u32(sr_lo), _u32(sr_hi), BLOCK))
@@ -247,9 +254,15 @@ def _step_kernel(
     if PLUS or MINUS:
         z = _direction(blk, klo, khi, _u32(dseed_lo), _u32(dseed_hi), BLOCK, GAUSS, FAST)
         if PLUS:
-            tl.store(plus_ptr + base + offs, (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype), mask=mask)
+            plus = (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype)
+            if MASKED:  # x is theta after the update (update.perturbed)
+                plus = tl.where(tl.abs(x) <= thr, plus, theta)
+            tl.store(plus_ptr + base + offs, plus, mask=mask)
         if MINUS:
-            tl.store(minus_ptr + base + offs, (x + tl.load(coef_ptr + Q + 3) * z).to(theta.dtype), mask=mask)
+            minus = (x + tl.load(coef_ptr + Q + 3) * z).to(theta.dtype)
+            if MASKED:
+                minus = tl.where(tl.abs(x) <= thr, minus, theta)
+            tl.store(minus_ptr + base + offs, minus, mask=mask)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "seed_lo", "seed_hi"])
@@ -356,7 +369,7 @@ def _direct_launch_supported() -> bool:
 
 _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
-_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "BLOCK")
+_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "MASKED", "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -377,8 +390,9 @@ def _on_device(index):
     return torch.cuda.device(index)
 
 
-def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool) -> None:
-    """One fused pass over the contiguous tensor ``work``, shadows into ``plus``/``minus``.
+def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool, threshold: float | None = None) -> None:
+    """One fused pass over the contiguous tensor ``work``, shadows into ``plus``/``minus``,
+    masked by ``threshold`` (None: unmasked).
 
     Triton reads only data pointers, so no tensor needs reshaping; ``aligned`` says which
     of (work, plus, minus) start on a 16-byte boundary (the JIT specialises on it).
@@ -388,9 +402,10 @@ def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool) -> N
         return
     key_lo, key_hi = _halves(key)
     args = (work, work if plus is None else plus, work if minus is None else minus, n,
-            key_lo, key_hi, sc.dseed[0], sc.dseed[1], sc.sr[0], sc.sr[1], sc.seeds_t, sc.coef_t)
+            key_lo, key_hi, sc.dseed[0], sc.dseed[1], sc.sr[0], sc.sr[1], sc.seeds_t, sc.coef_t,
+            0.0 if threshold is None else float(threshold))
     consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
-              sc.gauss, FAST_MATH, _BLOCK)
+              sc.gauss, FAST_MATH, threshold is not None, _BLOCK)
     grid0 = triton.cdiv(n, _BLOCK)
     device = work.get_device()
     spec = (device, work.dtype, n >= 1 << 31, n % 16 == 0, n == 1, aligned, sc.aligned, _WARPS, consts)
@@ -410,15 +425,16 @@ def _check_dtype(param: torch.Tensor) -> None:
         raise TypeError(f"fused kernels take float32/bfloat16/float16/float64 tensors, not {param.dtype}")
 
 
-def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scales):
+def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scales, threshold: float | None = None):
     """Apply ``record`` (or None) to ``param`` in place; return (theta' + a z, theta' + b z).
 
     z = z(seed, key) and (a, b) = ``scales``; a shadow whose scale is 0.0 is ``param``
     itself. One read of theta, one write of theta' (only with an update), one write
-    per shadow; every z is generated in registers.
+    per shadow; every z is generated in registers. ``threshold`` masks the update and
+    the shadows as ``distzo.update`` does.
     """
     if param.dtype == torch.float64:
-        return _update_and_shadows_torch(param, key, record, kind, seed, scales)
+        return _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold)
     _check_dtype(param)
     sc = _scalars(record, kind, seed, scales, param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
@@ -430,35 +446,35 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
     minus = buf[int(a)] if b else None
     # buf starts aligned; the second shadow starts n elements further
     aligned = (work.data_ptr() % 16 == 0, not (a and b) or work.numel() * work.element_size() % 16 == 0)
-    _launch(work, plus, minus, aligned, key, sc, sc.decay and decays(param))
+    _launch(work, plus, minus, aligned, key, sc, sc.decay and decays(param), threshold)
     if work is not param:
         param.data.copy_(work)
     return (param if plus is None else plus), (param if minus is None else minus)
 
 
-def apply_update(param, key, record: UpdateRecord, kind="gaussian"):
+def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: float | None = None):
     """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
     if param.dtype == torch.float64:
-        _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0))
+        _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0), threshold)
         return
     _check_dtype(param)
     sc = _scalars(record, kind, 0, (0.0, 0.0), param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
-    _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param))
+    _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param), threshold)
     if work is not param:
         param.data.copy_(work)
 
 
-def _update_and_shadows_torch(param, key, record, kind, seed, scales):
+def _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold=None):
     """float64 (rare on GPUs): z from the kernels, arithmetic by the torch reference."""
     n = param.numel()
     if record is not None and len(record.seeds):
         zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in record.seeds]
-        apply_update_(param, key, record, kind, cached=zs)
+        apply_update_(param, key, record, kind, cached=zs, threshold=threshold)
     if scales[0] == 0.0 and scales[1] == 0.0:
         return param, param
     z = normal(seed, key, 0, n, kind, param.device).view(param.shape)
-    return tuple(perturbed(param, z, s) for s in scales)
+    return tuple(perturbed(param, z, s, threshold) for s in scales)
 
 
 def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype) -> torch.Tensor:
