@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from distzo.units import TrainableParam, trainable_params
@@ -162,6 +164,12 @@ class FirstOrder:
                 kept = {k: tensors[f"{p.name}/{k}"] for k in STATE_KEYS if f"{p.name}/{k}" in tensors}
                 if kept:
                     self.optimizer.state[master] = {k: _placed(v, k, master) for k, v in kept.items()}
+
+
+def read_tensors(checkpoint: Path) -> dict[str, torch.Tensor] | None:
+    """The first-order state tensors a checkpoint holds; None when it holds none."""
+    path = checkpoint / TENSORS_FILE
+    return load_file(path) if path.is_file() else None
 
 
 def _placed(value: torch.Tensor, key: str, master: torch.Tensor) -> torch.Tensor:
