@@ -163,6 +163,18 @@ def test_offload_allows_only_resident_parameters_after_the_blocks():
     assert all(torch.equal(x, y) for x, y in zip(resident.state_dict().values(), model.state_dict().values()))
 
 
+def test_torchrun_is_refused():
+    class TwoRanks:  # what the optimiser asks of a mesh
+        distributed = True
+
+        def size(self, axis):
+            return 2 if axis == "data" else 1
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="does not work under torchrun"):
+        ZOOptimizer(model, first_order=FirstOrder.select(model, ["model.norm.weight"]), mesh=TwoRanks())
+
+
 # --------------------------------------------------------------------------- the entry point
 
 FO_ARGS = ["--optim.first_order", "model.norm.weight,model.layers.1.mlp.*", "--optim.first_order_lr", "1e-2"]
@@ -204,8 +216,12 @@ def test_train_resume_and_replay(tiny_model_dir, sst2_dir, tmp_path, capsys):
     want, got = load_file(last / TENSORS_FILE), load_file(part / "checkpoints" / "last" / TENSORS_FILE)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
-    # the log holds only the ZO updates: replay, and resume from the log alone, refuse in one line
+    # the patterns are part of how the run updates its weights: a resume may not change them
     capsys.readouterr()
+    assert main(["train", "--resume", "--output-dir", str(part), "--optim.first_order", "model.norm.weight"]) == 2
+    assert "optim.first_order" in capsys.readouterr().err
+
+    # the log holds only the ZO updates: replay, and resume from the log alone, refuse in one line
     rebuilt = tmp_path / "rebuilt"
     assert main(["replay", str(tiny_model_dir), str(whole / "trajectory.jsonl"), "--output", str(rebuilt)]) == 2
     err = capsys.readouterr().err

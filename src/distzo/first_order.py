@@ -30,7 +30,8 @@ from distzo.units import TrainableParam, trainable_params
 from distzo.update import FULL_PRECISION
 
 TENSORS_FILE = "first_order.safetensors"
-# AdamW's state tensors, per parameter; "master" is the float32 copy a bf16/fp16 parameter is stepped in.
+# AdamW's state tensors, per parameter; the file also holds "<name>/master", the float32 copy a
+# bf16/fp16 parameter is stepped in.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
