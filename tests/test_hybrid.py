@@ -68,14 +68,16 @@ def reference_step(model, adamw, fo_names, batch, step):
 
 
 def _fo_names(model, patterns):
-    return {n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, x) for x in patterns)}
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and any(fnmatch.fnmatchcase(n, x) for x in patterns)}
 
 
 def _max_diff(a, b) -> float:
     return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("patterns", [["model.norm.weight"], ["model.layers.1.*"], ["model.layers.1.mlp.*", "model.norm.*"]])
+@pytest.mark.parametrize("patterns", [["model.norm.weight"], ["model.layers.1.*"],
+                                      ["model.layers.1.mlp.*", "model.norm.*"]])
 def test_hybrid_matches_the_reference(patterns):
     model = tiny_model("llama", dtype=torch.float64)
     ref = copy.deepcopy(model)
@@ -115,6 +117,14 @@ def test_zo_losses_equal_a_frozen_run_at_step_0(dtype, patterns, algorithm):
     a, b = hybrid.step(tiny_batch(seed=0)), frozen.step(tiny_batch(seed=0))
     assert a.losses == b.losses and a.update == b.update  # bit for bit
     assert [p.name for p in hybrid.params] == [p.name for p in frozen.params]
+
+
+def test_no_zo_weight_joins_the_graph():
+    # one-sided MeZO measures theta itself: a probe of scale 0 reads the ZO weights unperturbed
+    model = tiny_model("llama", dtype=torch.float64)
+    opt = ZOOptimizer(model, lr=LR, estimator="one-sided", first_order=FirstOrder.select(model, ["model.layers.1.*"]))
+    opt.step(tiny_batch())
+    assert all(p.param.grad is None for p in opt.params)
 
 
 def test_extra_bytes_are_the_gradients_and_moments():

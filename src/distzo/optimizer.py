@@ -339,7 +339,8 @@ class ZOOptimizer:
         # a probe of scale 0 reads theta: detached, so a hybrid forward's graph does not reach it
         return shadows if self.first_order is None else tuple(s.detach() for s in shadows)
 
-    def _shadows(self, name: str, param: torch.Tensor, probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
+    def _shadows(self, name: str, param: torch.Tensor,
+                 probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
         p = self._by_name[name]
         if self._fused is None:
             if p.name in self._unapplied:
