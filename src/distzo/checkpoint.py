@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from distzo.records import UpdateRecord, log_fields
 
@@ -115,6 +116,7 @@ def save_checkpoint(
     *,
     merged: bool = True,
     extra_files: Mapping[str, str] | None = None,
+    tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``directory``, replacing any previous one atomically.
 
@@ -123,7 +125,8 @@ def save_checkpoint(
     twice: its adapter in ``adapter/`` and, when ``merged``, the merged full model at the top
     so that ``AutoModelForCausalLM.from_pretrained(directory)`` works without peft.
     ``extra_files`` ({name: text}, e.g. the model card as README.md) are written last, so they
-    replace a file of the same name that ``save_pretrained`` wrote.
+    replace a file of the same name that ``save_pretrained`` wrote; ``tensor_files`` ({name:
+    {key: tensor}}) are safetensors files beside them (an optimiser's moments, say).
     """
     dest = Path(directory)
     state_text = _trainer_state_json(state)  # fail before touching the disk
@@ -137,6 +140,8 @@ def save_checkpoint(
         _write_contents(tmp, model, tokenizer, state_text, optimizer_text, merged)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, tensors in (tensor_files or {}).items():
+            save_file(dict(tensors), tmp / name)
         fsync_tree(tmp)
         atomic_write_json(tmp / COMPLETE, {"format": CHECKPOINT_FORMAT, "step": state["step"]})
         _swap_into_place(tmp, dest)

@@ -70,13 +70,21 @@ class OptimConfig:
     """Adaptive eps: grow eps while the mean |L+ - L-| is below this (needs eps_band_high)."""
     eps_band_high: float = 0.0
     """Adaptive eps: shrink eps while the mean |L+ - L-| is above this (0 = eps does not adapt)."""
+    first_order: list[str] = field(default_factory=list)
+    """Parameters trained by backprop instead: comma-separated shell-style patterns (fnmatch, * spans dots) over the
+    canonical names of model.named_parameters(), e.g. model.norm.*,lm_head.* or model.layers.29.*; the ZO
+    algorithm trains every other trainable parameter (docs/hybrid.md). Empty = none."""
+    first_order_lr: float = 1e-4
+    """AdamW learning rate of the optim.first_order parameters (constant)."""
+    first_order_weight_decay: float = 0.0
+    """AdamW (decoupled) weight decay of the optim.first_order parameters."""
     mezo: MeZOConfig = field(default_factory=MeZOConfig)
     fzoo: FZOOConfig = field(default_factory=FZOOConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
+        for name in ("lr", "eps", "weight_decay", "min_lr_ratio", "first_order_lr", "first_order_weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         if not self.eps > 0:
@@ -89,6 +97,8 @@ class OptimConfig:
         Schedule(self.eps_schedule, 0, 1, self.eps_min_ratio)  # checks the name and the ratio
         if self.eps_band_high and not 0 < self.eps_band_low < self.eps_band_high:
             raise ValueError(f"optim.eps_band_low must be in (0, eps_band_high), got {self.eps_band_low}")
+        if any(not pattern.strip() for pattern in self.first_order):
+            raise ValueError("optim.first_order holds an empty pattern")
         if self.algorithm == "fzoo" and self.directions != 1:
             raise ValueError("optim.directions does not apply to fzoo: set optim.fzoo.probes")
 

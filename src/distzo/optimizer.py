@@ -12,6 +12,7 @@ update record: a few bytes. It is kept pending and applied at the start of the n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from torch import nn
 from distzo import algorithms, directions, kernels, parallel, records
 from distzo.directions import Kind, check_kind
 from distzo.estimator import Estimator
+from distzo.first_order import FirstOrder, check_offload
 from distzo.losses import IGNORE_INDEX
 from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
@@ -111,11 +113,13 @@ class ZOOptimizer:
         offload: OffloadEngine | None = None,
         algorithm: str | algorithms.Algorithm = "mezo",
         merge_forwards: bool = False,
+        first_order: FirstOrder | None = None,
     ):
         """``algorithm`` is a name, built with the hyper-parameters lr .. schedule, or an
         algorithm already built (then those are not used). ``merge_forwards`` measures all of a
         step's probes in one forward (always so when offloaded): fewer passes over the weights,
-        activations for every probe at once."""
+        activations for every probe at once. ``first_order`` trains its parameters by backprop
+        from the same forwards (``distzo.first_order``); ZO perturbs only the others."""
         check_kind(perturbation)
         if isinstance(algorithm, str):
             algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
@@ -132,7 +136,10 @@ class ZOOptimizer:
         self.offload = offload
         self.loss_weight = parallel.loss_weight  # a data shard's share of a loss_fn mean
         self.merge_forwards = merge_forwards
-        self.params: list[TrainableParam] = trainable_params(model)
+        self.first_order = first_order
+        _check_first_order(first_order, mesh, offload)
+        excluded = first_order.ids if first_order is not None else set()
+        self.params: list[TrainableParam] = [p for p in trainable_params(model) if id(p.param) not in excluded]
         self.units = find_units(model, self.params)
         self._by_name = {p.name: p for p in self.params}
         self._weights = {p.name: p.param for p in self.params}
@@ -174,10 +181,15 @@ class ZOOptimizer:
         was_training = self.model.training
         self.model.eval()  # no dropout: every stream must see the same function
         self._begin_update(forwards)
+        groups = self._groups(parallel.my_probes(self.mesh, forwards))
+        probes_measured = sum(len(group) for group in groups)
         try:
-            for group in self._groups(parallel.my_probes(self.mesh, forwards)):
-                losses = self.stream_losses(batch, tuple(forwards[i].probes[k] for i, k in group))
-                measured.update(zip(group, losses))
+            for group in groups:
+                tensors = self._loss_tensors(batch, tuple(forwards[i].probes[k] for i, k in group))
+                measured.update(zip(group, (_scalar(loss) for loss in tensors)))
+                if self.first_order is not None:  # the FO loss: the mean over the step's probes
+                    self.first_order.backward(tensors, 1.0 / probes_measured)
+                del tensors
                 self._finish_update()
         finally:
             self.model.train(was_training)
@@ -187,6 +199,8 @@ class ZOOptimizer:
         shape = [len(f.probes) for f in forwards]
         losses = parallel.assemble(self.mesh, measured, shape, self._shard_weight(batch))
         done = self.algorithm.finish(t, losses)
+        if self.first_order is not None:
+            self.first_order.step(done.finite)
         update = done.update
         stats = StepStats(t, done.loss, done.projected_grads, list(update.seeds), update.lr, losses, update=update,
                           log=done.log)
@@ -259,17 +273,26 @@ class ZOOptimizer:
         apply_record(p.param, p.key, record, self.perturbation, self._fused, cached, self._thresholds.get(p.name))
 
     def state_dict(self) -> dict[str, Any]:
+        """JSON values; a hybrid run's AdamW tensors are ``first_order.tensors()``, saved beside it."""
         pending = None if self.pending is None else asdict(self.pending)
+        fo = {} if self.first_order is None else {"first_order": self.first_order.state_dict()}
         return {
             "step": self.step_count,
             "algorithm": self.algorithm.name,
             **self.algorithm.state_dict(),
             "perturbation": self.perturbation,
             "pending": pending,
+            **fo,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``tensors``: the first-order state's (a hybrid run needs them, and its JSON part)."""
         state = current_state(state)
+        if self.first_order is not None:
+            if "first_order" not in state or tensors is None:
+                raise ValueError("the saved state has no first-order (AdamW) state, but this run trains "
+                                 "optim.first_order parameters by backprop")
+            self.first_order.load_state_dict(state["first_order"], dict(tensors))
         name = state["algorithm"]
         if name != self.algorithm.name:
             raise ValueError(f"the state is {name}'s, but this optimiser runs {self.algorithm.name}")
@@ -289,17 +312,20 @@ class ZOOptimizer:
 
     def stream_losses(self, batch: Mapping[str, Any], probes: tuple[algorithms.Probe, ...]) -> list[float]:
         """L(theta + a z(s)) for each probe (s, a), from one forward of the batch stacked once per probe."""
+        return [_scalar(loss) for loss in self._loss_tensors(batch, probes)]
+
+    def _loss_tensors(self, batch: Mapping[str, Any], probes: tuple[algorithms.Probe, ...]) -> list[torch.Tensor]:
+        """The loss of each probe's stream, as tensors: in a hybrid run, those downstream of an FO
+        parameter carry the graph its backward needs."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
         rows, parts = _rows(inputs), len(probes)
         device = self.device
         stacked = {k: torch.cat([v] * parts).to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        with self._stream.active(rows, probes):
-            outputs = self.model(**stacked, use_cache=False)
-        losses = []
-        for part in range(parts):
-            loss = self.loss_fn(split_rows(outputs, rows, part, parts), batch)
-            losses.append(float(loss.to(torch.float64).mean()))
-        return losses
+        recording = self.first_order.recording() if self.first_order is not None else contextlib.nullcontext()
+        with recording:  # the loss too: it is part of the FO graph
+            with self._stream.active(rows, probes):
+                outputs = self.model(**stacked, use_cache=False)
+            return [self.loss_fn(split_rows(outputs, rows, part, parts), batch) for part in range(parts)]
 
     def _direction_of(self, p: TrainableParam, seed: int) -> torch.Tensor:
         cache = self._z.setdefault(p.name, {})
@@ -310,9 +336,16 @@ class ZOOptimizer:
                 cache[seed] = z
         return z
 
+    @torch.no_grad()  # also in a hybrid forward that records a graph: ZO weights are never in it
     def _shadow(self, name: str, param: torch.Tensor, probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
         """theta + a z(s) for each probe (s, a), in the parameter's dtype; theta itself is never
         written (a probe of scale 0 reads it as it is). The pending update is applied first."""
+        shadows = self._shadows(name, param, probes)
+        # a probe of scale 0 reads theta: detached, so a hybrid forward's graph does not reach it
+        return shadows if self.first_order is None else tuple(s.detach() for s in shadows)
+
+    def _shadows(self, name: str, param: torch.Tensor,
+                 probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
         p = self._by_name[name]
         threshold = self._thresholds.get(name)
         if self._fused is None:
@@ -338,6 +371,21 @@ class ZOOptimizer:
             if self.offload is not None:
                 self.offload.updated(p.param, update)
         return tuple(out)
+
+
+def _check_first_order(first_order: FirstOrder | None, mesh: parallel.Mesh | None,
+                       offload: OffloadEngine | None) -> None:
+    if first_order is None:
+        return
+    if mesh is not None and mesh.distributed:
+        # the FO gradients would need an all-reduce over the data ranks and agreement over pert/dir
+        raise ValueError("optim.first_order does not work under torchrun yet; run a hybrid job in one process")
+    if offload is not None:
+        check_offload(first_order.model, first_order, offload)
+
+
+def _scalar(loss: torch.Tensor) -> float:
+    return float(loss.detach().to(torch.float64).mean())
 
 
 def _check_mesh(algorithm: algorithms.Algorithm, mesh: parallel.Mesh | None) -> None:

@@ -75,8 +75,10 @@ def replay(base: str, log_path: str | os.PathLike, output: str | os.PathLike, up
     log = TrajectoryLog(log_path)
     if not log.path.is_file():
         raise FileNotFoundError(f"trajectory log '{log_path}' does not exist")
+    header = log.header()
+    check_replayable(header)
     check_output(output, base, log.path, overwrite)
-    header, records = log.header(), log.read()
+    records = log.read()
     check_steps(records)
     records = records[: _last_to_replay(records, upto) + 1]
     cfg = base_config(base, header, device)
@@ -133,6 +135,15 @@ def replay_into(model, header: TrajectoryHeader, records: list[dict[str, Any]]) 
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def check_replayable(header: TrajectoryHeader, what: str = "replay cannot rebuild its weights; use the run's "
+                     "checkpoints") -> None:
+    """Refuse a hybrid run's log: its first-order updates are in the checkpoints, not in the log."""
+    hybrid = header.extra.get("first_order")
+    if hybrid:
+        raise ValueError(f"the log's run trained {','.join(hybrid['patterns'])} by backprop (optim.first_order), and "
+                         f"the trajectory log records only the zeroth-order updates, so {what}")
 
 
 def check_steps(records: list[dict[str, Any]]) -> None:

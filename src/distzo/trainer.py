@@ -50,12 +50,13 @@ from distzo.checkpoint import (
 from distzo.config import TrainConfig, dump_yaml, run_config, to_dict
 from distzo.environment import describe
 from distzo.evaluate import evaluate
+from distzo.first_order import TENSORS_FILE, FirstOrder, read_tensors
 from distzo.losses import default_loss
 from distzo.modelcard import CARD_FILE, model_card
 from distzo.models import apply_lora, checkpoint_files, load_model, quantization_settings, resolve_device
 from distzo.offload import OffloadEngine
 from distzo.optimizer import StepStats, ZOOptimizer
-from distzo.replay import check_base, check_steps, replay_into
+from distzo.replay import check_base, check_replayable, check_steps, replay_into
 from distzo.tasks import get_task, load_task
 from distzo.tasks.collate import collate_train
 from distzo.upload import push
@@ -112,6 +113,9 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
         extra["lora"] = asdict(cfg.lora)
     if cfg.model.quantize is not None:  # replay rebuilds the quantized base from this record
         extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype)
+    if cfg.optim.first_order:  # so replay can tell that the log alone does not rebuild the run
+        extra["first_order"] = {"patterns": cfg.optim.first_order, "lr": cfg.optim.first_order_lr,
+                                "weight_decay": cfg.optim.first_order_weight_decay}
     return TrajectoryHeader(
         model=cfg.model.name,
         perturbation=cfg.optim.perturbation,
@@ -139,7 +143,17 @@ def build_optimizer(cfg: TrainConfig, model, mesh: parallel.Mesh | None = None,
         mesh=mesh,
         offload=offload,
         algorithm=algorithms.build(cfg.optim, cfg.seed, cfg.steps),
+        first_order=build_first_order(cfg, model),
     )
+
+
+def build_first_order(cfg: TrainConfig, model) -> FirstOrder | None:
+    """The optim.first_order parameters' AdamW; None when every trainable parameter is ZO's.
+    Built after the offload engine has placed the weights: it holds the parameters it steps."""
+    if not cfg.optim.first_order:
+        return None
+    return FirstOrder.select(model, cfg.optim.first_order, lr=cfg.optim.first_order_lr,
+                             weight_decay=cfg.optim.first_order_weight_decay)
 
 
 def _config_text(cfg: TrainConfig, environment: dict[str, Any]) -> str:
@@ -240,8 +254,10 @@ class Trainer:
         self._lockstep = self.engine is not None and self.engine.slices is not None
         self.opt = build_optimizer(cfg, self.model, self.mesh, self.engine)
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        if self.opt.first_order is not None and self.mesh.is_main:
+            print(self.opt.first_order.describe())
         if saved:
-            self.opt.load_state_dict(saved["optimizer_state"])
+            self.opt.load_state_dict(saved["optimizer_state"], read_tensors(Path(saved["path"])))
         elif cfg.resume:  # the log rebuilt the weights; it rebuilds the algorithm's state too
             self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
             self.opt.algorithm.restore(records)
@@ -298,6 +314,8 @@ class Trainer:
         if not _has_checkpoint(self.last_dir):
             if not self._folder.has_log:
                 raise FileNotFoundError(f"--resume: '{self.out}' holds neither a checkpoint nor a trajectory log")
+            check_replayable(self.log.header(), f"the trajectory log alone cannot rebuild it and '{self.out}' holds "
+                             "no checkpoint; start the run again in another --output-dir")
             return None, records
         saved = load_checkpoint_state(self.last_dir)
         step = saved["trainer_state"]["step"]
@@ -525,7 +543,8 @@ class Trainer:
         """Rank 0 writes the checkpoint and its model card (``final``: the test metrics after the last
         step, once known); with ``wait`` every rank waits until it is written."""
         self.opt.flush()
-        if not all(torch.isfinite(p.param).all() for p in self.opt.params):
+        trained = self.opt.params + (self.opt.first_order.params if self.opt.first_order is not None else [])
+        if not all(torch.isfinite(p.param).all() for p in trained):
             raise TrainingDiverged(
                 f"the weights became non-finite by step {self.state['step']} (lower optim.lr); "
                 f"not saving over the checkpoint in {directory}"
@@ -533,8 +552,9 @@ class Trainer:
         if self.mesh.is_main:
             state = {**self.state, "log_tail": _record_key(self._tail)}
             files = {CARD_FILE: model_card(self.cfg, self.state, final), **checkpoint_files(self.cfg.model)}
+            tensors = {} if self.opt.first_order is None else {TENSORS_FILE: self.opt.first_order.tensors()}
             save_checkpoint(directory, self.model, self.tokenizer, state, self.opt.state_dict(),
-                            merged=self.cfg.model.quantize is None, extra_files=files)
+                            merged=self.cfg.model.quantize is None, extra_files=files, tensor_files=tensors)
         if directory == self.last_dir:
             self._saved_step = self.state["step"]
         if wait:
