@@ -132,6 +132,15 @@ def test_auto_batch_size_on_a_gpu_fills_the_planned_share(tiny_model_dir, monkey
     assert ev.auto_batch_size(model, tokenizer, "classification", examples, 32) == 1  # at least one
 
 
+def test_auto_batches_take_the_fewest_passes_in_equal_batches():
+    from distzo.evaluate import fewest_passes
+
+    assert fewest_passes(100, 96, 115) == 100  # a little more memory saves the second pass
+    assert fewest_passes(100, 40, 48) == 34  # three passes either way: 34 + 33 + 33, not 40 + 40 + 20
+    assert fewest_passes(7, 2, 2) == 2
+    assert fewest_passes(5, 5, 6) == 5 and fewest_passes(1, 1, 1) == 1
+
+
 def test_an_example_costs_more_memory_the_longer_it_is(tiny_model_dir):
     from distzo.evaluate import bytes_per_example
     from distzo.tasks import Example
