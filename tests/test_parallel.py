@@ -61,14 +61,17 @@ PORTABLE_MODES = {
         ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
 }
 # The other algorithms on the same axes, named "algorithm:mode": FZOO's one forward of N + 1 = 4
-# probes (split over pert ranks; a second dir rank has no forward to measure) and momentum's
-# records of the last steps' seeds.
+# probes (split over pert ranks; a second dir rank has no forward to measure), momentum's
+# records of the last steps' seeds, and sparse's masks (thresholds from each rank's own weights,
+# also in sliced offload, where only the node's first rank loaded them).
 ALGORITHM_MODES = {
     2: [("fzoo:pert2", 2, 1, 1, 1, "one-sided", "tiny"), ("momentum:dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
-        ("fzoo:offload-data2", 1, 1, 2, 1, "one-sided", "larger")],
+        ("fzoo:offload-data2", 1, 1, 2, 1, "one-sided", "larger"),
+        ("sparse:offload-pert2", 2, 1, 1, 1, "two-sided", "larger")],
     4: [("fzoo:pert2xdir2", 2, 2, 1, 1, "one-sided", "tiny"), ("momentum:pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
         ("fzoo:pert2xdata2", 2, 1, 2, 1, "one-sided", "tiny"),
-        ("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
+        ("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
+        ("sparse:pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny")],
 }
 TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES,
           "algorithm-modes": ALGORITHM_MODES}
@@ -155,6 +158,7 @@ def _algorithm(mode):
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.mezo import MeZO
     from distzo.algorithms.momentum import Momentum
+    from distzo.algorithms.sparse import SparseMeZO
 
     name, _, _, _, q, est, _ = mode
     algorithm = name.partition(":")[0] if ":" in name else "mezo"
@@ -162,6 +166,8 @@ def _algorithm(mode):
         return FZOO(lr=LR, eps=EPS, weight_decay=WD, probes=3)
     if algorithm == "momentum":
         return Momentum(beta=0.8, history=2, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
+    if algorithm == "sparse":
+        return SparseMeZO(sparsity=0.5, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
     return MeZO(lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
 
 
