@@ -136,3 +136,17 @@ def device_of(arg: str) -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+def opt_config(shape: dict, layers: int | None, **special_tokens):
+    """An OPT configuration of ``shape`` (hidden, ffn, heads, vocab, layers), ``layers`` overriding
+    the layer count, dropout off, as MeZO's and the benchmarks' OPT runs have it."""
+    import transformers
+
+    return transformers.OPTConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
+        num_attention_heads=shape["heads"], num_hidden_layers=layers or shape["layers"],
+        word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048, do_layer_norm_before=True,
+        dropout=0.0, attention_dropout=0.0, activation_function="relu", enable_bias=True, use_cache=False,
+        **special_tokens,
+    )

@@ -59,25 +59,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import Recorder, device_of, environment, guarded, memory, release, reset_peak, sync  # noqa: E402
+from _harness import (Recorder, device_of, environment, guarded, memory, opt_config, release, reset_peak,  # noqa: E402
+                      sync)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 OPT_30B = dict(hidden=7168, layers=48, ffn=28672, heads=56, vocab=50272)
 TINY = dict(hidden=64, layers=2, ffn=256, heads=4, vocab=512)
 SPECIALS = ("<unk>", "<pad>", "</s>")  # ids 0, 1, 2 as OPT's tokenizer has them (pad 1, bos = eos 2)
-
-
-def opt_config(shape: dict, layers: int | None):
-    import transformers
-
-    return transformers.OPTConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
-        num_attention_heads=shape["heads"], num_hidden_layers=layers or shape["layers"],
-        word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048, do_layer_norm_before=True,
-        dropout=0.0, attention_dropout=0.0, activation_function="relu", enable_bias=True, use_cache=False,
-        pad_token_id=1, bos_token_id=2, eos_token_id=2,
-    )
 
 
 def word_tokenizer(vocab_size: int):
@@ -220,7 +209,7 @@ def main(argv=None) -> int:
     from distzo.evaluate import evaluate
     from distzo.offload import OffloadConfig, OffloadEngine, build_on_meta, random_init
 
-    cfg = opt_config(shape, args.layers)
+    cfg = opt_config(shape, args.layers, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     t0 = time.perf_counter()
     model = build_on_meta(cfg)
     engine = OffloadEngine(model, device, OffloadConfig("cpu", prefetch=1), init=random_init())

@@ -66,7 +66,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import Recorder, device_of, environment, guarded, memory, release, sync, timed_ms  # noqa: E402
+from _harness import (Recorder, device_of, environment, guarded, memory, opt_config, release, sync,  # noqa: E402
+                      timed_ms)
 
 OPT_175B = dict(hidden=12288, layers=96, ffn=49152, heads=96, vocab=50272)
 TINY = dict(hidden=64, layers=2, ffn=256, heads=4, vocab=512)
@@ -82,17 +83,6 @@ KINDS = [
     ("elementwise_copy_cast", ("elementwise", "copy", "cast", "vectorized", "unrolled", "fill", "index")),
     ("reduce_loss", ("reduce", "nll", "cross_entropy", "log_softmax", "logsumexp")),
 ]
-
-
-def opt_config(shape: dict, layers: int | None):
-    import transformers
-
-    return transformers.OPTConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
-        num_attention_heads=shape["heads"], num_hidden_layers=layers or shape["layers"],
-        word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048, do_layer_norm_before=True,
-        dropout=0.0, attention_dropout=0.0, activation_function="relu", enable_bias=True, use_cache=False,
-    )
 
 
 # ---------------------------------------------------------------- building the NF4 model

@@ -188,6 +188,7 @@ def _steps(run) -> list[dict]:
 ALGORITHM_ARGS = {
     "fzoo": ["--optim.algorithm", "fzoo", "--optim.fzoo.probes", "3", "--optim.perturbation", "rademacher"],
     "momentum": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2"],
+    "sparse": ["--optim.algorithm", "sparse", "--optim.sparse.sparsity", "0.5", "--optim.directions", "2"],
     # (no eps schedule: its horizon is `steps`, which the resumed runs below extend)
     "mezo-adaptive": ["--optim.eps_band_low", "1e-4", "--optim.eps_band_high", "1e-3", "--optim.mezo.transform",
                       "clip"],
