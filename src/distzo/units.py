@@ -167,7 +167,7 @@ def _merge(outs: list, rows: int, unit_name: str):
     raise UnsupportedModel(f"unit '{unit_name}' returned {type(a).__name__} values that differ between streams")
 
 
-# ---------------------------------------------------------------- dual-stream forward
+# ---------------------------------------------------------------- multi-stream forward
 
 
 # shadow(name, param, probes) -> (theta + a_0 z(s_0), theta + a_1 z(s_1), ...) for probes (s_k, a_k)
