@@ -16,6 +16,7 @@ from reference_momentum import MomentumReference
 from safetensors.torch import load_file
 from tiny_models import tiny_batch, tiny_model
 
+from distzo import records
 from distzo.algorithms.eps import BOUNDS, STEP, EpsRule
 from distzo.algorithms.fzoo import FZOO
 from distzo.algorithms.mezo import MeZO
@@ -69,6 +70,64 @@ def test_momentum_matches_its_reference(family, beta, history, q):
         assert len(stats.update.seeds) == q * min(history, t + 1)
     opt.flush()
     assert _max_diff(model, ref.model) < 1e-12
+
+
+@pytest.mark.parametrize("family,beta,beta2,history,q", [("llama", 0.9, 0.99, 4, 1), ("opt", 0.5, 0.9, 3, 2),
+                                                         ("llama", 0.0, 0.0, 2, 1)])
+def test_adam_momentum_matches_its_reference(family, beta, beta2, history, q):
+    model = tiny_model(family, dtype=torch.float64)
+    lr = 1e-5  # the adam rule moves each element about lr a step
+    ref = MomentumReference(copy.deepcopy(model), lr=lr, eps=EPS, beta=beta, history=history, q=q, weight_decay=WD,
+                            rule="adam", beta2=beta2)
+    opt = ZOOptimizer(model, algorithm=Momentum(beta=beta, history=history, rule="adam", beta2=beta2, lr=lr, eps=EPS,
+                                                weight_decay=WD, directions=q))
+    start = copy.deepcopy(model)
+    for t in range(STEPS):
+        batch = tiny_batch(seed=t)
+        stats = opt.step(batch)
+        _losses_match(stats.losses, ref.step(batch, t, causal_lm_loss))
+        assert [n for n, _, _ in stats.update.adam] == [q] * min(history, t + 1)
+    opt.flush()
+    assert _max_diff(model, ref.model) < 1e-12
+    assert _max_diff(model, start) > 10 * lr  # it moved, by the adam rule's scale
+
+
+def test_adam_momentum_at_its_first_step_is_sign_descent():
+    # n = 1: m / (sqrt(v) + delta) = d / (|d| + delta), so each element moves by just under lr
+    # (delta shows where |d| is small)
+    model = tiny_model("llama", dtype=torch.float64)
+    before = copy.deepcopy(model)
+    opt = ZOOptimizer(model, algorithm=Momentum(rule="adam", lr=1e-4, eps=EPS, directions=2))
+    opt.step(tiny_batch(seed=0))
+    opt.flush()
+    moves = torch.cat([(b - a).detach().flatten().abs() for a, b in zip(model.parameters(), before.parameters())])
+    assert float(moves.max()) <= 1e-4 and float(moves.min()) > 0.95e-4
+
+
+def test_heavy_ball_records_and_settings_keep_their_fields():
+    # heavy-ball's records, log lines, saved pending updates and header settings are those it wrote
+    # before the adam rule: old logs resume and replay, new ones read as before
+    algo = Momentum(beta=0.8, history=3, lr=LR, eps=EPS, directions=2)
+    for t in range(4):
+        result = algo.finish(t, [[1.0 + 0.1 * t, 0.9], [1.2, 1.1 - 0.05 * t]])
+        line = records.log_fields(result.update)
+        assert set(line) == {"step", "seeds", "grads", "lr", "divisor", "decay", "rounding_seed"}
+        assert records.from_log(json.loads(json.dumps(line)), 0.0) == result.update
+        assert set(records.state_fields(result.update)) == {"step", "seeds", "coeffs", "lr", "divisor", "decay",
+                                                            "rounding_seed"}
+    assert set(algo.settings()) == {"beta", "history", "transform", "clip"}
+    assert "rule" not in algo.state_dict()
+
+
+def test_adam_records_round_trip_through_the_log_and_the_saved_state():
+    algo = Momentum(rule="adam", history=3, lr=LR, eps=EPS, directions=2)
+    for t in range(4):
+        update = algo.finish(t, [[1.0 + 0.1 * t, 0.9], [1.2, 1.1 - 0.05 * t]]).update
+        assert records.from_log(json.loads(json.dumps(records.log_fields(update))), 0.0) == update
+        assert records.UpdateRecord(**json.loads(json.dumps(records.state_fields(update)))) == update
+    again = Momentum(lr=LR, eps=EPS, directions=2)
+    again.load_state_dict(json.loads(json.dumps(algo.state_dict())))
+    assert again.update(4) == algo.update(4) and again.settings() == algo.settings()
 
 
 def test_momentum_with_one_step_of_history_is_zo_sgd():
@@ -133,10 +192,12 @@ def test_eps_schedule_and_adaptive_eps_match_the_reference():
 def _algorithm(name: str):
     if name == "fzoo":
         return FZOO(lr=LR, eps=EPS, weight_decay=WD, probes=3)
+    if name == "momentum-adam":
+        return Momentum(beta=0.8, history=3, rule="adam", lr=LR, eps=EPS, weight_decay=WD, directions=2)
     return Momentum(beta=0.8, history=3, lr=LR, eps=EPS, weight_decay=WD, directions=2)
 
 
-@pytest.mark.parametrize("name", ["fzoo", "momentum"])
+@pytest.mark.parametrize("name", ["fzoo", "momentum", "momentum-adam"])
 @pytest.mark.parametrize("write_every", [1, 3])
 def test_offloaded_equals_resident_bit_for_bit(name, write_every):
     resident = tiny_model("llama")
@@ -188,6 +249,8 @@ def _steps(run) -> list[dict]:
 ALGORITHM_ARGS = {
     "fzoo": ["--optim.algorithm", "fzoo", "--optim.fzoo.probes", "3", "--optim.perturbation", "rademacher"],
     "momentum": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2"],
+    "momentum-adam": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2",
+                      "--optim.momentum.rule", "adam"],
     "sparse": ["--optim.algorithm", "sparse", "--optim.sparse.sparsity", "0.5", "--optim.directions", "2"],
     # (no eps schedule: its horizon is `steps`, which the resumed runs below extend)
     "mezo-adaptive": ["--optim.eps_band_low", "1e-4", "--optim.eps_band_high", "1e-3", "--optim.mezo.transform",

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -274,7 +274,7 @@ class ZOOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON values; a hybrid run's AdamW tensors are ``first_order.tensors()``, saved beside it."""
-        pending = None if self.pending is None else asdict(self.pending)
+        pending = None if self.pending is None else records.state_fields(self.pending)
         fo = {} if self.first_order is None else {"first_order": self.first_order.state_dict()}
         return {
             "step": self.step_count,

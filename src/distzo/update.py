@@ -12,6 +12,10 @@ A ``threshold`` masks the step (Sparse MeZO): only elements with |theta| <= thre
 (compared in float32) move, or are perturbed in a shadow; the others keep their bits. The
 mask is taken from theta as it is when the function runs, so an update is masked by the
 weights its step measured and a shadow by the weights it perturbs. None masks nothing.
+
+An Adam-like record (``record.adam``; see ``distzo.records``) takes the step
+m / (sqrt(v) + delta) in place of the coefficient sum; everything around it (decay, mask,
+rounding) is the same.
 """
 
 from __future__ import annotations
@@ -60,12 +64,8 @@ def apply_update_(
     live = within(param, threshold)  # before the update: the weights the step measured at
     full = param.dtype in FULL_PRECISION
     work = param.data if full else param.detach().to(torch.float32)
-    step = torch.zeros_like(work)
-    for j, (seed, c) in enumerate(zip(record.seeds, record.coeffs)):
-        z = cached[j] if cached is not None else directions.direction_like(work, seed, key, kind)
-        step.add_(z.to(work.dtype), alpha=c)
-    if record.divisor != 1:
-        step.div_(record.divisor)
+    zs = _directions(work, key, record, kind, cached)
+    step = _linear_step(work, record, zs) if record.adam is None else _adam_step(work, record, zs)
     if record.decay and decays(param):
         step.add_(work, alpha=record.decay)
     if live is not None:  # a zero step leaves theta's bits as they are, rounding included
@@ -75,6 +75,37 @@ def apply_update_(
     else:
         new = work.sub(step, alpha=record.lr)
         param.data.copy_(stochastic_round(new, param.dtype, record.rounding_seed, key))
+
+
+def _directions(work, key, record, kind, cached):
+    """The z of each seed, in the work dtype, one at a time (so at most one extra tensor is alive)."""
+    for j, seed in enumerate(record.seeds):
+        z = cached[j] if cached is not None else directions.direction_like(work, seed, key, kind)
+        yield z.to(work.dtype)
+
+
+def _linear_step(work: torch.Tensor, record: UpdateRecord, zs) -> torch.Tensor:
+    """sum_j c_j z_j / divisor."""
+    step = torch.zeros_like(work)
+    for z, c in zip(zs, record.coeffs):
+        step.add_(z, alpha=c)
+    if record.divisor != 1:
+        step.div_(record.divisor)
+    return step
+
+
+def _adam_step(work: torch.Tensor, record: UpdateRecord, zs) -> torch.Tensor:
+    """m / (sqrt(v) + delta) from the record's step groups, accumulated in the work dtype
+    (float32, or float64 for float64 tensors)."""
+    m, v, d = torch.zeros_like(work), torch.zeros_like(work), torch.empty_like(work)
+    coeffs = iter(record.coeffs)
+    for n, w1, w2 in record.adam:
+        d.zero_()
+        for _ in range(n):
+            d.add_(next(zs), alpha=next(coeffs))
+        m.add_(d, alpha=w1)
+        v.addcmul_(d, d, value=w2)
+    return m.div_(v.sqrt_().add_(record.delta))
 
 
 def apply_record(param: torch.Tensor, key: int, record: UpdateRecord, kind: Kind = "gaussian", fused=None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -433,7 +434,7 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
     per shadow; every z is generated in registers. ``threshold`` masks the update and
     the shadows as ``distzo.update`` does.
     """
-    if param.dtype == torch.float64:
+    if _torch_path(param, record):
         return _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold)
     _check_dtype(param)
     sc = _scalars(record, kind, seed, scales, param.device)
@@ -454,7 +455,7 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
 
 def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: float | None = None):
     """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
-    if param.dtype == torch.float64:
+    if _torch_path(param, record):
         _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0), threshold)
         return
     _check_dtype(param)
@@ -465,12 +466,34 @@ def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: f
         param.data.copy_(work)
 
 
+class _Drawn(Sequence):
+    """The kernels' z of each seed, drawn when the update reads it: an update over h * q seeds
+    holds one of them at a time, not all."""
+
+    def __init__(self, seeds, key: int, kind, like: torch.Tensor):
+        self.seeds, self.key, self.kind, self.like = seeds, key, kind, like
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        like = self.like
+        return normal(self.seeds[j], self.key, 0, like.numel(), self.kind, like.device).view(like.shape)
+
+
+def _torch_path(param, record: UpdateRecord | None) -> bool:
+    """float64 tensors, and Adam-like records: the kernel computes sum_j c_j z_j only. Fusing the
+    Adam-like step (d_s, m and v in registers, one pass) is future work; until then such an update
+    costs the torch path's passes over theta and one tensor-sized draw per seed."""
+    return param.dtype == torch.float64 or (record is not None and record.adam is not None)
+
+
 def _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold=None):
-    """float64 (rare on GPUs): z from the kernels, arithmetic by the torch reference."""
+    """float64 (rare on GPUs) and Adam-like records: z from the kernels (so equal to the CPU path's
+    bit for bit), arithmetic by the torch reference."""
     n = param.numel()
     if record is not None and len(record.seeds):
-        zs = [normal(s, key, 0, n, kind, param.device).view(param.shape) for s in record.seeds]
-        apply_update_(param, key, record, kind, cached=zs, threshold=threshold)
+        apply_update_(param, key, record, kind, cached=_Drawn(record.seeds, key, kind, param), threshold=threshold)
     if scales[0] == 0.0 and scales[1] == 0.0:
         return param, param
     z = normal(seed, key, 0, n, kind, param.device).view(param.shape)
