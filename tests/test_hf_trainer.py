@@ -152,6 +152,23 @@ def test_offloaded_blocks_train_the_same(run, tmp_path):
     _assert_same_weights(trainer.model.state_dict(), offloaded.model)
 
 
+@pytest.mark.parametrize("name", ["fzoo", "momentum", "sparse"])
+def test_every_algorithm_trains_as_its_optimiser_does(name, tmp_path):
+    trainer = _trainer(tmp_path, ZOArguments(eps=EPS, algorithm=name), eval_strategy="no", save_strategy="no")
+    trainer.train()
+    model = tiny_model("llama").to(trainer.args.device)
+    opt = ZOOptimizer(model, lr=LR, eps=EPS, seed=7, loss_fn=model_loss(model), algorithm=name,
+                      schedule=Schedule("linear", warmup_steps=WARMUP, total_steps=STEPS))
+    stats = [opt.step({k: v.to(model.device) for k, v in _batch(t).items()}) for t in range(STEPS)]
+    opt.flush()
+    assert trainer.zo.algorithm.name == name
+    assert _losses(trainer.state.log_history) == {s.step + 1: float(torch.tensor(s.loss, dtype=torch.float32))
+                                                  for s in stats}
+    _assert_same_weights(model.state_dict(), trainer.model)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        ZOArguments(algorithm="adam")
+
+
 def test_resume_refuses_another_setting(run, tmp_path):
     _, out = run
     changed = _trainer(tmp_path, ZOArguments(eps=2 * EPS))

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import transformers
 
+from distzo.algorithms import check_algorithm
 from distzo.algorithms.mezo import validate
 from distzo.directions import check_kind
 from distzo.offload import OffloadConfig, OffloadEngine
@@ -82,9 +83,12 @@ class ZOArguments:
     """none | cpu: keep the decoder blocks in host memory and stream them through the GPU."""
     gpu_memory: str = ""
     """With offload: GPU memory budget (e.g. 18GiB); blocks that fit stay on the GPU ('' = stream all)."""
+    algorithm: str = "mezo"
+    """The zeroth-order algorithm (docs/algorithms.md), with its own settings at their defaults."""
 
     def __post_init__(self) -> None:
         _ = self.offload_config  # a bad offload setting fails here, not at train time
+        check_algorithm(self.algorithm)
 
     @property
     def offload_config(self) -> OffloadConfig:
@@ -191,7 +195,7 @@ class ZOTrainer(transformers.Trainer):
         return ZOOptimizer(
             self.accelerator.unwrap_model(self.model), lr=z.lr, eps=z.eps, weight_decay=z.weight_decay,
             directions=z.directions, perturbation=z.perturbation, seed=z.seed, loss_fn=self.zo_loss,
-            schedule=schedule, estimator=z.estimator, offload=self.offload_engine,
+            schedule=schedule, estimator=z.estimator, offload=self.offload_engine, algorithm=z.algorithm,
         )
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

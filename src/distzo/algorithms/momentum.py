@@ -103,6 +103,11 @@ class Momentum:
         self.mezo = MeZO(**mezo)  # the per-step estimate and its settings
         self.past: deque[tuple[int, list[float]]] = deque(maxlen=history)  # (step, g's) of applied updates
 
+    @property
+    def schedule(self):
+        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
+        return self.mezo.schedule
+
     def plan(self, step: int) -> list[Forward]:
         return self.mezo.plan(step)
 

@@ -73,6 +73,11 @@ class SparseMeZO:
         """name -> threshold, read from the weights the first time a step asks (step 0)."""
         self._unlogged = False  # computed here and not yet in a trajectory line
 
+    @property
+    def schedule(self):
+        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
+        return self.mezo.schedule
+
     def thresholds(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, float]:
         if self.masks is None:
             # (sparsity 0 masks nothing: a threshold of the largest |theta_0| would still freeze a weight
