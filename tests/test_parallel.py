@@ -71,7 +71,8 @@ ALGORITHM_MODES = {
     4: [("fzoo:pert2xdir2", 2, 2, 1, 1, "one-sided", "tiny"), ("momentum:pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
         ("fzoo:pert2xdata2", 2, 1, 2, 1, "one-sided", "tiny"),
         ("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
-        ("sparse:pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny")],
+        ("sparse:pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
+        ("momentum-adam:dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny")],
 }
 TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES,
           "algorithm-modes": ALGORITHM_MODES}
@@ -164,8 +165,9 @@ def _algorithm(mode):
     algorithm = name.partition(":")[0] if ":" in name else "mezo"
     if algorithm == "fzoo":
         return FZOO(lr=LR, eps=EPS, weight_decay=WD, probes=3)
-    if algorithm == "momentum":
-        return Momentum(beta=0.8, history=2, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
+    if algorithm.startswith("momentum"):  # momentum-adam: the Adam-like rule
+        rule = "adam" if algorithm.endswith("-adam") else "heavy-ball"
+        return Momentum(beta=0.8, history=2, rule=rule, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
     if algorithm == "sparse":
         return SparseMeZO(sparsity=0.5, lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
     return MeZO(lr=LR, eps=EPS, weight_decay=WD, directions=q, estimator=est)
