@@ -119,6 +119,71 @@ class Momentum:
         return Finished(record, loss, grads, finite, {"g": list(grads), **self.mezo.eps_rule.log()})
 
     def update(self, step: int) -> UpdateRecord:
+        """The record of step ``step``: the remembered steps' seeds, newest first. Heavy-ball folds
+        each step's weight w1 into its coefficients; the adam rule keeps each step's g / q (its d_s
+        is rebuilt from them) and carries (q, w1, w2) per step."""
+        adam = self.own.rule == "adam"
+        past = list(reversed(self.past))
+        w1, w2 = weights(self.own.beta, len(past)), weights(self.own.beta2, len(past))
+        seeds, coeffs, groups = [], [], []
+        for (s, grads), a, b in zip(past, w1, w2):
+            scale = 1.0 if adam else a
+            seeds += self.mezo.seeds(s)
+            coeffs += [scale * self.mezo.transformed(g) / len(grads) for g in grads]
+            groups.append((len(grads), a, b))
+        mine = self.mezo.seeds(step)
+        if not seeds:  # nothing applied yet (the first steps' losses were not finite): no move
+            seeds, coeffs, groups = mine, [0.0] * len(mine), [(len(mine), 1.0, 1.0)]
+        lr = self.mezo.lr * self.mezo.schedule.factor(step)
+        rule = {"adam": tuple(groups), "delta": self.own.delta} if adam else {}
+        return UpdateRecord(step, tuple(seeds), tuple(coeffs), lr, divisor=1, decay=self.mezo.weight_decay,
+                            rounding_seed=sr_seed(mine), **rule)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a run records; heavy-ball's are those it recorded before the adam rule
+        existed, so its logs still resume."""
+        own = asdict(self)
+        if self.rule == "heavy-ball":
+            del own["rule"], own["beta2"], own["delta"]
+        return own
+
+
+RULES = ("heavy-ball", "adam")
+
+
+def weights(beta: float, n: int) -> list[float]:
+    """The bias-corrected weights (1 - beta) beta^a / (1 - beta^n) of ages a < n (beta 0: the newest only)."""
+    if not beta:
+        return [float(a == 0) for a in range(n)]
+    norm = 1.0 - beta**n
+    return [(1.0 - beta) * beta**a / norm for a in range(n)]
+
+
+class Momentum:
+    name = "momentum"
+
+    def __init__(self, beta: float = 0.9, history: int = 8, rule: str = "heavy-ball", beta2: float = 0.99,
+                 delta: float = 1e-8, **mezo: Any):
+        self.own = MomentumConfig(beta, history, rule, beta2, delta)
+        self.mezo = MeZO(**mezo)  # the per-step estimate and its settings
+        self.past: deque[tuple[int, list[float]]] = deque(maxlen=history)  # (step, g's) of applied updates
+
+    @property
+    def schedule(self):
+        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
+        return self.mezo.schedule
+
+    def plan(self, step: int) -> list[Forward]:
+        return self.mezo.plan(step)
+
+    def finish(self, step: int, losses: list[list[float]]) -> Finished:
+        grads, loss, finite = self.mezo.estimate(step, losses)
+        if finite:
+            self.past.append((step, list(grads)))
+        record = self.update(step)
+        return Finished(record, loss, grads, finite, {"g": list(grads), **self.mezo.eps_rule.log()})
+
+    def update(self, step: int) -> UpdateRecord:
         """The record of step ``step``: the weighted estimates of the remembered steps, newest first."""
         if self.own.rule == "adam":
             return self._adam(step)
