@@ -336,13 +336,15 @@ class ZOOptimizer:
                 cache[seed] = z
         return z
 
-    @torch.no_grad()  # also in a hybrid forward that records a graph: ZO weights are never in it
     def _shadow(self, name: str, param: torch.Tensor, probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
         """theta + a z(s) for each probe (s, a), in the parameter's dtype; theta itself is never
         written (a probe of scale 0 reads it as it is). The pending update is applied first."""
-        shadows = self._shadows(name, param, probes)
-        # a probe of scale 0 reads theta: detached, so a hybrid forward's graph does not reach it
-        return shadows if self.first_order is None else tuple(s.detach() for s in shadows)
+        if self.first_order is None:  # step() runs under no_grad: nothing records a graph
+            return self._shadows(name, param, probes)
+        # a hybrid forward records a graph: ZO weights are never in it, and a probe of scale 0
+        # reads theta, detached so that the graph does not reach it
+        with torch.no_grad():
+            return tuple(s.detach() for s in self._shadows(name, param, probes))
 
     def _shadows(self, name: str, param: torch.Tensor,
                  probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
