@@ -2,6 +2,10 @@
 
     PYTHONPATH=src python bench/bench_step.py --out step.json
     PYTHONPATH=src python bench/bench_step.py --runs opt-6.7b:16x64 opt-13b:1x2048 --steps 10
+    PYTHONPATH=src python bench/bench_step.py --runs smollm2-135m:16x64:fp32 opt-6.7b:16x64:lora
+
+A run is model:ROWSxSEQ with optional flags: ``fp32`` builds the model in float32 (bf16
+otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained).
 
 Models are built from their configurations with random weights (bf16, on the GPU; no
 download). For each run (model, rows x sequence length) it measures, on the same batch:
@@ -16,6 +20,8 @@ download). For each run (model, rows x sequence length) it measures, on the same
   pass             the fused pass alone over every parameter (update + both shadows)
 
 and reports the median ms/step over --steps steps after --warmup, tokens/s, MeZO / distzo,
+the host time of a distzo step (its wall time less the time the host waits for the GPU at
+the step's one loss read),
 the floor (2 x fwd B + 12 bytes/param / measured copy bandwidth) and distzo / floor, and
 peak memory (torch.cuda.max_memory_allocated) of each phase.
 """
@@ -83,14 +89,23 @@ def _randomize(model, seed: int = 0) -> None:
             p.add_(1.0)
 
 
-def build(name: str):
+def build(name: str, dtype: torch.dtype = torch.bfloat16, lora: bool = False):
     import transformers
 
     cfg = model_config(name)
     t0 = time.perf_counter()
     with _skip_init(), torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     _randomize(model)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():  # B starts at 0 in PEFT; nonzero so that the adapters change the forward
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(0.0, 0.02)
     model.eval()
     torch.cuda.synchronize()
     return model, time.perf_counter() - t0
@@ -179,14 +194,52 @@ def largest_unit_bytes(opt) -> int:
     return best
 
 
-def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup: int, profile_to=None) -> dict:
+class HostClock:
+    """Time the host spends waiting at the step's loss read (``distzo.optimizer._scalars``, the
+    one sync of a resident step): a step's host time is its wall time less this wait."""
+
+    def __init__(self):
+        from distzo import optimizer
+
+        self.module, self.original, self.wait_s = optimizer, optimizer._scalars, 0.0
+
+    def __enter__(self):
+        def timed_read(losses):
+            t0 = time.perf_counter()
+            try:
+                return self.original(losses)
+            finally:
+                self.wait_s += time.perf_counter() - t0
+
+        self.module._scalars = timed_read
+        return self
+
+    def __exit__(self, *exc):
+        self.module._scalars = self.original
+
+
+def host_ms(opt, batch, steps: int) -> float:
+    """Median host ms per step: wall time less the wait at the loss read."""
+    torch.cuda.synchronize()
+    times = []
+    with HostClock() as clock:
+        for _ in range(steps):
+            clock.wait_s = 0.0
+            t0 = time.perf_counter()
+            opt.step(batch)
+            times.append((time.perf_counter() - t0 - clock.wait_s) * 1e3)
+    return statistics.median(times)
+
+
+def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup: int, profile_to=None,
+            optimizer_kwargs=None, cprofile_to=None) -> dict:
     from distzo.kernels import fused_for
     from distzo.optimizer import ZOOptimizer, causal_lm_loss
 
     vocab = model.config.vocab_size
     batch = make_batch(rows, seq, vocab)
     double = {k: torch.cat((v, v)) for k, v in batch.items()}
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
     r = {"model": name, "rows": rows, "seq": seq, "tokens": rows * seq, "params": nparams}
     gc.collect()
     torch.cuda.empty_cache()
@@ -206,12 +259,22 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
     gc.collect()
     torch.cuda.empty_cache()
 
-    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
+    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, **(optimizer_kwargs or {}))
     assert opt._fused is not None, "the fused kernels did not load"
     r["largest_unit_bytes"] = largest_unit_bytes(opt)
     losses = []
     r["distzo_ms"], r["peak_distzo"] = timed(lambda: losses.append(opt.step(batch).loss), steps, warmup)
     r["distzo_loss_first_last"] = [losses[0], losses[-1]]
+    r["host_ms"] = host_ms(opt, batch, steps)
+    if cprofile_to is not None:  # where the host time goes, by Python function
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [opt.step(batch) for _ in range(5)])
+        with open(cprofile_to, "w") as f:
+            f.write(f"{name} {rows}x{seq}: 5 distzo steps\n")
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
 
     # the fused pass alone: one update + shadow pass over every parameter
     ops = fused_for(opt.params[0].param)
@@ -233,8 +296,9 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
             torch.cuda.synchronize()
         events = prof.key_averages()
         table = events.table(sort_by="cuda_time_total", row_limit=25)
+        host = events.table(sort_by="self_cpu_time_total", row_limit=30)
         with open(profile_to, "w") as f:
-            f.write(f"{name} {rows}x{seq}: 2 distzo steps\n{table}\n")
+            f.write(f"{name} {rows}x{seq}: 2 distzo steps, by GPU time\n{table}\n\nby host time\n{host}\n")
 
         def device_us(e):
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
@@ -247,6 +311,7 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
 
     tokens = rows * seq
     r["floor_ms"] = 2 * r["fwd_B_ms"] + 12 * nparams / bw * 1e3
+    r["over_two_forwards"] = r["distzo_ms"] / (2 * r["fwd_B_ms"])
     r["distzo_tokens_per_s"] = tokens / (r["distzo_ms"] * 1e-3)
     r["mezo_tokens_per_s"] = tokens / (r["mezo_ms"] * 1e-3)
     r["speedup_vs_mezo"] = r["mezo_ms"] / r["distzo_ms"]
@@ -260,15 +325,16 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
 
 def table(results: list[dict]) -> str:
     gib = 2.0**30
-    head = (f"{'model':<11} {'BxS':>8} {'fwd B':>7} {'fwd 2B':>7} {'MeZO':>8} {'distzo':>8} {'pass':>6} "
-            f"{'x MeZO':>6} {'floor':>7} {'/floor':>6} {'tok/s':>8} {'peak GiB':>8} {'infB':>6} {'inf2B':>6} {'MeZO':>6} "
+    head = (f"{'model':<16} {'BxS':>8} {'fwd B':>7} {'fwd 2B':>7} {'MeZO':>8} {'distzo':>8} {'pass':>6} "
+            f"{'x MeZO':>6} {'floor':>7} {'/floor':>6} {'/2fwd':>6} {'host':>6} {'tok/s':>8} {'peak GiB':>8} {'infB':>6} {'inf2B':>6} {'MeZO':>6} "
             f"{'mem ok':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['model']:<11} {r['rows']:>3}x{r['seq']:<4} {r['fwd_B_ms']:>7.1f} {r['fwd_2B_ms']:>7.1f} "
+            f"{r['model']:<16} {r['rows']:>3}x{r['seq']:<4} {r['fwd_B_ms']:>7.1f} {r['fwd_2B_ms']:>7.1f} "
             f"{r['mezo_ms']:>8.1f} {r['distzo_ms']:>8.1f} {r['pass_ms']:>6.1f} {r['speedup_vs_mezo']:>6.2f} "
-            f"{r['floor_ms']:>7.1f} {r['distzo_over_floor']:>6.2f} {r['distzo_tokens_per_s']:>8.0f} "
+            f"{r['floor_ms']:>7.1f} {r['distzo_over_floor']:>6.2f} {r['over_two_forwards']:>6.2f} {r['host_ms']:>6.1f} "
+            f"{r['distzo_tokens_per_s']:>8.0f} "
             f"{r['peak_distzo'] / gib:>8.2f} {r['peak_fwd_B'] / gib:>6.2f} {r['peak_fwd_2B'] / gib:>6.2f} "
             f"{r['peak_mezo'] / gib:>6.2f} {r['memory_ok']!s:>6}"
         )
@@ -277,21 +343,27 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="model:ROWSxSEQ, e.g. opt-6.7b:16x64")
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                    help="model:ROWSxSEQ[:fp32][:lora], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the first run's step here")
+    ap.add_argument("--profile-all", action="store_true", help="profile every run (PROFILE-<i>.txt)")
+    ap.add_argument("--cprofile", default=None, help="write a cProfile of the first run's host time here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_step needs a CUDA device", file=sys.stderr)
         return 2
 
-    plan: dict[str, list[tuple[int, int]]] = {}
+    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
     for spec in args.runs:
-        name, shape = spec.split(":")
+        name, shape, *flags = spec.split(":")
+        unknown = set(flags) - {"fp32", "lora"}
+        if unknown:
+            ap.error(f"unknown run flag(s) {sorted(unknown)} in {spec!r}: fp32, lora")
         rows, seq = (int(v) for v in shape.lower().split("x"))
-        plan.setdefault(name, []).append((rows, seq))
+        plan.setdefault((name, tuple(sorted(flags))), []).append((rows, seq))
 
     bw = copy_bandwidth()
     meta = {
@@ -311,11 +383,15 @@ def main(argv=None) -> int:
     print(f"{meta['device']}  copy {bw / 1e9:.0f} GB/s  torch {torch.__version__}", flush=True)
     results = []
     first = True
-    for name, shapes in plan.items():
-        model, build_s = build(name)
+    for (base, flags), shapes in plan.items():
+        name = ":".join((base, *flags))
+        model, build_s = build(base, torch.float32 if "fp32" in flags else torch.bfloat16, "lora" in flags)
         print(f"built {name} in {build_s:.1f} s", flush=True)
         for rows, seq in shapes:
-            r = run_one(model, name, rows, seq, bw, args.steps, args.warmup, args.profile if first else None)
+            profile_to = args.profile.replace(".txt", f"-{len(results)}.txt") if args.profile and args.profile_all \
+                else (args.profile if first else None)
+            r = run_one(model, name, rows, seq, bw, args.steps, args.warmup, profile_to,
+                        cprofile_to=args.cprofile if first else None)
             first = False
             r["build_s"] = build_s
             results.append(r)
