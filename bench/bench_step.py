@@ -5,7 +5,8 @@
     PYTHONPATH=src python bench/bench_step.py --runs smollm2-135m:16x64:fp32 opt-6.7b:16x64:lora
 
 A run is model:ROWSxSEQ with optional flags: ``fp32`` builds the model in float32 (bf16
-otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained).
+otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained),
+``graphs`` steps with ``cuda_graphs=True`` (runs differing only by it share one model).
 
 Models are built from their configurations with random weights (bf16, on the GPU; no
 download). For each run (model, rows x sequence length) it measures, on the same batch:
@@ -218,17 +219,20 @@ class HostClock:
         self.module._scalars = self.original
 
 
-def host_ms(opt, batch, steps: int) -> float:
-    """Median host ms per step: wall time less the wait at the loss read."""
-    torch.cuda.synchronize()
-    times = []
+def host_ms(opt, batch, steps: int) -> tuple[float, float]:
+    """Median host ms per step (wall time less the wait at the loss read) and median wall ms
+    on the host's clock, each step started and ended with the GPU idle."""
+    host, wall = [], []
     with HostClock() as clock:
         for _ in range(steps):
+            torch.cuda.synchronize()
             clock.wait_s = 0.0
             t0 = time.perf_counter()
             opt.step(batch)
-            times.append((time.perf_counter() - t0 - clock.wait_s) * 1e3)
-    return statistics.median(times)
+            torch.cuda.synchronize()
+            wall.append((time.perf_counter() - t0) * 1e3)
+            host.append(wall[-1] - clock.wait_s * 1e3)
+    return statistics.median(host), statistics.median(wall)
 
 
 def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup: int, profile_to=None,
@@ -265,7 +269,9 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
     losses = []
     r["distzo_ms"], r["peak_distzo"] = timed(lambda: losses.append(opt.step(batch).loss), steps, warmup)
     r["distzo_loss_first_last"] = [losses[0], losses[-1]]
-    r["host_ms"] = host_ms(opt, batch, steps)
+    r["host_ms"], r["distzo_wall_ms"] = host_ms(opt, batch, steps)
+    if opt._stream.graphs is not None:
+        r["graph_replays"], r["graphs"] = opt._stream.graphs.replays, len(opt._stream.graphs.captures)
     if cprofile_to is not None:  # where the host time goes, by Python function
         import cProfile
         import pstats
@@ -346,7 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
                     help="model:ROWSxSEQ[:fp32][:lora], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 2 for graphs to be captured)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the first run's step here")
     ap.add_argument("--profile-all", action="store_true", help="profile every run (PROFILE-<i>.txt)")
@@ -356,14 +362,15 @@ def main(argv=None) -> int:
         print("bench_step needs a CUDA device", file=sys.stderr)
         return 2
 
-    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
+    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int, bool]]] = {}
     for spec in args.runs:
         name, shape, *flags = spec.split(":")
-        unknown = set(flags) - {"fp32", "lora"}
+        unknown = set(flags) - {"fp32", "lora", "graphs"}
         if unknown:
-            ap.error(f"unknown run flag(s) {sorted(unknown)} in {spec!r}: fp32, lora")
+            ap.error(f"unknown run flag(s) {sorted(unknown)} in {spec!r}: fp32, lora, graphs")
         rows, seq = (int(v) for v in shape.lower().split("x"))
-        plan.setdefault((name, tuple(sorted(flags))), []).append((rows, seq))
+        model_flags = tuple(sorted(set(flags) - {"graphs"}))
+        plan.setdefault((name, model_flags), []).append((rows, seq, "graphs" in flags))
 
     bw = copy_bandwidth()
     meta = {
@@ -387,10 +394,11 @@ def main(argv=None) -> int:
         name = ":".join((base, *flags))
         model, build_s = build(base, torch.float32 if "fp32" in flags else torch.bfloat16, "lora" in flags)
         print(f"built {name} in {build_s:.1f} s", flush=True)
-        for rows, seq in shapes:
+        for rows, seq, graphs in shapes:
             profile_to = args.profile.replace(".txt", f"-{len(results)}.txt") if args.profile and args.profile_all \
                 else (args.profile if first else None)
-            r = run_one(model, name, rows, seq, bw, args.steps, args.warmup, profile_to,
+            r = run_one(model, name + (":graphs" if graphs else ""), rows, seq, bw, args.steps, args.warmup,
+                        profile_to, optimizer_kwargs={"cuda_graphs": True} if graphs else None,
                         cprofile_to=args.cprofile if first else None)
             first = False
             r["build_s"] = build_s

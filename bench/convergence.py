@@ -185,7 +185,8 @@ def zo_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Step, 
     kind = get_task(cfg.task.name).kind
 
     def step(t: int) -> tuple[float, int, int]:
-        stats = opt.step(collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length))
+        stats = opt.step(collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length,
+                                       pad_to_multiple_of=cfg.task.pad_to_multiple_of))
         return stats.loss, sum(len(probes) for probes in stats.losses), 0
 
     return step, opt.flush
@@ -206,7 +207,8 @@ def adamw_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Ste
     model.train()
 
     def step(t: int) -> tuple[float, int, int]:
-        batch = collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length)
+        batch = collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length,
+                              pad_to_multiple_of=cfg.task.pad_to_multiple_of)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k in MODEL_INPUTS}
         loss = default_loss(model(**inputs).logits, batch)
         loss.backward()

@@ -55,6 +55,7 @@ ALIASES = {
     "lora": "use_lora",
     "offload": "offload.mode",
     "gpu-memory": "offload.gpu_memory",
+    "cuda-graphs": "optim.cuda_graphs",
     "tensorboard": "report_to",  # the boolean flag report_to replaced: true|false still work
 }
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)

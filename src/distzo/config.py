@@ -78,6 +78,10 @@ class OptimConfig:
     """AdamW learning rate of the optim.first_order parameters (constant)."""
     first_order_weight_decay: float = 0.0
     """AdamW (decoupled) weight decay of the optim.first_order parameters."""
+    cuda_graphs: bool = False
+    """Replay each unit call of the forward from a CUDA graph once seen twice (CUDA with Triton, resident, no
+    optim.first_order): the same results, without the host's per-launch cost, which sets the pace of small models,
+    short batches and LoRA; one graph per input shape (see data: pad_to_multiple_of), memory for each (docs/kernels.md)."""
     mezo: MeZOConfig = field(default_factory=MeZOConfig)
     fzoo: FZOOConfig = field(default_factory=FZOOConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
@@ -181,6 +185,7 @@ class TrainConfig:
         self.optim.schedule_for(self.steps)  # a bad schedule fails here, not after the model has loaded
         self.report_to = loggers.check(_legacy_report_to(self.report_to))
         self._check_quantize()
+        self._check_graphs()
         self._check_push()
         if self.use_lora and self.optim.algorithm == "sparse":
             # LoRA's B starts at zero: its threshold would be 0, and B would freeze after one step
@@ -195,6 +200,14 @@ class TrainConfig:
                              "only adapters can train on it")
         if self.offload.enabled:  # offload streams blocks of one float dtype; quantized blocks are not
             raise ValueError("model.quantize does not work with offload yet; drop one of them")
+
+    def _check_graphs(self) -> None:
+        if not self.optim.cuda_graphs:
+            return
+        if self.offload.enabled:  # the engine's uploads and slots are driven by the host, block by block
+            raise ValueError("optim.cuda_graphs does not combine with offload; drop one of them")
+        if self.optim.first_order:
+            raise ValueError("optim.cuda_graphs does not combine with optim.first_order (its backward records a graph)")
 
     def _check_push(self) -> None:
         if self.push_checkpoint not in ("best", "last"):

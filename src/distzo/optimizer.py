@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distzo import algorithms, directions, kernels, parallel, records
+from distzo import algorithms, directions, graphs, kernels, parallel, records
 from distzo.directions import Kind, check_kind
 from distzo.estimator import Estimator
 from distzo.first_order import FirstOrder, check_offload
@@ -114,12 +114,15 @@ class ZOOptimizer:
         algorithm: str | algorithms.Algorithm = "mezo",
         merge_forwards: bool = False,
         first_order: FirstOrder | None = None,
+        cuda_graphs: bool = False,
     ):
         """``algorithm`` is a name, built with the hyper-parameters lr .. schedule, or an
         algorithm already built (then those are not used). ``merge_forwards`` measures all of a
         step's probes in one forward (always so when offloaded): fewer passes over the weights,
         activations for every probe at once. ``first_order`` trains its parameters by backprop
-        from the same forwards (``distzo.first_order``); ZO perturbs only the others."""
+        from the same forwards (``distzo.first_order``); ZO perturbs only the others.
+        ``cuda_graphs`` replays each unit call of the forward from a CUDA graph once it has been
+        seen twice (``distzo.graphs``): the same results, without the host's per-launch cost."""
         check_kind(perturbation)
         if isinstance(algorithm, str):
             algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
@@ -165,6 +168,16 @@ class ZOOptimizer:
             offload.reapply_with(self._reapply)
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
+        # Resident fused runs keep each kernel call's launch arguments in device buffers that a
+        # step refreshes in place (what a CUDA graph needs): (call, with update, layout) -> LaunchArgs
+        self._launch: dict[tuple, Any] = {}
+        self._launch_serial = 0
+        self._keeps_launch_args = self._fused is not None and offload is None
+        if cuda_graphs:
+            _check_graphs(self)
+            self._stream.graphs = graphs.UnitGraphs(graphs.GraphHooks(
+                key=self._graph_key, replayed=self._replayed, snapshot=lambda: set(self._unapplied),
+                restore=self._restore_unapplied))
 
     # ------------------------------------------------------------------ public API
 
@@ -179,20 +192,24 @@ class ZOOptimizer:
         forwards = self.algorithm.plan(t)
         measured: dict[tuple[int, int], float] = {}
         was_training = self.model.training
-        self.model.eval()  # no dropout: every stream must see the same function
+        if was_training:  # (a model already in eval mode is not walked twice per step)
+            self.model.eval()  # no dropout: every stream must see the same function
         self._begin_update(forwards)
         groups = self._groups(parallel.my_probes(self.mesh, forwards))
         probes_measured = sum(len(group) for group in groups)
         try:
             for group in groups:
-                tensors = self._loss_tensors(batch, tuple(forwards[i].probes[k] for i, k in group))
+                probes = tuple(forwards[i].probes[k] for i, k in group)
+                self._refresh_launch_args(probes)
+                tensors = self._loss_tensors(batch, probes)
                 measured.update(zip(group, _scalars(tensors)))
                 if self.first_order is not None:  # the FO loss: the mean over the step's probes
                     self.first_order.backward(tensors, 1.0 / probes_measured)
                 del tensors
                 self._finish_update()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         self._finish_update()  # a rank that measured no probe still applies the update
         if self.offload is not None:
             self.offload.after_step()
@@ -312,6 +329,7 @@ class ZOOptimizer:
 
     def stream_losses(self, batch: Mapping[str, Any], probes: tuple[algorithms.Probe, ...]) -> list[float]:
         """L(theta + a z(s)) for each probe (s, a), from one forward of the batch stacked once per probe."""
+        self._refresh_launch_args(probes)
         return _scalars(self._loss_tensors(batch, probes))
 
     def _loss_tensors(self, batch: Mapping[str, Any], probes: tuple[algorithms.Probe, ...]) -> list[torch.Tensor]:
@@ -360,19 +378,87 @@ class ZOOptimizer:
         out: list[torch.Tensor | None] = [param if pr.scale == 0.0 else None for pr in probes]
         # The kernel applies the update and builds up to two shadows of one seed in one pass
         # over theta; further seeds (or scales) take further passes, without the update.
-        for seed, slots in _kernel_calls(probes):
-            scales = tuple(probes[k].scale for k in slots) + (0.0,) * (2 - len(slots))
-            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales, threshold)
+        for j, (seed, slots) in enumerate(_kernel_calls(probes)):
+            scales = _pair(probes, slots)
+            args = self._launch_args(j, update)
+            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales, threshold,
+                                                     args=args)
             for k, shadow in zip(slots, shadows):
                 out[k] = shadow
             if update is not None and self.offload is not None:
                 self.offload.updated(p.param, update)
             update = None
         if update is not None:  # every probe reads theta: the update alone
-            self._apply(p, update)
+            if self._keeps_launch_args and not self._fused.torch_path(param, update):
+                self._fused.apply_update(param, p.key, update, self.perturbation, threshold,
+                                         args=self._launch_args("update", update))
+            else:
+                self._apply(p, update)
             if self.offload is not None:
                 self.offload.updated(p.param, update)
         return tuple(out)
+
+    # ------------------------------------------------------------------ launch arguments, CUDA graphs
+
+    def _refresh_launch_args(self, probes: tuple[algorithms.Probe, ...]) -> None:
+        """Write this forward's seeds, coefficients and scales into the kept launch arguments of
+        every kernel call it will make (before the forward: a captured call only reads them)."""
+        if not self._keeps_launch_args:
+            return
+        self._launch_serial += 1
+        update = self._applying
+        calls = _kernel_calls(probes)
+        for j, (seed, slots) in enumerate(calls):
+            self._keep(j, None, seed, _pair(probes, slots))
+            if update is not None and j == 0:
+                self._keep(j, update, seed, _pair(probes, slots))
+        if update is not None:
+            self._keep("update", update, 0, (0.0, 0.0))
+
+    def _keep(self, call, record: UpdateRecord | None, seed: int, scales: tuple[float, float]) -> None:
+        key = (call, record is not None, self._fused.layout_of(record, self.perturbation))
+        kept = self._launch.get(key)
+        if kept is None:
+            kept = self._launch[key] = self._fused.LaunchArgs(record, self.perturbation, seed, scales, self.device)
+        else:
+            kept.refresh(record, self.perturbation, seed, scales)
+        kept.serial = self._launch_serial
+
+    def _launch_args(self, call, record: UpdateRecord | None):
+        """The kept launch arguments of kernel call ``call`` of this forward (None: not kept; the
+        kernels then make their own)."""
+        if not self._keeps_launch_args:
+            return None
+        key = (call, record is not None, self._fused.layout_of(record, self.perturbation))
+        kept = self._launch.get(key)
+        if kept is not None and kept.serial == self._launch_serial:
+            return kept
+        if torch.cuda.is_current_stream_capturing():  # a capture must not bake in a step's values
+            raise RuntimeError(f"no launch arguments were kept for kernel call {call!r} of this forward")
+        return None
+
+    def _graph_key(self, unit) -> tuple | None:
+        """What decides the launches of a unit call beside its inputs: which of its parameters
+        take the pending update (and the record's layout), the probes' structure, the masks.
+        None keeps the call eager (a record or a dtype the torch path serves)."""
+        names = tuple(sorted({name for _, _, name in unit.slots}))
+        updating = tuple(n for n in names if n in self._unapplied)
+        record = self._applying if updating else None
+        if any(self._fused.torch_path(self._by_name[n].param, record) for n in names):
+            return None
+        probes = self._stream.probes
+        seeds = [pr.seed for pr in probes]
+        shape = tuple((pr.scale != 0.0, seeds.index(pr.seed)) for pr in probes)
+        layout = self._fused.layout_of(record, self.perturbation)
+        return updating, layout, shape, tuple(self._thresholds.get(n) for n in names)
+
+    def _replayed(self, unit) -> None:
+        """A replayed unit call did what its shadow calls do to the bookkeeping."""
+        for _, _, name in unit.slots:
+            self._unapplied.discard(name)
+
+    def _restore_unapplied(self, state: set[str]) -> None:
+        self._unapplied = set(state)
 
 
 def _check_first_order(first_order: FirstOrder | None, mesh: parallel.Mesh | None,
@@ -384,6 +470,21 @@ def _check_first_order(first_order: FirstOrder | None, mesh: parallel.Mesh | Non
         raise ValueError("optim.first_order does not work under torchrun yet; run a hybrid job in one process")
     if offload is not None:
         check_offload(first_order.model, first_order, offload)
+
+
+def _check_graphs(opt: ZOOptimizer) -> None:
+    """CUDA graphs replay resident fused launches; say so where a run has none to replay."""
+    if opt._fused is None:
+        raise ValueError("optim.cuda_graphs needs a CUDA device with Triton (the fused kernels); this run has none")
+    if opt.offload is not None:
+        raise ValueError("optim.cuda_graphs does not combine with offload: the blocks' uploads are timed by the host")
+    if opt.first_order is not None:
+        raise ValueError("optim.cuda_graphs does not combine with optim.first_order (its backward records a graph)")
+
+
+def _pair(probes, slots: list[int]) -> tuple[float, float]:
+    """The scales of a kernel call's (up to) two shadows; 0.0 for a missing one."""
+    return tuple(probes[k].scale for k in slots) + (0.0,) * (2 - len(slots))
 
 
 def _scalars(losses: list[torch.Tensor]) -> list[float]:

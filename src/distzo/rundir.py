@@ -35,7 +35,7 @@ RESUMABLE = (
     "steps", "resume", "eval_every", "save_every", "log_every", "eval_batch_size", "progress", "report_to",
     "time_limit_minutes", "max_skipped_steps", "zero_shot", "test_at_best", "output_dir", "push_to_hub",
     "push_checkpoint",
-    "model.device", "model.cache_dir", "parallel.", "offload.",
+    "model.device", "model.cache_dir", "parallel.", "offload.", "optim.cuda_graphs",
 )
 
 

@@ -144,6 +144,7 @@ def build_optimizer(cfg: TrainConfig, model, mesh: parallel.Mesh | None = None,
         offload=offload,
         algorithm=algorithms.build(cfg.optim, cfg.seed, cfg.steps),
         first_order=build_first_order(cfg, model),
+        cuda_graphs=cfg.optim.cuda_graphs,
     )
 
 
@@ -443,7 +444,8 @@ class Trainer:
         window = _Window()
         while self.state["step"] < cfg.steps:
             t = self.state["step"]
-            batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length)
+            batch = collate_train(self.stream.at(t), self.tokenizer, self.task.kind, cfg.task.max_length,
+                                  pad_to_multiple_of=cfg.task.pad_to_multiple_of)
             stats = self.opt.step(parallel.shard_batch(batch, self.mesh.coord("data"), self.mesh.size("data")))
             if self.mesh.is_main:
                 self._tail = self.log.append_update(stats.update, stats.loss, skipped=stats.skipped, **stats.log)

@@ -205,11 +205,15 @@ class DualStream:
         self.rows = 0
         self.probes: tuple = ()
         self.calls: dict[str, int] = {}
+        # distzo.graphs.UnitGraphs: unit calls replayed from CUDA graphs; None runs them eagerly
+        self.graphs = None
 
     @contextlib.contextmanager
     def active(self, rows: int, probes: tuple) -> Iterator[None]:
         self.rows, self.probes = rows, tuple(probes)
         self.calls = {u.name: 0 for u in self.units}
+        if self.graphs is not None:
+            self.graphs.begin_forward()
         try:
             for unit in self.units:
                 unit.module.forward = self._wrap(unit)
@@ -228,7 +232,14 @@ class DualStream:
         original = type(unit.module).forward.__get__(unit.module)
 
         def forward(*args, **kwargs):
+            index = self.calls[unit.name]
             self.calls[unit.name] += 1
+            if self.graphs is not None:
+                return self.graphs.call(unit, index, streams, args, kwargs)
+            return streams(args, kwargs)
+
+        def streams(args: tuple, kwargs: dict):
+            """The unit call itself: shadows, one original forward per stream, the merge."""
             rows = self.rows
             names = {name for _, _, name in unit.slots}
             lean = self.lean is not None and self.lean(unit)

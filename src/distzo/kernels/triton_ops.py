@@ -209,17 +209,26 @@ def _round_generic(x, k, DTYPE: tl.constexpr, ITYPE: tl.constexpr, SIGN: tl.cons
     return tl.where((err != 0) & (gap > 0) & (u < prob), other, nearest)
 
 
-@triton.jit(do_not_specialize=["key_lo", "key_hi", "dseed_lo", "dseed_hi", "sr_lo", "sr_hi"])
+@triton.jit
+def _seed_halves(seeds_ptr, i):
+    """Element i of the int64 seed buffer as the (low, high) uint32 words Philox takes."""
+    s = tl.load(seeds_ptr + i)
+    return (s & 0xFFFFFFFF).to(tl.uint32), ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi"])
 def _step_kernel(
     p_ptr, plus_ptr, minus_ptr, n,
-    key_lo, key_hi, dseed_lo, dseed_hi, sr_lo, sr_hi,
+    key_lo, key_hi,
     useeds_ptr, coef_ptr, thr,
     Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
     PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-; thr (float32): the
-    # mask threshold, read only when MASKED
+    # useeds_ptr (int64): the update's seeds s_0 .. s_{Q-1}, the rounding seed, the shadows'
+    # direction seed; coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-; thr
+    # (float32): the mask threshold, read only when MASKED. Everything that changes from step
+    # to step is in device memory, so a captured CUDA graph replays with the next step's values.
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
     mask = offs < n - base
@@ -231,9 +240,7 @@ def _step_kernel(
     if UPDATE:
         acc = tl.zeros([BLOCK], tl.float32)
         for j in tl.static_range(Q):
-            s = tl.load(useeds_ptr + j)
-            slo = (s & 0xFFFFFFFF).to(tl.uint32)
-            shi = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+            slo, shi = _seed_halves(useeds_ptr, j)
             g = tl.load(coef_ptr + j)
             acc += g * _direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, FAST)
         if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
@@ -244,16 +251,19 @@ def _step_kernel(
             acc = tl.where(tl.abs(x) <= thr, acc, 0.0)
         x = x - tl.load(coef_ptr + Q) * acc
         if SR == 1:
-            theta = _round_bf16(x, _noise(blk, klo, khi, _u32(sr_lo), _u32(sr_hi), BLOCK))
+            sr_lo, sr_hi = _seed_halves(useeds_ptr, Q)
+            theta = _round_bf16(x, _noise(blk, klo, khi, sr_lo, sr_hi, BLOCK))
         elif SR == 2:
-            k = _noise(blk, klo, khi, _u32(sr_lo), _u32(sr_hi), BLOCK)
+            sr_lo, sr_hi = _seed_halves(useeds_ptr, Q)
+            k = _noise(blk, klo, khi, sr_lo, sr_hi, BLOCK)
             theta = _round_generic(x, k, tl.float16, tl.int16, -32768)
         else:
             theta = x.to(theta.dtype)
         tl.store(p_ptr + base + offs, theta, mask=mask)
         x = theta.to(tl.float32)
     if PLUS or MINUS:
-        z = _direction(blk, klo, khi, _u32(dseed_lo), _u32(dseed_hi), BLOCK, GAUSS, FAST)
+        ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1)
+        z = _direction(blk, klo, khi, ds_lo, ds_hi, BLOCK, GAUSS, FAST)
         if PLUS:
             plus = (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype)
             if MASKED:  # x is theta after the update (update.perturbed)
@@ -315,42 +325,76 @@ def _gauss(kind: str) -> bool:
 _SR_MODES = {torch.bfloat16: _SR_BF16, torch.float16: _SR_GENERIC, torch.float32: _SR_NONE}
 
 
-class _StepScalars:
-    """Everything a launch needs besides the tensor: the seeds as int32 halves, the
-    coefficients / lr / decay / scales in a small device buffer (uploaded once per step,
-    not per tensor) and the constexpr flags. The last few are kept, keyed by their inputs."""
+class LaunchArgs:
+    """Everything a launch needs besides the tensor: the seeds (update seeds, rounding seed,
+    direction seed) and the coefficients / lr / decay / scales in two small device buffers,
+    uploaded once per step, not per tensor, and the constexpr flags.
+
+    ``refresh`` writes another step's values into the same buffers (the flags must agree:
+    ``layout``), so a kernel captured in a CUDA graph reads them at its next replay. The copy
+    runs on the current stream, after every launch that read the old values."""
 
     def __init__(self, record: UpdateRecord | None, kind, seed, scales, device):
-        has_update = record is not None and len(record.seeds) > 0
-        seeds = [s & 0xFFFF_FFFF_FFFF_FFFF for s in record.seeds] if has_update else []
-        coeffs = list(record.coeffs) if has_update else [0.0]
-        lr = record.lr if has_update else 0.0
-        decay = record.decay if has_update else 0.0
-        # the kernel reads c_0 .. c_{Q-1}, lr, decay, scale+, scale- with Q = max(q, 1)
-        coefs = [*coeffs, lr, decay, float(scales[0]), float(scales[1])]
-        signed = [s - (1 << 64) if s >> 63 else s for s in seeds] or [0]
-        self.seeds_t = torch.tensor(signed, dtype=torch.int64).to(device, non_blocking=True)
-        self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
-        self.sr = _halves(record.rounding_seed) if has_update else (0, 0)
-        self.dseed = _halves(seed)
-        self.q = max(len(seeds), 1)
-        self.div = record.divisor if has_update else 1
-        self.has_update = has_update
-        self.decay = has_update and bool(decay)
+        self.has_update = record is not None and len(record.seeds) > 0
+        self.q = max(len(record.seeds), 1) if self.has_update else 1
+        self.div = record.divisor if self.has_update else 1
+        self.decay = self.has_update and bool(record.decay)
         self.gauss = _gauss(kind)
+        seeds, coefs = _values(record, seed, scales, self.has_update)
+        self.seeds_t = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+        self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
         self.aligned = _aligned(self.seeds_t) and _aligned(self.coef_t)
+        self.serial = 0  # which forward the keeper last refreshed these for (distzo.optimizer)
+
+    @property
+    def layout(self) -> tuple:
+        return self.q, self.div, self.has_update, self.decay, self.gauss
+
+    def refresh(self, record: UpdateRecord | None, kind, seed, scales) -> None:
+        fresh = layout_of(record, kind)
+        if fresh != self.layout:
+            raise ValueError(f"launch arguments of layout {self.layout} cannot take a record of layout {fresh}")
+        seeds, coefs = _values(record, seed, scales, self.has_update)
+        # pinned sources: the copies are asynchronous, and the caching host allocator keeps each
+        # source alive until its copy has run
+        self.seeds_t.copy_(torch.tensor(seeds, dtype=torch.int64).pin_memory(), non_blocking=True)
+        self.coef_t.copy_(torch.tensor(coefs, dtype=torch.float32).pin_memory(), non_blocking=True)
 
 
-_SCALARS: dict[tuple, _StepScalars] = {}
+def layout_of(record: UpdateRecord | None, kind) -> tuple:
+    """The constexpr flags a record's launches compile with (``LaunchArgs.layout``)."""
+    has_update = record is not None and len(record.seeds) > 0
+    if not has_update:
+        return 1, 1, False, False, _gauss(kind)
+    return max(len(record.seeds), 1), record.divisor, True, bool(record.decay), _gauss(kind)
 
 
-def _scalars(record: UpdateRecord | None, kind, seed, scales, device) -> _StepScalars:
+def _signed(value: int) -> int:
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _values(record: UpdateRecord | None, seed, scales, has_update: bool) -> tuple[list[int], list[float]]:
+    """The two buffers' contents: [s_0 .. s_{Q-1}, rounding seed, direction seed] and
+    [c_0 .. c_{Q-1}, lr, decay, scale+, scale-] (with Q = max(q, 1))."""
+    seeds = [_signed(s) for s in record.seeds] if has_update else [0]
+    rounding = _signed(record.rounding_seed) if has_update else 0
+    coeffs = list(record.coeffs) if has_update else [0.0]
+    lr = record.lr if has_update else 0.0
+    decay = record.decay if has_update else 0.0
+    return [*seeds, rounding, _signed(seed)], [*coeffs, lr, decay, float(scales[0]), float(scales[1])]
+
+
+_SCALARS: dict[tuple, LaunchArgs] = {}
+
+
+def _scalars(record: UpdateRecord | None, kind, seed, scales, device) -> LaunchArgs:
     ident = (record, kind, seed, scales[0], scales[1], device)
     hit = _SCALARS.get(ident)
     if hit is None:
         if len(_SCALARS) >= 8:
             _SCALARS.pop(next(iter(_SCALARS)))
-        hit = _SCALARS[ident] = _StepScalars(record, kind, seed, scales, device)
+        hit = _SCALARS[ident] = LaunchArgs(record, kind, seed, scales, device)
     return hit
 
 
@@ -391,7 +435,7 @@ def _on_device(index):
     return torch.cuda.device(index)
 
 
-def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool, threshold: float | None = None) -> None:
+def _launch(work, plus, minus, aligned, key, sc: LaunchArgs, decay: bool, threshold: float | None = None) -> None:
     """One fused pass over the contiguous tensor ``work``, shadows into ``plus``/``minus``,
     masked by ``threshold`` (None: unmasked).
 
@@ -403,7 +447,7 @@ def _launch(work, plus, minus, aligned, key, sc: _StepScalars, decay: bool, thre
         return
     key_lo, key_hi = _halves(key)
     args = (work, work if plus is None else plus, work if minus is None else minus, n,
-            key_lo, key_hi, sc.dseed[0], sc.dseed[1], sc.sr[0], sc.sr[1], sc.seeds_t, sc.coef_t,
+            key_lo, key_hi, sc.seeds_t, sc.coef_t,
             0.0 if threshold is None else float(threshold))
     consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
               sc.gauss, FAST_MATH, threshold is not None, _BLOCK)
@@ -426,18 +470,20 @@ def _check_dtype(param: torch.Tensor) -> None:
         raise TypeError(f"fused kernels take float32/bfloat16/float16/float64 tensors, not {param.dtype}")
 
 
-def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scales, threshold: float | None = None):
+def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scales, threshold: float | None = None,
+                       args: LaunchArgs | None = None):
     """Apply ``record`` (or None) to ``param`` in place; return (theta' + a z, theta' + b z).
 
     z = z(seed, key) and (a, b) = ``scales``; a shadow whose scale is 0.0 is ``param``
     itself. One read of theta, one write of theta' (only with an update), one write
     per shadow; every z is generated in registers. ``threshold`` masks the update and
-    the shadows as ``distzo.update`` does.
+    the shadows as ``distzo.update`` does. ``args``: this call's ``LaunchArgs``, kept by the
+    caller (the values of record, seed and scales in device buffers that outlive the call).
     """
-    if _torch_path(param, record):
+    if torch_path(param, record):
         return _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold)
     _check_dtype(param)
-    sc = _scalars(record, kind, seed, scales, param.device)
+    sc = args if args is not None else _scalars(record, kind, seed, scales, param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
     a, b = scales[0] != 0.0, scales[1] != 0.0
     # Both shadows in one allocation (one allocator call; freed together after the unit).
@@ -453,13 +499,15 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
     return (param if plus is None else plus), (param if minus is None else minus)
 
 
-def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: float | None = None):
-    """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass."""
-    if _torch_path(param, record):
+def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: float | None = None,
+                 args: LaunchArgs | None = None):
+    """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass (``args`` as
+    for ``update_and_shadows``, with seed 0 and scales 0)."""
+    if torch_path(param, record):
         _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0), threshold)
         return
     _check_dtype(param)
-    sc = _scalars(record, kind, 0, (0.0, 0.0), param.device)
+    sc = args if args is not None else _scalars(record, kind, 0, (0.0, 0.0), param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
     _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param), threshold)
     if work is not param:
@@ -481,7 +529,7 @@ class _Drawn(Sequence):
         return normal(self.seeds[j], self.key, 0, like.numel(), self.kind, like.device).view(like.shape)
 
 
-def _torch_path(param, record: UpdateRecord | None) -> bool:
+def torch_path(param, record: UpdateRecord | None) -> bool:
     """float64 tensors, and Adam-like records: the kernel computes sum_j c_j z_j only. Fusing the
     Adam-like step (d_s, m and v in registers, one pass) is future work; until then such an update
     costs the torch path's passes over theta and one tensor-sized draw per seed."""
@@ -530,4 +578,5 @@ def raw_words(seed: int, key: int, start: int, count: int, device="cuda") -> tor
     return _draw(3, seed, key, start, count, device, torch.int64)
 
 
-__all__ = ["update_and_shadows", "apply_update", "normal", "uniform", "raw_words", "FAST_MATH"]
+__all__ = ["update_and_shadows", "apply_update", "LaunchArgs", "layout_of", "torch_path", "normal", "uniform",
+           "raw_words", "FAST_MATH"]

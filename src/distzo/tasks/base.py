@@ -92,6 +92,9 @@ class TaskConfig:
     """Seed of the train/dev sample."""
     max_length: int = 256
     """Token budget of a row; the text task cuts its chunks to about this many tokens."""
+    pad_to_multiple_of: int = 1
+    """Pad each training batch's width up to a multiple of this (1: to its longest row). Fewer distinct widths, so
+    that optim.cuda_graphs captures each once; the losses equal the unpadded ones up to float rounding."""
     template: str | None = None
     """Prompt template overriding the task's own, with ``{field}`` placeholders naming record
     fields (e.g. "Review: {text}\\nSentiment:"). Only tasks with a flat prompt support it."""
@@ -131,6 +134,8 @@ class TaskConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TaskConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"TaskConfig.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.max_length < 8:
             raise ValueError(f"TaskConfig.max_length must be at least 8 tokens, got {self.max_length}")
         if self.template is not None and not self.template.strip():

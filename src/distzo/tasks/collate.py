@@ -52,6 +52,7 @@ def collate_train(
     kind: str,
     max_length: int,
     train_as_classification: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> dict[str, torch.Tensor | int]:
     """A training batch for a task of ``kind``.
 
@@ -60,14 +61,42 @@ def collate_train(
     ``train_as_classification=False`` it trains the LM loss on the gold answer alone.
     Generation and LM rows are one per example with labels on the target tokens (and the
     EOS after them where the example asks for it), or on a conversation's assistant turns.
+    The width is padded up to a multiple of ``pad_to_multiple_of`` (``widen``).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
     if kind == "classification" and train_as_classification:
-        return collate_classification(examples, tokenizer, max_length)
+        batch = collate_classification(examples, tokenizer, max_length)
+        side: Side = "left" if "logits_to_keep" in batch else "right"  # the prompt rows are left-padded
+        return widen(batch, pad_to_multiple_of, pad_id(tokenizer), side)
     plain = iter(_target_rows([e for e in examples if not e.messages], tokenizer, kind, max_length))
     rows = [_chat_row(e.messages, tokenizer, max_length) if e.messages else next(plain) for e in examples]
-    return pad_rows(rows, pad_id(tokenizer), "right")
+    return widen(pad_rows(rows, pad_id(tokenizer), "right"), pad_to_multiple_of, pad_id(tokenizer), "right")
+
+
+# What a padding column holds, per batch key: a pad token, masked out, no label, position 0
+# (the position the prompt rows give their padding).
+_PADDING = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+
+
+def widen(batch: dict, multiple: int, pad: int, side: Side) -> dict:
+    """``batch`` with padding columns on ``side`` up to a width that is a multiple of ``multiple``.
+
+    Fewer distinct widths mean fewer CUDA graphs to capture (``optim.cuda_graphs``). The
+    padding is masked and unlabelled, so the losses are those of the unpadded batch up to
+    float rounding (the matrix products have other shapes), not bit for bit.
+    """
+    width = batch["input_ids"].shape[1]
+    extra = -width % multiple
+    if not extra:
+        return batch
+    out = dict(batch)
+    for name, fill in _PADDING.items():
+        if name in batch:
+            t = batch[name]
+            cols = torch.full((t.shape[0], extra), pad if fill is None else fill, dtype=t.dtype)
+            out[name] = torch.cat((cols, t) if side == "left" else (t, cols), dim=1)
+    return out
 
 
 def _target_rows(examples: Sequence[Example], tokenizer, kind: str, max_length: int) -> list[Row]:
