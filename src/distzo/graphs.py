@@ -35,6 +35,12 @@ import torch
 # Leaves a key may hold by value; any other non-tensor argument keeps the call eager.
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 GRAPHS_PER_UNIT = 8  # distinct captures (shapes, structures) kept per unit call before it stays eager
+# torch.cuda.graph's capture_error_mode. "relaxed": CUDA loads a kernel's module lazily, at its first
+# launch in the process, and a capture in the stricter modes can fail when that launch is the
+# captured one (seen on an H200: a run that failed with "thread_local" passed with "relaxed", and
+# with "thread_local" under CUDA_MODULE_LOADING=EAGER). Work on the capturing stream that cannot be
+# captured (a host read, a synchronisation) still fails the capture in any mode.
+CAPTURE_MODE = "relaxed"
 
 
 @dataclass
@@ -64,6 +70,7 @@ class UnitGraphs:
     seen: Counter = field(default_factory=Counter)
     replays: int = 0
     pool: Any = None
+    broken: str | None = None  # why captures stopped, after one failed
     _per_unit: Counter = field(default_factory=Counter)
     _outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # data_ptr -> a capture's output
     _filled: dict[int, torch.Tensor] = field(default_factory=dict)  # id(capture input) -> what it holds now
@@ -82,7 +89,8 @@ class UnitGraphs:
         capture = self.captures.get(key)
         if capture is None:
             self.seen[key] += 1
-            if key in self.captures or self.seen[key] < 2 or self._per_unit[(unit.name, index)] >= self.per_unit:
+            if (key in self.captures or self.seen[key] < 2 or self.broken
+                    or self._per_unit[(unit.name, index)] >= self.per_unit):
                 return body(args, kwargs)  # failed before, first sight, or too many shapes: eager
             capture = self._capture(unit, index, key, body, args, kwargs)
             if capture is None:
@@ -105,12 +113,15 @@ class UnitGraphs:
         state = self.hooks.snapshot()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 output = body(c_args, c_kwargs)
         except Exception as err:  # noqa: BLE001 - anything the unit cannot do under capture
             self.hooks.restore(state)
             self.captures[key] = None
-            warnings.warn(f"unit '{unit.name}' runs without a CUDA graph: its capture failed ({err})", stacklevel=3)
+            # a failed capture can leave torch's allocator recording into the pool: no more captures
+            self.broken = f"unit '{unit.name}': {type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(f"CUDA graphs are off for the rest of the run: the capture of {self.broken}",
+                          stacklevel=3)
             return None
         self.hooks.restore(state)  # the replay that follows does the work, and its bookkeeping
         if _layout(output) is None:

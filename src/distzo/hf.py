@@ -85,10 +85,14 @@ class ZOArguments:
     """With offload: GPU memory budget (e.g. 18GiB); blocks that fit stay on the GPU ('' = stream all)."""
     algorithm: str = "mezo"
     """The zeroth-order algorithm (docs/algorithms.md), with its own settings at their defaults."""
+    cuda_graphs: bool = False
+    """Replay the forward's unit calls from CUDA graphs (resident runs on CUDA; docs/kernels.md)."""
 
     def __post_init__(self) -> None:
         _ = self.offload_config  # a bad offload setting fails here, not at train time
         check_algorithm(self.algorithm)
+        if self.cuda_graphs and self.offload_config.enabled:
+            raise ValueError("cuda_graphs does not combine with offload; drop one of them")
 
     @property
     def offload_config(self) -> OffloadConfig:
@@ -196,6 +200,7 @@ class ZOTrainer(transformers.Trainer):
             self.accelerator.unwrap_model(self.model), lr=z.lr, eps=z.eps, weight_decay=z.weight_decay,
             directions=z.directions, perturbation=z.perturbation, seed=z.seed, loss_fn=self.zo_loss,
             schedule=schedule, estimator=z.estimator, offload=self.offload_engine, algorithm=z.algorithm,
+            cuda_graphs=z.cuda_graphs,
         )
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

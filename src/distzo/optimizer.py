@@ -172,7 +172,6 @@ class ZOOptimizer:
         # step refreshes in place (what a CUDA graph needs): (call, with update, layout) -> LaunchArgs
         self._launch: dict[tuple, Any] = {}
         self._launch_serial = 0
-        self._keeps_launch_args = self._fused is not None and offload is None
         if cuda_graphs:
             _check_graphs(self)
             self._stream.graphs = graphs.UnitGraphs(graphs.GraphHooks(
@@ -399,6 +398,10 @@ class ZOOptimizer:
         return tuple(out)
 
     # ------------------------------------------------------------------ launch arguments, CUDA graphs
+
+    @property
+    def _keeps_launch_args(self) -> bool:
+        return self._fused is not None and self.offload is None
 
     def _refresh_launch_args(self, probes: tuple[algorithms.Probe, ...]) -> None:
         """Write this forward's seeds, coefficients and scales into the kept launch arguments of
