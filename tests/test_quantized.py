@@ -1,8 +1,9 @@
 """LoRA adapters trained by ZO over a base quantized by bitsandbytes (nf4, fp4, int8) on CPU.
 
-The engine against the reference step over the adapters of the same quantized model, then the real
-entry point: its checkpoints (adapter + the base's recipe, no merged model), resume and replay bit
-for bit, and the one-line refusals.
+The engine against the reference step over the adapters of the same quantized model; the quantized
+blocks offloaded to host memory against the same run resident; then the real entry point: its
+checkpoints (adapter + the base's recipe, no merged model), resume and replay bit for bit, resident
+and offloaded, and the one-line refusals.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from safetensors.torch import load_file
 
 from distzo.checkpoint import BaseIdentity, TrajectoryLog
 from distzo.cli import main
+from distzo.config import load_config
+from distzo.first_order import FirstOrder
 from distzo.models import QUANTIZED_BASE_FILE, LoraSettings, ModelConfig, apply_lora, load_model
+from distzo.offload import ALIGN, OffloadConfig, OffloadEngine, SliceGroup
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
 from distzo.replay import replay
 
@@ -93,6 +97,183 @@ def test_the_fingerprint_sees_the_quantization_scales(bnb, tiny_model_dir, tmp_p
     assert BaseIdentity.of(a).mismatch(BaseIdentity.of(b)) is not None
 
 
+# --------------------------------------------------------------------------- offloaded quantized blocks
+
+
+def _offloaded(model_dir: Path, quantize: str, **cfg):
+    """``_qlora``'s model with its decoder blocks in host memory (on the CPU: the slots are host memory too)."""
+    model = _qlora(model_dir, quantize)
+    return model, OffloadEngine(model, "cpu", OffloadConfig("cpu", **cfg))
+
+
+def _same_params(a, b) -> bool:
+    x, y = dict(a.named_parameters()), dict(b.named_parameters())
+    return x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+
+
+def _steps_agree(a: ZOOptimizer, b: ZOOptimizer, t: int, vocab: int) -> bool:
+    x, y = a.step(_batch(t, vocab)), b.step(_batch(t, vocab))
+    return (x.losses_plus, x.losses_other, x.projected_grads) == (y.losses_plus, y.losses_other, y.projected_grads)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_dir, quantize):
+    resident = _qlora(tiny_model_dir, quantize)
+    offloaded, engine = _offloaded(tiny_model_dir, quantize)
+    frozen = _frozen(resident)
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
+    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    assert all(_steps_agree(a, b, t, resident.config.vocab_size) for t in range(20))
+    a.flush(), b.flush()
+    assert _same_params(resident, offloaded)
+    assert any(float(p.detach().abs().max()) > 1e-2 for n, p in offloaded.named_parameters() if "lora_B" in n)
+    assert all(torch.equal(p, frozen[n]) for n, p in offloaded.named_parameters() if not p.requires_grad)
+    # the adapters stay resident, outside the blocks: nothing ever goes down
+    assert engine.bytes_down == 0 and all(not b.entries and not b.stale for b in engine.blocks)
+
+
+def _quantized_layers(model, bnb) -> list:
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def _read_by(layer) -> list[torch.Tensor]:
+    """What a bitsandbytes layer's forward reads: the codes and their scales."""
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:
+        return [weight.data, weight.quant_state.absmax, weight.quant_state.code]
+    return [weight.data, layer.state.CB, layer.state.SCB]
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_quantized_block_computes_from_its_slot(bnb, tiny_model_dir, quantize):
+    # On the CPU a slot holds the same values as the host buffer, so only where the tensors live shows
+    # that the forward read the uploaded copy: the codes and every scale, from the slot; afterwards the
+    # layers point at the host buffers again.
+    model, engine = _offloaded(tiny_model_dir, quantize)
+    slots, host = _storages(s.buf for s in engine.slots), _storages(b.flat for b in engine.blocks)
+    layers = _quantized_layers(model, bnb)
+    seen: list[set[int]] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(_storages(_read_by(m)))) for m in layers]
+    ZOOptimizer(model, lr=5e-2, eps=1e-2, seed=0, offload=engine).step(_batch(0, model.config.vocab_size))
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(layers) and all(len(s) == 1 and s <= slots for s in seen)
+    assert _storages(t for m in layers for t in _read_by(m)) <= host
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_offloading_keeps_the_base_fingerprint(bnb, tiny_model_dir, quantize):
+    # A run fingerprints its base once the engine holds it, replay a fresh load: they must agree (LLM.int8()'s
+    # row scales, which the engine moves onto the layer as its first forward would, stay on the weight too).
+    model, _ = _offloaded(tiny_model_dir, quantize)
+    assert BaseIdentity.of(model) == BaseIdentity.of(_qlora(tiny_model_dir, quantize))
+
+
+def _wide_model_dir(tiny_model_dir: Path, folder: Path) -> Path:
+    """The tiny Llama's tokenizer over a wider model: layers wide enough that alignment padding is noise."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _quantized_block_bytes(block) -> int:
+    """Bytes of a block's frozen tensors as the engine lays them out: the 4-bit codes, their absmax and
+    code book, and the norms, each from a multiple of ALIGN bytes."""
+    total = 0
+    for p in block.parameters():
+        if p.requires_grad:
+            continue
+        state = getattr(p, "quant_state", None)
+        parts = [p.data] + ([] if state is None else [state.absmax, state.code])
+        total += sum(_aligned(t.numel() * t.element_size()) for t in parts)
+    return total
+
+
+def test_a_step_uploads_the_quantized_bytes_and_writes_nothing_back(bnb, tiny_model_dir, tmp_path):
+    wide = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
+    quantized = ModelConfig(name=str(wide), dtype="bfloat16", device="cpu", quantize="nf4")
+
+    def qlora():
+        torch.manual_seed(0)
+        return apply_lora(load_model(quantized)[0], LoraSettings(r=2, alpha=4))
+
+    expected = [_quantized_block_bytes(b) for b in qlora().base_model.model.model.layers]  # counted resident
+    model = qlora()
+    engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"))
+    assert [b.nbytes for b in engine.blocks] == expected
+    opt = ZOOptimizer(model, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    vocab = model.config.vocab_size
+    opt.step(_batch(0, vocab))  # the first step also uploads the second step's first block ahead
+    for t in range(1, 4):
+        before = engine.bytes_up
+        opt.step(_batch(t, vocab))
+        assert engine.bytes_up - before == sum(expected)  # each block once, quantized, per step
+    opt.flush()
+    assert engine.bytes_down == 0
+    # the same blocks in bfloat16 (what an unquantized offloaded run streams): 4 bits and a float32 scale
+    # per 64 weights (0.5625 bytes) against 2 bytes, a little over a quarter
+    plain, _ = load_model(ModelConfig(name=str(wide), dtype="bfloat16", device="cpu"))
+    bf16 = OffloadEngine(plain, "cpu", OffloadConfig("cpu")).blocks[0].nbytes
+    assert 0.27 < expected[0] / bf16 < 0.29
+
+
+def test_a_promoted_quantized_block_stays_on_the_device(bnb, tiny_model_dir):
+    resident = _qlora(tiny_model_dir, "nf4")
+    offloaded, engine = _offloaded(tiny_model_dir, "nf4")
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
+    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    vocab = resident.config.vocab_size
+    assert all(_steps_agree(a, b, t, vocab) for t in range(3))
+    engine.promote(1)  # what the gpu_memory budget does after the first step
+    kept = [blk for blk in engine.blocks if blk not in engine.streamed]
+    assert engine.resident_blocks == len(kept) == 1 and kept[0].flat.numel() == 0
+    # its layers compute from its own device copy, never from a slot or a streamed block's buffer
+    elsewhere = _storages(s.buf for s in engine.slots) | _storages(blk.flat for blk in engine.streamed)
+    seen: list[set[int]] = []
+    for m in _quantized_layers(kept[0].module, bnb):
+        m.register_forward_hook(lambda m, args, out: seen.append(_storages(_read_by(m))))
+    for t in range(3, 6):
+        before = engine.bytes_up
+        assert _steps_agree(a, b, t, vocab)
+        assert engine.bytes_up - before == engine.streamed[0].nbytes  # the promoted block no longer moves
+    assert seen and len(set.union(*seen)) == 1 and not set.union(*seen) & elsewhere
+    a.flush(), b.flush()
+    assert _same_params(resident, offloaded) and engine.bytes_down == 0
+
+
+def test_sliced_offload_of_quantized_blocks_is_refused(bnb, tiny_model_dir):
+    model = _qlora(tiny_model_dir, "nf4")
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="quantized blocks are not sliced") as err:
+        OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=SliceGroup(group=None, rank=0, size=2))
+    assert "\n" not in str(err.value)
+    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}  # refused before touching anything
+
+
+def test_backprop_through_offloaded_quantized_blocks_is_refused(bnb, tiny_model_dir):
+    # The adapters of a quantized block are resident, but a gradient reaching them would flow back
+    # through the block's base, which has left the GPU by then.
+    model, engine = _offloaded(tiny_model_dir, "nf4")
+    fo = FirstOrder.select(model, ["*layers.1.*lora_A*"])
+    with pytest.raises(ValueError, match="lives in an offloaded block"):
+        ZOOptimizer(model, first_order=fo, offload=engine)
+
+
 # --------------------------------------------------------------------------- the real entry point
 
 
@@ -162,6 +343,41 @@ def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tmp_path, cap
     assert "checkpoint of a run on a quantized base" in err and QUANTIZED_BASE_FILE in err
 
 
+@pytest.fixture(scope="module")
+def offloaded_run(tiny_model_dir, sst2_dir, tmp_path_factory) -> Path:
+    """``run`` again with the quantized blocks in host memory (--offload cpu). Read-only."""
+    out = tmp_path_factory.mktemp("qlora-offload") / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--offload", "cpu")) == 0
+    return out
+
+
+def _steps(out: Path) -> list[tuple]:
+    return [(r["loss"], r["grads"]) for r in TrajectoryLog(out / "trajectory.jsonl").read()]
+
+
+def test_offloaded_train_equals_the_resident_run(bnb, run, offloaded_run):
+    assert _steps(offloaded_run) == _steps(run) and len(set(_losses(run))) == 4
+    assert json.loads((offloaded_run / "results.json").read_text())["final"] == json.loads(
+        (run / "results.json").read_text())["final"]
+    assert _same_tensors(offloaded_run / ADAPTER, run / ADAPTER)
+    assert (offloaded_run / "checkpoints" / "last" / QUANTIZED_BASE_FILE).is_file()
+
+
+def test_offloaded_resume_continues_step_for_step(bnb, offloaded_run, tiny_model_dir, sst2_dir, tmp_path):
+    split = tmp_path / "split"
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "2", "--offload", "cpu")) == 0
+    assert main(_args(tiny_model_dir, sst2_dir, split, "--steps", "4", "--resume")) == 0
+    assert load_config(None, {"output_dir": str(split), "resume": True}).offload.mode == "cpu"
+    assert _steps(split) == _steps(offloaded_run)
+    assert _same_tensors(split / ADAPTER, offloaded_run / ADAPTER)
+
+
+def test_offloaded_replay_rebuilds_the_adapter_bit_for_bit(bnb, offloaded_run, tiny_model_dir, tmp_path):
+    # replay loads the base resident: the header's fingerprint, taken once the engine held the base, agrees
+    rebuilt = replay(str(tiny_model_dir), offloaded_run / "trajectory.jsonl", tmp_path / "rebuilt").output
+    assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", offloaded_run / ADAPTER)
+
+
 def _rewrite_header(run: Path, dest: Path, **quantize) -> Path:
     lines = (run / "trajectory.jsonl").read_text().splitlines(keepends=True)
     first = json.loads(lines[0])
@@ -211,10 +427,18 @@ def test_quantize_without_lora_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_quantize_with_offload_is_one_line(tiny_model_dir, tmp_path, capsys):
-    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int8", "--lora",
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_quantize_with_offload_is_accepted(quantize):
+    cfg = load_config(None, {"model.quantize": quantize, "use_lora": True, "offload.mode": "cpu",
+                             "offload.gpu_memory": "18GiB"})
+    assert (cfg.model.quantize, cfg.use_lora, cfg.offload.mode, cfg.offload.gpu_memory) == (quantize, True, "cpu",
+                                                                                           "18GiB")
+
+
+def test_quantize_with_offload_still_needs_lora(tiny_model_dir, tmp_path, capsys):
+    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int8", "--lora", "false",
                                        "--offload", "cpu"))
-    assert "does not work with offload yet" in err and not (tmp_path / "o").exists()
+    assert "model.quantize int8 needs LoRA (--lora)" in err and not (tmp_path / "o").exists()
 
 
 def test_unknown_quantization_is_one_line(tiny_model_dir, tmp_path, capsys):

@@ -198,8 +198,6 @@ class TrainConfig:
         if not self.use_lora:
             raise ValueError(f"model.quantize {self.model.quantize} needs LoRA (--lora): a quantized base is frozen, "
                              "only adapters can train on it")
-        if self.offload.enabled:  # offload streams blocks of one float dtype; quantized blocks are not
-            raise ValueError("model.quantize does not work with offload yet; drop one of them")
 
     def _check_graphs(self) -> None:
         if not self.optim.cuda_graphs:

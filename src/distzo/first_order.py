@@ -187,7 +187,9 @@ def check_offload(model: nn.Module, fo: FirstOrder, engine) -> None:
     """Offloaded, an FO parameter must be resident and come after every streamed block: a gradient
     that flowed back through a block would need its weights on the GPU again after they left."""
     order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
-    streamed = {id(e.param) for b in engine.blocks for e in b.entries}
+    # the blocks' modules, not their host entries: a quantized block's adapters are resident, yet a
+    # gradient reaching them would still flow back through the block's offloaded base
+    streamed = {id(p) for b in engine.blocks for p in b.module.parameters()}
     last = max(order[i] for i in streamed)
     for p in fo.params:
         if id(p.param) in streamed:

@@ -33,6 +33,14 @@ hold the same updated block, so the slices make the whole).
 With ``gpu_memory`` the engine measures the first step's peak and then keeps as many
 blocks resident as the budget leaves room for (evenly spaced through the stack), which
 takes them out of the transfer volume without changing a single result.
+
+Blocks quantized by bitsandbytes (QLoRA's base: 4-bit or int8 codes with their scales) are
+frozen: every tensor the block's forward reads, whatever its dtype, is a byte range of one
+uint8 host buffer (``FrozenBlock``), the parameters' codes and the scales held by their
+quantization state alike, and binding a slot rebinds them all. The block's trainable
+parameters (the LoRA adapters) never enter it: they stay on the GPU, so such a block only
+ever goes up, and nothing is written back or re-applied for it. Sliced offload does not
+take quantized blocks yet.
 """
 
 from __future__ import annotations
@@ -267,6 +275,36 @@ class HostBlock:
 
 
 @dataclass
+class _Bytes:
+    """A frozen tensor of a quantized block: a byte range of the block's buffer, and every attribute
+    holding the tensor (a parameter's ``data``, a quantization state's ``absmax``, ...)."""
+
+    holders: list[tuple[object, str]]
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class FrozenBlock(HostBlock):
+    """An offloaded block without trainable parameters in it: its tensors as byte ranges of one
+    uint8 buffer. It has no entries, so nothing of it is ever written back or caught up."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, tensors: list[_Bytes], flat: torch.Tensor):
+        super().__init__(index, name, module, [], flat)
+        self.tensors = tensors
+
+    def bind(self, flat: torch.Tensor) -> None:
+        for t in self.tensors:
+            view = t.view(flat)
+            for owner, attr in t.holders:
+                setattr(owner, attr, view)
+
+
+@dataclass
 class _Slot:
     buf: torch.Tensor
     free_after: list  # events the next upload into this slot must wait for
@@ -291,19 +329,25 @@ class OffloadEngine:
         self.model, self.slices = model, slices
         self.budget = parse_bytes(self.cfg.gpu_memory)
         self.copies = _Copies(self.device)
+        modules = _offloadable_blocks(model)
+        self.frozen = any(_quantized(p) for _, m in modules for p in m.parameters())
+        if self.frozen and slices is not None:
+            raise ValueError("offload: quantized blocks are not sliced over a node's GPUs yet; run a quantized "
+                             "offloaded job in one process (without torchrun)")
         # Pageable host memory (pinned=False) is only for measuring what pinning buys.
         self.pinned = self.device.type == "cuda" if pinned is None else pinned
         self._pinned: list[torch.Tensor] = []
         # The engine holds every host buffer, so none is freed before this runs.
         self._unpin = weakref.finalize(self, _unpin_all, self._pinned)
-        modules = _offloadable_blocks(model)
-        owned = {id(p) for _, m in modules for p in m.parameters()}
+        # A frozen block's trainable parameters stay on the GPU, with everything outside the blocks.
+        owned = {id(p) for _, m in modules for p in m.parameters() if not (self.frozen and p.requires_grad)}
         self._where = _param_slots(model)
         first = slices is None or slices.rank == 0
         # The node's other ranks get the resident weights by broadcast (below) and the blocks
         # through the shared host copy: they may hold a skeleton without any weights.
         _place_resident(model, self._where, owned, self.device, init if first else _left_empty)
-        self.blocks = [self._host_block(i, name, m, init) for i, (name, m) in enumerate(modules)]
+        build = self._frozen_block if self.frozen else self._host_block
+        self.blocks = [build(i, name, m, init) for i, (name, m) in enumerate(modules)]
         if slices is not None:
             self._share_resident({id(e.param) for b in self.blocks for e in b.entries})
         self._param_block = {id(e.param): b for b in self.blocks for e in b.entries}
@@ -357,6 +401,25 @@ class OffloadEngine:
             if self.slices.rank == 0:
                 os.unlink(self._shared_path(index))  # every rank has it mapped; nothing is left behind
         return HostBlock(index, name, module, entries, flat)
+
+    def _frozen_block(self, index: int, name: str, module: nn.Module, init: InitFn | None) -> FrozenBlock:
+        """The block's frozen tensors, each at a multiple of ALIGN bytes (as for ``_host_block``), in one
+        uint8 buffer. They are read as they are: a quantized block is built before it is offloaded."""
+        tensors, sources, offset = [], [], 0
+        for source, holders in _frozen_tensors(module):
+            if source.is_meta:
+                raise ValueError(f"block '{name}' holds a tensor on the meta device: quantized blocks are "
+                                 "offloaded as built, without init")
+            nbytes = source.numel() * source.element_size()
+            tensors.append(_Bytes(holders, offset, nbytes, source.dtype, source.shape))
+            sources.append(source)
+            offset += -(-nbytes // ALIGN) * ALIGN
+        flat = self._allocate(index, offset, torch.uint8)
+        for t, source in zip(tensors, sources):
+            t.view(flat).copy_(source)
+        block = FrozenBlock(index, name, module, tensors, flat)
+        block.bind_host()  # the sources are freed here: never two copies on the host
+        return block
 
     def _allocate(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._allocate_buffer(index, numel, dtype)
@@ -594,11 +657,12 @@ class OffloadEngine:
         n = len(self.streamed)
         chosen = {self.streamed[math.floor((i + 0.5) * n / count)].index for i in range(count)}
         for block in [b for b in self.streamed if b.index in chosen]:
-            block.bind(block.flat.to(self.device))
+            resident = block.flat.to(self.device)
+            block.bind(resident)
             if any(buf is block.flat for buf in self._pinned):
                 unpin(block.flat)
                 self._pinned[:] = [buf for buf in self._pinned if buf is not block.flat]
-            block.flat = block.entries[0].param.data.new_empty(0)
+            block.flat = resident.new_empty(0)
         self.streamed = [b for b in self.streamed if b.index not in chosen]
         self._order = {b.index: i for i, b in enumerate(self.streamed)}
 
@@ -645,6 +709,54 @@ def _unique_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if id(p) not in seen:
             seen.add(id(p))
             out.append((name, p))
+    return out
+
+
+def _quantized(p: nn.Parameter) -> bool:
+    """Integer codes, or 4-bit codes stored in a float dtype (bitsandbytes' quant_storage): a quantized
+    base, whose blocks are streamed as frozen byte blocks."""
+    return not p.dtype.is_floating_point or getattr(p, "quant_state", None) is not None
+
+
+def _frozen_tensors(module: nn.Module) -> list[tuple[torch.Tensor, list[tuple[object, str]]]]:
+    """Every frozen tensor a block's forward reads, with the (owner, attribute) pairs holding it:
+    one entry per tensor however many attributes share it (an int8 weight's codes are also its
+    layer's ``state.CB``)."""
+    found: dict[tuple, tuple[torch.Tensor, list[tuple[object, str]]]] = {}
+    seen: set[tuple[int, str]] = set()
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is None or p.requires_grad:
+                continue
+            for owner, attr in [(p, "data"), *_scale_holders(sub, p)]:
+                t = getattr(owner, attr, None)
+                if not isinstance(t, torch.Tensor) or (id(owner), attr) in seen:
+                    continue
+                seen.add((id(owner), attr))
+                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+                found.setdefault(key, (t, []))[1].append((owner, attr))
+    return list(found.values())
+
+
+def _scale_holders(layer: nn.Module, p: nn.Parameter) -> list[tuple[object, str]]:
+    """Where bitsandbytes keeps the scales of a quantized weight ``p`` of ``layer``.
+
+    4-bit: the weight's quantization state (block-wise absmax, code book, and when double quantized
+    the absmax's own state). LLM.int8(): row scales that the layer's first forward moves from the
+    weight into the layer's state (``init_8bit_state``); that move is made here, as the forward would
+    make it, so that the forward reads the tensors bound to the slot and not ones it moved itself.
+    """
+    out: list[tuple[object, str]] = []
+    state = getattr(p, "quant_state", None)
+    while state is not None:
+        out += [(state, "absmax"), (state, "code"), (state, "offset")]
+        state = getattr(state, "state2", None)
+    if hasattr(p, "SCB") and hasattr(layer, "init_8bit_state"):
+        if getattr(p, "CB", None) is not None:
+            scales = p.SCB
+            layer.init_8bit_state()
+            p.SCB = scales  # where the weights' fingerprint (checkpoint.BaseIdentity) reads them
+        out += [(p, "SCB"), (layer.state, "CB"), (layer.state, "SCB")]
     return out
 
 
