@@ -43,7 +43,16 @@ case "${1:-}" in
         launch fzoo --seeds 0,1,2 --arm "fzoo:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,$g,steps=200,eval_every=20,lr=1e-3,optim.perturbation=rademacher"
         launch others --seeds 0 --arm "zo-1e-4:zo:$zo,lr=1e-4" --arm "zo-1e-5:zo:$zo,lr=1e-5" \
             --arm ft:adamw:lr=3e-5 --arm lora:adamw:lora=true,lr=3e-4 ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet" >&2
+    hamlet-seeds)  # seeds 1 and 2 of ZO-SGD at the lr hamlet's grid chose, momentum and FZOO there
+        task=(--task text --set task.max_length=256,task.num_train=189,task.num_dev=20,task.num_test=20
+              --set task.pad_to_multiple_of=32,eval_batch_size=20 --time-budget-s "$BUDGET")
+        g="optim.cuda_graphs=true"
+        zo="steps=500,eval_every=50,$g"
+        launch mezo-1 --seeds 1 --arm "zo-1e-4:zo:$zo,lr=1e-4"
+        launch mezo-2 --seeds 2 --arm "zo-1e-4:zo:$zo,lr=1e-4"
+        launch momentum-lr --seeds 0 --arm "momentum-1e-4:zo:optim.algorithm=momentum,$zo,lr=1e-4"
+        launch fzoo-lr --seeds 0 --arm "fzoo-1e-4:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,$g,steps=200,eval_every=20,lr=1e-4,optim.perturbation=rademacher" ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds" >&2
        exit 2 ;;
 esac
 wait

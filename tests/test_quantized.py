@@ -132,6 +132,25 @@ def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_d
     assert engine.bytes_down == 0 and all(not b.entries and not b.stale for b in engine.blocks)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, quantize):
+    # The same CPU-quantized base, resident on the GPU against streamed through it: the forward must
+    # read the uploaded codes and scales (on the CPU a slot and the host hold the same values anyway).
+    resident = _qlora(tiny_model_dir, quantize).to("cuda")
+    offloaded = _qlora(tiny_model_dir, quantize)
+    engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
+    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    assert all(_steps_agree(a, b, t, resident.config.vocab_size) for t in range(20))
+    a.flush(), b.flush()
+    adapters = {n: p.detach().cpu() for n, p in resident.named_parameters() if p.requires_grad}
+    assert adapters and all(torch.equal(p.detach().cpu(), adapters[n])
+                            for n, p in offloaded.named_parameters() if p.requires_grad)
+    assert engine.bytes_up > 0 and engine.bytes_down == 0
+
+
 def _quantized_layers(model, bnb) -> list:
     return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
 
