@@ -485,22 +485,33 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None
     target = summary["target"]["value"]
     for name, x_of, x_label in (("dev_vs_passes.png", passes, "forward passes (a backward counted as 2)"),
                                 ("dev_vs_seconds.png", lambda r: r["train_seconds"], "training seconds")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for colour, (arm, info) in enumerate(summary["arms"].items()):
             runs = {r["run"] for r in rows if r["arm"] == arm and r["point"] == info["chosen"]}
             for i, run in enumerate(sorted(runs)):
                 history = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
                 ax.plot([x_of(r) for r in history], [r["dev"][info["metric"]] for r in history], color=f"C{colour}",
-                        alpha=0.8, linewidth=1.2, label=f"{arm} ({info['chosen']})" if i == 0 else None)
+                        alpha=0.8, linewidth=1.2, label=_legend(arm, info["chosen"], len(runs)) if i == 0 else None)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="target")
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)  # no negative side: every x counts something
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"dev {next(iter(summary['arms'].values()))['metric']}" if summary["arms"] else "dev")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
+
+
+# settings every arm of a benchmark shares, or that the arm's name already says: left out of a legend
+_UNSAID = ("eval_every", "cuda_graphs", "steps")
+
+
+def _legend(arm: str, point: str, seeds: int) -> str:
+    """An arm's line in a legend: its name, the settings that tell its point apart, its seed count."""
+    said = [kv for kv in point.split(",") if kv.split("=")[0] not in _UNSAID and "=" in kv]
+    return f"{arm}: {', '.join(said)} ({seeds} seed{'s' * (seeds != 1)})"
 
 
 def write_summary(rows, records, out: Path, target_arm: str | None, target: float | None) -> dict[str, Any]:
