@@ -64,6 +64,8 @@ class GraphHooks:
 
 @dataclass
 class UnitGraphs:
+    """The captures of one optimiser's unit calls (``DualStream.graphs``), with what they read and hold."""
+
     hooks: GraphHooks
     per_unit: int = GRAPHS_PER_UNIT
     captures: dict[Hashable, _Capture | None] = field(default_factory=dict)
