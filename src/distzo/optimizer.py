@@ -388,11 +388,8 @@ class ZOOptimizer:
                 self.offload.updated(p.param, update)
             update = None
         if update is not None:  # every probe reads theta: the update alone
-            if self._keeps_launch_args and not self._fused.torch_path(param, update):
-                self._fused.apply_update(param, p.key, update, self.perturbation, threshold,
-                                         args=self._launch_args("update", update))
-            else:
-                self._apply(p, update)
+            self._fused.apply_update(param, p.key, update, self.perturbation, threshold,
+                                     args=self._launch_args("update", update))
             if self.offload is not None:
                 self.offload.updated(p.param, update)
         return tuple(out)
@@ -418,8 +415,11 @@ class ZOOptimizer:
         if update is not None:
             self._keep("update", update, 0, (0.0, 0.0))
 
+    def _launch_key(self, call, record: UpdateRecord | None) -> tuple:
+        return call, record is not None, self._fused.layout_of(record, self.perturbation)
+
     def _keep(self, call, record: UpdateRecord | None, seed: int, scales: tuple[float, float]) -> None:
-        key = (call, record is not None, self._fused.layout_of(record, self.perturbation))
+        key = self._launch_key(call, record)
         kept = self._launch.get(key)
         if kept is None:
             kept = self._launch[key] = self._fused.LaunchArgs(record, self.perturbation, seed, scales, self.device)
@@ -432,8 +432,7 @@ class ZOOptimizer:
         kernels then make their own)."""
         if not self._keeps_launch_args:
             return None
-        key = (call, record is not None, self._fused.layout_of(record, self.perturbation))
-        kept = self._launch.get(key)
+        kept = self._launch.get(self._launch_key(call, record))
         if kept is not None and kept.serial == self._launch_serial:
             return kept
         if torch.cuda.is_current_stream_capturing():  # a capture must not bake in a step's values

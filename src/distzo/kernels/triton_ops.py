@@ -335,20 +335,13 @@ class LaunchArgs:
     runs on the current stream, after every launch that read the old values."""
 
     def __init__(self, record: UpdateRecord | None, kind, seed, scales, device):
-        self.has_update = record is not None and len(record.seeds) > 0
-        self.q = max(len(record.seeds), 1) if self.has_update else 1
-        self.div = record.divisor if self.has_update else 1
-        self.decay = self.has_update and bool(record.decay)
-        self.gauss = _gauss(kind)
+        self.layout = layout_of(record, kind)
+        self.q, self.div, self.has_update, self.decay, self.gauss = self.layout
         seeds, coefs = _values(record, seed, scales, self.has_update)
         self.seeds_t = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
         self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
         self.aligned = _aligned(self.seeds_t) and _aligned(self.coef_t)
         self.serial = 0  # which forward the keeper last refreshed these for (distzo.optimizer)
-
-    @property
-    def layout(self) -> tuple:
-        return self.q, self.div, self.has_update, self.decay, self.gauss
 
     def refresh(self, record: UpdateRecord | None, kind, seed, scales) -> None:
         fresh = layout_of(record, kind)
