@@ -9,8 +9,12 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
     fzoo N=8     ZOOptimizer.step with FZOO: one forward of 9 streams + the shadow passes
     mezo         ZO-SGD, q = 1, Rademacher and Gaussian directions
     momentum h=8 heavy-ball from the last 8 steps (8 directions regenerated per update)
+    each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
     pass         the fused update + shadow pass alone over every parameter, per record size:
                  the kernel cost per parameter (ns) of 1 and of 8 update directions
+    buffer pass  for comparison, heavy-ball with a stored bf16 momentum buffer (+2 B/param):
+                 one pass that reads theta and m, regenerates the step's z, writes m, theta
+                 and both shadows (a bench-only kernel; the library stores no buffer)
   offloaded OPT-13B at 1 x 2048
     mezo q=1     2 probes a step (one pair)
     mezo q=2     4 probes a step, measured in one forward: each block still comes up once
@@ -28,22 +32,76 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import build, make_batch, timed  # noqa: E402
 
 from distzo.algorithms.fzoo import FZOO  # noqa: E402
+from distzo.kernels import triton_ops as tk  # noqa: E402
 from distzo.algorithms.mezo import MeZO  # noqa: E402
 from distzo.algorithms.momentum import Momentum  # noqa: E402
 from distzo.optimizer import ZOOptimizer  # noqa: E402
 from distzo.records import UpdateRecord  # noqa: E402
 
 
-def _step_ms(model, algorithm, kind, batch, steps, warmup) -> float:
-    opt = ZOOptimizer(model, perturbation=kind, algorithm=algorithm)
+def _step_ms(model, algorithm, kind, batch, steps, warmup, graphs=False) -> float:
+    opt = ZOOptimizer(model, perturbation=kind, algorithm=algorithm, cuda_graphs=graphs)
     ms, peak = timed(lambda: opt.step(batch), steps, warmup)
+    if graphs:  # a measurement that silently ran eagerly would be a wrong row
+        assert opt._stream.graphs is not None and opt._stream.graphs.replays > 0, "no graph was replayed"
     opt.flush()
     return ms, peak / 1e9
+
+
+@triton.jit
+def _buffer_kernel(p_ptr, m_ptr, plus_ptr, minus_ptr, n, seeds_ptr, coef_ptr,
+                   GAUSS: tl.constexpr, BLOCK: tl.constexpr):
+    # seeds: update seed, rounding seed, shadow seed; coef: g, lr, beta, scale+, scale-
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n - base
+    blk = (base >> 2) + tk._block_index(BLOCK)
+    klo = tl.full([], 7, tl.uint32)
+    khi = tl.full([], 0, tl.uint32)
+    theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    slo, shi = tk._seed_halves(seeds_ptr, 0)
+    m = tl.load(coef_ptr + 2) * m + tl.load(coef_ptr) * tk._direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, True)
+    tl.store(m_ptr + base + offs, m.to(tl.bfloat16), mask=mask)
+    x = theta.to(tl.float32) - tl.load(coef_ptr + 1) * m
+    rlo, rhi = tk._seed_halves(seeds_ptr, 1)
+    theta = tk._round_bf16(x, tk._noise(blk, klo, khi, rlo, rhi, BLOCK))
+    tl.store(p_ptr + base + offs, theta, mask=mask)
+    x = theta.to(tl.float32)
+    dlo, dhi = tk._seed_halves(seeds_ptr, 2)
+    z = tk._direction(blk, klo, khi, dlo, dhi, BLOCK, GAUSS, True)
+    tl.store(plus_ptr + base + offs, (x + tl.load(coef_ptr + 3) * z).to(tl.bfloat16), mask=mask)
+    tl.store(minus_ptr + base + offs, (x + tl.load(coef_ptr + 4) * z).to(tl.bfloat16), mask=mask)
+
+
+def _buffer_pass_ns_per_param(model, kind: str, steps: int) -> float:
+    """The stored-buffer heavy-ball pass over every bf16 parameter (its buffers allocated here)."""
+    from distzo.units import trainable_params
+
+    params = [p.param for p in trainable_params(model)]
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    buffers = [torch.zeros_like(p) for p in params]
+    seeds = torch.tensor([11, 12, 13], dtype=torch.int64, device="cuda")
+    coefs = torch.tensor([0.0, 0.0, 0.9, 1e-3, -1e-3], dtype=torch.float32, device="cuda")
+
+    def one():
+        for p, m in zip(params, buffers):
+            shadows = torch.empty((2, *p.shape), dtype=p.dtype, device=p.device)
+            n = p.numel()
+            _buffer_kernel[(triton.cdiv(n, tk._BLOCK),)](p, m, shadows[0], shadows[1], n, seeds, coefs,
+                                                          GAUSS=kind == "gaussian", BLOCK=tk._BLOCK,
+                                                          num_warps=tk._WARPS)
+
+    ms, _ = timed(one, steps, 2)
+    del buffers
+    return ms * 1e6 / sum(p.numel() for p in params)
 
 
 def _pass_ns_per_param(model, seeds: int, kind: str, steps: int) -> float:
@@ -73,17 +131,24 @@ def resident(args) -> dict:
         fwd9, _ = timed(lambda: model(**stacked), args.steps, args.warmup)
         fwd2, _ = timed(lambda: model(**{k: torch.cat([v] * 2) for k, v in batch.items()}), args.steps, args.warmup)
     out = {"model": "opt-6.7b", "batch": f"{rows}x{seq}", "fwd_9B_ms": fwd9, "fwd_2B_ms": fwd2}
-    out["fzoo_N8_ms"], out["fzoo_N8_peak_GB"] = _step_ms(model, FZOO(lr=1e-6, probes=n), "rademacher", batch,
-                                                         args.steps, args.warmup)
-    out["fzoo_vs_fwd_9B"] = out["fzoo_N8_ms"] / fwd9
+    for graphs in args.graphs:
+        tag = "_graphs" if graphs else ""
+        out[f"fzoo_N8{tag}_ms"], out[f"fzoo_N8{tag}_peak_GB"] = _step_ms(
+            model, FZOO(lr=1e-6, probes=n), "rademacher", batch, args.steps, args.warmup, graphs)
+        out[f"fzoo{tag}_vs_fwd_9B"] = out[f"fzoo_N8{tag}_ms"] / fwd9
+        for kind in ("rademacher", "gaussian"):
+            mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup, graphs)
+            heavy, peak = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch,
+                                   args.steps + 8, args.warmup + 8, graphs)  # warm-up fills the 8 steps of history
+            out[f"mezo_{kind}{tag}_ms"], out[f"momentum_h8_{kind}{tag}_ms"] = mezo, heavy
+            out[f"momentum{tag}_vs_mezo_{kind}"] = heavy / mezo
     for kind in ("rademacher", "gaussian"):
-        mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup)
-        heavy, peak = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch,
-                               args.steps + 8, args.warmup + 8)  # warm-up fills the 8 steps of history
-        out[f"mezo_{kind}_ms"], out[f"momentum_h8_{kind}_ms"] = mezo, heavy
-        out[f"momentum_vs_mezo_{kind}"] = heavy / mezo
         out[f"pass_ns_per_param_{kind}_1"] = _pass_ns_per_param(model, 1, kind, args.steps)
         out[f"pass_ns_per_param_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps)
+        try:  # a comparison only: its failure must not lose the rows above
+            out[f"buffer_pass_ns_per_param_{kind}"] = _buffer_pass_ns_per_param(model, kind, args.steps)
+        except Exception as exc:  # noqa: BLE001
+            out[f"buffer_pass_error_{kind}"] = f"{type(exc).__name__}: {exc}"[:500]
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -126,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["resident", "offloaded"])
+    ap.add_argument("--graphs", nargs="+", type=lambda v: v == "on", default=[False, True],
+                    help="resident steps eager (off), with CUDA graphs (on), or both (default: off on)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),

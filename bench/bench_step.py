@@ -311,6 +311,7 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
 
         r["profiled_kernel_ms_per_step"] = sum(device_us(e) for e in events if e.key == "_step_kernel") / 2e3
         r["profiled_gpu_busy_ms_per_step"] = sum(device_us(e) for e in events if e.device_type.name != "CPU") / 2e3
+        r.update(gpu_gaps(prof, profile_to))
     del opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -327,6 +328,33 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
     r["memory_allowance"] = 1.05 * (r["peak_fwd_B"] + 2 * r["largest_unit_bytes"])
     r["memory_ok"] = r["peak_distzo"] <= r["memory_allowance"]
     return r
+
+
+def gpu_gaps(prof, profile_to: str) -> dict:
+    """Where the GPU of the profiled steps stood idle: the span of its kernels and copies, the
+    union of their intervals, and the largest gaps with the work on either side (appended to
+    the profile file)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy, gaps, end, before = 0.0, [], spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, before, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    gaps.sort(reverse=True)
+    with open(profile_to, "a") as f:
+        f.write(f"\nGPU span {(end - spans[0][0]) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms over the profiled steps; "
+                f"{len(gaps)} gaps, {sum(g for g, _, _ in gaps) / 1e3:.2f} ms in all; the largest:\n")
+        for gap, a, b in gaps[:25]:
+            f.write(f"  {gap:8.1f} us  after {a[:60]}  before {b[:60]}\n")
+        small = sum(g for g, _, _ in gaps if g < 5.0)
+        f.write(f"gaps under 5 us: {sum(1 for g, _, _ in gaps if g < 5.0)}, {small / 1e3:.2f} ms in all\n")
+    return {"profiled_gpu_span_ms": (end - spans[0][0]) / 1e3, "profiled_gpu_union_ms": busy / 1e3,
+            "profiled_gap_ms": sum(g for g, _, _ in gaps) / 1e3}
 
 
 def table(results: list[dict]) -> str:

@@ -5,6 +5,9 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh grid    # seed 0: each algorithm's lr grid
 #   OUT=/some/dir bash bench/convergence_algorithms.sh seeds   # seeds 1, 2 of the chosen points; q = 2, 4, 8
 #   OUT=/some/dir bash bench/convergence_algorithms.sh hamlet  # held-out LM loss: 3 seeds each, AdamW, lr 1e-5/1e-4
+#   OUT=/some/dir bash bench/convergence_algorithms.sh hamlet-seeds  # ZO-SGD at 1e-4 seeds 1, 2; momentum, FZOO at 1e-4
+#   OUT=/some/dir bash bench/convergence_algorithms.sh sparse-hybrid  # sparse's and the hybrid option's grids + seeds
+#   OUT=/some/dir bash bench/convergence_algorithms.sh debates-rest   # every algorithm on debates; FZOO's Hamlet seeds
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -16,6 +19,9 @@ export PYTHONUNBUFFERED=1
 task=(--task rotten_tomatoes --set eval_batch_size=250 --time-budget-s "$BUDGET")
 zo="steps=1000,eval_every=100"
 fzoo="optim.algorithm=fzoo,optim.fzoo.probes=4,optim.perturbation=rademacher,steps=400,eval_every=40"
+hamlet=(--task text --set task.max_length=256,task.num_train=189,task.num_dev=20,task.num_test=20
+        --set task.pad_to_multiple_of=32,eval_batch_size=20 --time-budget-s "$BUDGET")
+hzo="steps=500,eval_every=50,optim.cuda_graphs=true"
 launch() {  # NAME ARGS...: one harness process into $OUT/NAME
     local name=$1
     shift
@@ -52,7 +58,26 @@ case "${1:-}" in
         launch mezo-2 --seeds 2 --arm "zo-1e-4:zo:$zo,lr=1e-4"
         launch momentum-lr --seeds 0 --arm "momentum-1e-4:zo:optim.algorithm=momentum,$zo,lr=1e-4"
         launch fzoo-lr --seeds 0 --arm "fzoo-1e-4:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,$g,steps=200,eval_every=20,lr=1e-4,optim.perturbation=rademacher" ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds" >&2
+    sparse-hybrid)  # rotten_tomatoes with graphs; the hybrid option cannot use them (a backward)
+        task+=(--set task.pad_to_multiple_of=16)
+        g="optim.cuda_graphs=true"
+        launch sparse --seeds 0,1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g" --grid sparse:lr=3e-5,1e-4,3e-4
+        # the top block and the final norm by AdamW, the rest by ZO-SGD at its tuned lr
+        launch hybrid --seeds 0,1,2 --arm "hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5" \
+            --grid hybrid:optim.first_order_lr=1e-5,1e-4
+        launch zo-1e-4 --seeds 0 --arm "zo-1e-4:zo:$zo,lr=1e-4,$g"
+        task=("${hamlet[@]}")
+        launch momentum-hamlet --seeds 1,2 --arm "momentum-1e-4:zo:optim.algorithm=momentum,$hzo,lr=1e-4" ;;
+    debates-rest)
+        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        g="optim.cuda_graphs=true"
+        launch debates-zo --seeds 0,1,2 --arm "zo:zo:$zo,$g" --grid zo:lr=3e-5,1e-4,3e-4
+        launch debates-others --seeds 0 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4" \
+            --arm "fzoo:zo:$fzoo,$g,lr=1e-3" --arm "sparse:zo:optim.algorithm=sparse,$zo,$g,lr=1e-4"
+        task=("${hamlet[@]}")
+        launch fzoo-hamlet --seeds 1,2 --arm "fzoo-1e-4:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,optim.cuda_graphs=true,steps=200,eval_every=20,lr=1e-4,optim.perturbation=rademacher"
+        launch sparse-hamlet --seeds 0 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest" >&2
        exit 2 ;;
 esac
 wait

@@ -76,6 +76,28 @@ def test_adamw_arms_learn_and_no_arm_changes_the_base_weights(bench):
     assert all(torch.equal(before[k], v) for k, v in bench.model.state_dict().items())
 
 
+def test_sparse_and_hybrid_arms_run_as_distzo_train_runs_them(bench, tiny_model_dir, sst2_dir, tmp_path):
+    """The two algorithms whose settings are not plain numbers: a pattern list (commas inside a
+    setting) for the hybrid option, and sparse's mask thresholds, logged at step 0."""
+    before = {k: v.clone() for k, v in bench.model.state_dict().items()}
+    hybrid, point = only_point("hyb:zo:optim.first_order=model.norm.weight,model.layers.1.*,"
+                               "optim.first_order_lr=1e-2,lr=1e-2,eps=1e-2,steps=3,eval_every=3")
+    assert point["optim.first_order"] == "model.norm.weight,model.layers.1.*"
+    run = bench.run(hybrid, point, seed=0)
+    assert run.record["config"]["optim"]["first_order"] == ["model.norm.weight", "model.layers.1.*"]
+    out = tmp_path / "hyb"
+    flags = [f"--{k}={v}" for k, v in SIZES.items()]
+    assert distzo_main(["train", "--model", str(tiny_model_dir), "--task", "sst2", "--data", str(sst2_dir), *flags,
+                        "--optim.first_order", "model.norm.weight,model.layers.1.*", "--optim.first_order_lr", "1e-2",
+                        "--lr", "1e-2", "--eps", "1e-2", "--steps", "3", "--eval_every", "3", "--output-dir", str(out),
+                        "--progress", "false", "--tensorboard", "false"]) == 0
+    assert run.losses == [r["loss"] for r in TrajectoryLog(out / "trajectory.jsonl").read()]
+    sparse = bench.run(*only_point("sp:zo:optim.algorithm=sparse,lr=1e-2,eps=1e-2,steps=3,eval_every=3"), seed=0)
+    assert sparse.record["config"]["optim"]["algorithm"] == "sparse" and len(sparse.losses) == 3
+    assert sparse.losses != run.losses
+    assert all(torch.equal(before[k], v) for k, v in bench.model.state_dict().items())
+
+
 def test_settings_and_grids_parse_and_refuse_what_does_not_apply():
     assert convergence.parse_settings("lora.target_modules=q_proj,v_proj,lr=1e-4,q=2") == {
         "lora.target_modules": "q_proj,v_proj", "optim.lr": "1e-4", "optim.directions": "2"}
