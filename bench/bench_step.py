@@ -294,11 +294,15 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
     opt.flush()
 
     if profile_to is not None:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile, record_function
 
+        for _ in range(warmup):  # after the flush: steps with and without a pending update are replayed again
+            opt.step(batch)
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                opt.step(batch)
+                with record_function("distzo.step"):
+                    opt.step(batch)
             torch.cuda.synchronize()
         events = prof.key_averages()
         table = events.table(sort_by="cuda_time_total", row_limit=25)
@@ -334,27 +338,40 @@ def gpu_gaps(prof, profile_to: str) -> dict:
     """Where the GPU of the profiled steps stood idle: the span of its kernels and copies, the
     union of their intervals, and the largest gaps with the work on either side (appended to
     the profile file)."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
     if not spans:
         return {}
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type.name == "CPU" and e.name != "distzo.step"]
+
+    def doing(t: float) -> str:
+        """The innermost host op running at time t (what the GPU waited for)."""
+        inside = [(stop - start, name) for start, stop, name in host if start <= t <= stop]
+        return min(inside)[1][:50] if inside else "-"
     busy, gaps, end, before = 0.0, [], spans[0][0], spans[0][2]
     for start, stop, name in spans:
         if start > end:
-            gaps.append((start - end, before, name))
+            gaps.append((start - end, before, name, doing((start + end) / 2)))
         busy += max(0.0, stop - max(start, end))
         if stop > end:
             end, before = stop, name
     gaps.sort(reverse=True)
     with open(profile_to, "a") as f:
         f.write(f"\nGPU span {(end - spans[0][0]) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms over the profiled steps; "
-                f"{len(gaps)} gaps, {sum(g for g, _, _ in gaps) / 1e3:.2f} ms in all; the largest:\n")
-        for gap, a, b in gaps[:25]:
-            f.write(f"  {gap:8.1f} us  after {a[:60]}  before {b[:60]}\n")
-        small = sum(g for g, _, _ in gaps if g < 5.0)
-        f.write(f"gaps under 5 us: {sum(1 for g, _, _ in gaps if g < 5.0)}, {small / 1e3:.2f} ms in all\n")
+                f"{len(gaps)} gaps, {sum(g[0] for g in gaps) / 1e3:.2f} ms in all; the largest (host op at the gap's middle):\n")
+        for gap, a, b, h in gaps[:30]:
+            f.write(f"  {gap:8.1f} us  after {a[:45]}  before {b[:45]}  host: {h}\n")
+        by_host: dict[str, float] = {}
+        for gap, _, _, h in gaps:
+            by_host[h] = by_host.get(h, 0.0) + gap
+        f.write("idle by host op: " + ", ".join(f"{h} {t / 1e3:.2f} ms" for h, t in
+                                                 sorted(by_host.items(), key=lambda kv: -kv[1])[:12]) + "\n")
+        small = sum(g[0] for g in gaps if g[0] < 5.0)
+        f.write(f"gaps under 5 us: {sum(1 for g in gaps if g[0] < 5.0)}, {small / 1e3:.2f} ms in all\n")
     return {"profiled_gpu_span_ms": (end - spans[0][0]) / 1e3, "profiled_gpu_union_ms": busy / 1e3,
-            "profiled_gap_ms": sum(g for g, _, _ in gaps) / 1e3}
+            "profiled_gap_ms": sum(g[0] for g in gaps) / 1e3}
 
 
 def table(results: list[dict]) -> str:
