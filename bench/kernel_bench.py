@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=16384)
+    ap.add_argument("--shapes", nargs="+", default=["512x2", "512x4", "1024x2", "1024x4", "1024x8", "2048x8"],
+                    help="BLOCKxWARPS launch shapes to time (the libdevice variant runs with 1024x4)")
     args = ap.parse_args()
 
     from distzo.kernels import triton_ops as K
@@ -67,9 +69,9 @@ def main() -> None:
 
     default = (K._BLOCK, K._WARPS, K.FAST_MATH)
     variants = []
-    shapes = ((512, 2), (512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 8))
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
     for fast in (True, False):
-        for block, warps in shapes if fast else shapes[3:4]:
+        for block, warps in shapes if fast else [(1024, 4)]:
             K._BLOCK, K._WARPS, K.FAST_MATH = block, warps, fast
             row = {"block": block, "warps": warps, "fast_math": fast}
             row["shadows_ms"] = bench(lambda: K.update_and_shadows(p, 77, None, "gaussian", 99, (1e-3, -1e-3)))
