@@ -510,7 +510,7 @@ _UNSAID = ("eval_every", "cuda_graphs", "steps")
 
 def _legend(arm: str, point: str, seeds: int) -> str:
     """An arm's line in a legend: its name, the settings that tell its point apart, its seed count."""
-    said = [kv for kv in point.split(",") if kv.split("=")[0] not in _UNSAID and "=" in kv]
+    said = [kv for kv in NEXT_SETTING.split(point) if kv.split("=")[0] not in _UNSAID and "=" in kv]
     return f"{arm}: {', '.join(said)} ({seeds} seed{'s' * (seeds != 1)})"
 
 

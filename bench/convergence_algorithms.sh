@@ -8,6 +8,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh hamlet-seeds  # ZO-SGD at 1e-4 seeds 1, 2; momentum, FZOO at 1e-4
 #   OUT=/some/dir bash bench/convergence_algorithms.sh sparse-hybrid  # sparse's and the hybrid option's grids + seeds
 #   OUT=/some/dir bash bench/convergence_algorithms.sh debates-rest   # every algorithm on debates; FZOO's Hamlet seeds
+#   OUT=/some/dir bash bench/convergence_algorithms.sh final-seeds    # seeds 1, 2 of AdamW everywhere, debates, hybrid
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -77,7 +78,16 @@ case "${1:-}" in
         task=("${hamlet[@]}")
         launch fzoo-hamlet --seeds 1,2 --arm "fzoo-1e-4:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,optim.cuda_graphs=true,steps=200,eval_every=20,lr=1e-4,optim.perturbation=rademacher"
         launch sparse-hamlet --seeds 0 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest" >&2
+    final-seeds)  # seeds 1 and 2 where the calls above ran one: AdamW on every task, debates' ZO-SGD, the hybrid option
+        launch hybrid-seeds --seeds 1,2 \
+            --arm "hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
+        launch rt-adamw --seeds 1,2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
+        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        launch debates-zo-seeds --seeds 1,2 --arm "zo:zo:$zo,optim.cuda_graphs=true,lr=1e-4"
+        launch debates-adamw --seeds 1,2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
+        task=("${hamlet[@]}")
+        launch hamlet-adamw --seeds 1,2 --arm ft:adamw:lr=3e-5 --arm lora:adamw:lora=true,lr=3e-4 ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds" >&2
        exit 2 ;;
 esac
 wait
