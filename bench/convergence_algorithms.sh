@@ -9,6 +9,8 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh sparse-hybrid  # sparse's and the hybrid option's grids + seeds
 #   OUT=/some/dir bash bench/convergence_algorithms.sh debates-rest   # every algorithm on debates; FZOO's Hamlet seeds
 #   OUT=/some/dir bash bench/convergence_algorithms.sh final-seeds    # seeds 1, 2 of AdamW everywhere, debates, hybrid
+#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet
+#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -87,7 +89,23 @@ case "${1:-}" in
         launch debates-adamw --seeds 1,2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
         task=("${hamlet[@]}")
         launch hamlet-adamw --seeds 1,2 --arm ft:adamw:lr=3e-5 --arm lora:adamw:lora=true,lr=3e-4 ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds" >&2
+    last-seeds-a)  # the seeds still missing on rotten_tomatoes and Hamlet (docs/convergence.md, "Not run")
+        task+=(--set task.pad_to_multiple_of=16)
+        g="optim.cuda_graphs=true"
+        launch hybrid-seed2 --seeds 2 \
+            --arm "hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
+        launch rt-adamw-seed2 --seeds 2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
+        launch sign-seeds --seeds 1,2 --arm "sign:zo:optim.mezo.transform=sign,$zo,lr=1e-4"  # eager, as its seed 0 ran
+        task=("${hamlet[@]}")
+        launch sparse-hamlet-seeds --seeds 1,2 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
+    last-seeds-b)  # debates: seed 2 of ZO-SGD, seeds 1 and 2 of the other algorithms
+        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        g="optim.cuda_graphs=true"
+        launch debates-zo-seed2 --seeds 2 --arm "zo:zo:$zo,$g,lr=1e-4"
+        launch debates-momentum --seeds 1,2 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4"
+        launch debates-fzoo --seeds 1,2 --arm "fzoo:zo:$fzoo,$g,lr=1e-3"
+        launch debates-sparse --seeds 1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g,lr=1e-4" ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b" >&2
        exit 2 ;;
 esac
 wait
