@@ -7,7 +7,7 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
   resident OPT-6.7B at 16 x 64
     fwd (N+1)B   a plain inference forward of the batch stacked N + 1 = 9 times
     fzoo N=8     ZOOptimizer.step with FZOO: one forward of 9 streams + the shadow passes
-    mezo         ZO-SGD, q = 1, Rademacher and Gaussian directions
+    mezo         ZO-SGD, q = 1, Rademacher, Gaussian and packed Rademacher directions
     momentum h=8 heavy-ball from the last 8 steps (8 directions regenerated per update)
     each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
     pass         the fused update + shadow pass alone over every parameter, per record size:
@@ -57,7 +57,7 @@ def _step_ms(model, algorithm, kind, batch, steps, warmup, graphs=False) -> floa
 
 @triton.jit
 def _buffer_kernel(p_ptr, m_ptr, plus_ptr, minus_ptr, n, seeds_ptr, coef_ptr,
-                   GAUSS: tl.constexpr, BLOCK: tl.constexpr):
+                   KIND: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     # seeds: update seed, rounding seed, shadow seed; coef: g, lr, beta, scale+, scale-
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
@@ -68,7 +68,7 @@ def _buffer_kernel(p_ptr, m_ptr, plus_ptr, minus_ptr, n, seeds_ptr, coef_ptr,
     theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     slo, shi = tk._seed_halves(seeds_ptr, 0)
-    m = tl.load(coef_ptr + 2) * m + tl.load(coef_ptr) * tk._direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, True)
+    m = tl.load(coef_ptr + 2) * m + tl.load(coef_ptr) * tk._direction(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST)
     tl.store(m_ptr + base + offs, m.to(tl.bfloat16), mask=mask)
     x = theta.to(tl.float32) - tl.load(coef_ptr + 1) * m
     rlo, rhi = tk._seed_halves(seeds_ptr, 1)
@@ -76,7 +76,7 @@ def _buffer_kernel(p_ptr, m_ptr, plus_ptr, minus_ptr, n, seeds_ptr, coef_ptr,
     tl.store(p_ptr + base + offs, theta, mask=mask)
     x = theta.to(tl.float32)
     dlo, dhi = tk._seed_halves(seeds_ptr, 2)
-    z = tk._direction(blk, klo, khi, dlo, dhi, BLOCK, GAUSS, True)
+    z = tk._direction(blk, base, klo, khi, dlo, dhi, BLOCK, KIND, FAST)
     tl.store(plus_ptr + base + offs, (x + tl.load(coef_ptr + 3) * z).to(tl.bfloat16), mask=mask)
     tl.store(minus_ptr + base + offs, (x + tl.load(coef_ptr + 4) * z).to(tl.bfloat16), mask=mask)
 
@@ -96,7 +96,7 @@ def _buffer_pass_ns_per_param(model, kind: str, steps: int) -> float:
             shadows = torch.empty((2, *p.shape), dtype=p.dtype, device=p.device)
             n = p.numel()
             _buffer_kernel[(triton.cdiv(n, tk._BLOCK),)](p, m, shadows[0], shadows[1], n, seeds, coefs,
-                                                          GAUSS=kind == "gaussian", BLOCK=tk._BLOCK,
+                                                          KIND=tk._KINDS[kind], FAST=tk.FAST_MATH, BLOCK=tk._BLOCK,
                                                           num_warps=tk._WARPS)
 
     ms, _ = timed(one, steps, 2)
@@ -136,13 +136,13 @@ def resident(args) -> dict:
         out[f"fzoo_N8{tag}_ms"], out[f"fzoo_N8{tag}_peak_GB"] = _step_ms(
             model, FZOO(lr=1e-6, probes=n), "rademacher", batch, args.steps, args.warmup, graphs)
         out[f"fzoo{tag}_vs_fwd_9B"] = out[f"fzoo_N8{tag}_ms"] / fwd9
-        for kind in ("rademacher", "gaussian"):
+        for kind in ("rademacher", "gaussian", "rademacher-packed"):
             mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup, graphs)
             heavy, peak = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch,
                                    args.steps + 8, args.warmup + 8, graphs)  # warm-up fills the 8 steps of history
             out[f"mezo_{kind}{tag}_ms"], out[f"momentum_h8_{kind}{tag}_ms"] = mezo, heavy
             out[f"momentum{tag}_vs_mezo_{kind}"] = heavy / mezo
-    for kind in ("rademacher", "gaussian"):
+    for kind in ("rademacher", "gaussian", "rademacher-packed"):
         out[f"pass_ns_per_param_{kind}_1"] = _pass_ns_per_param(model, 1, kind, args.steps)
         out[f"pass_ns_per_param_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps)
         try:  # a comparison only: its failure must not lose the rows above

@@ -41,7 +41,7 @@ def _losses_match(got, want) -> None:
 # --------------------------------------------------------------------------- against the references
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "rademacher"), ("opt", "gaussian")])
+@pytest.mark.parametrize("family,kind", [("llama", "rademacher"), ("opt", "gaussian"), ("opt", "rademacher-packed")])
 def test_fzoo_matches_its_reference(family, kind):
     model = tiny_model(family, dtype=torch.float64)
     ref = copy.deepcopy(model)
@@ -248,7 +248,8 @@ def _steps(run) -> list[dict]:
 
 ALGORITHM_ARGS = {
     "fzoo": ["--optim.algorithm", "fzoo", "--optim.fzoo.probes", "3", "--optim.perturbation", "rademacher"],
-    "momentum": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2"],
+    "momentum": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2",
+                 "--optim.perturbation", "rademacher-packed"],
     "momentum-adam": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2",
                       "--optim.momentum.rule", "adam"],
     "sparse": ["--optim.algorithm", "sparse", "--optim.sparse.sparsity", "0.5", "--optim.directions", "2"],

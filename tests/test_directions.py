@@ -47,17 +47,29 @@ def test_published_vectors():
     assert d.draw(1, 2, 0, 8, "rademacher").tolist() == RADEMACHER_SEED1_KEY2
 
 
+def test_packed_signs_take_every_bit_of_a_block():
+    # element i: bit i % 32 of word (i // 32) % 4 of block i // 128 (1 -> -1); the words are those
+    # of elements 0..7 above (block 0's four words, then block 1's)
+    z = d.draw(1, 2, 0, 160, "rademacher-packed")
+    assert z[:8].tolist() == [-1, -1, -1, -1, 1, 1, -1, -1]  # 0xE73404CF from bit 0 up
+    assert z[32:40].tolist() == [-1, -1, 1, 1, -1, 1, -1, -1]  # 0x8CEDC5D3
+    assert z[128:136].tolist() == [-1, -1, 1, 1, -1, -1, -1, 1]  # 0xB7B4C173: block 1, word 0
+    for i in (0, 5, 31, 32, 77, 127, 128, 159):
+        word = WORDS_SEED1_KEY2[4 * (i // 128) + (i // 32) % 4]
+        assert z[i] == 1 - 2 * ((word >> (i % 32)) & 1), i
+
+
 def test_word_to_uniform_is_exact_and_open():
     words = torch.tensor([0, 511, 512, 0xFFFFFFFF], dtype=torch.int64)
     u = d._uniform(words)
     assert u.tolist() == [2.0**-24, 2.0**-24, 3 * 2.0**-24, 1 - 2.0**-24]
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "rademacher-packed"])
 def test_slice_equals_slice_of_whole(kind):
     chunk = d._CHUNK
     whole = d.draw(7, 99, 0, chunk + 4099, kind)
-    for start, count in [(0, 1), (1, 6), (3, 13), (chunk - 3, 9), (chunk + 1, 4097), (5, chunk + 11)]:
+    for start, count in [(0, 1), (1, 6), (3, 13), (127, 130), (chunk - 3, 9), (chunk + 1, 4097), (5, chunk + 11)]:
         assert torch.equal(d.draw(7, 99, start, count, kind), whole[start : start + count]), (start, count)
 
 
@@ -89,6 +101,10 @@ def test_moments():
     assert abs(float((z**4).mean()) - 3) < 0.05  # gaussian tails, not uniform-ish
     r = d.draw(5, 6, 0, n, "rademacher")
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(float(r.mean())) < 5 / n**0.5
+    packed = d.draw(5, 6, 0, n, "rademacher-packed").double()
+    assert set(packed.unique().tolist()) == {-1.0, 1.0} and abs(float(packed.mean())) < 5 / n**0.5
+    # neighbours come from one word: no correlation between bits of it
+    assert abs(float((packed[1:] * packed[:-1]).mean())) < 5 / n**0.5
 
 
 def test_same_in_another_process():

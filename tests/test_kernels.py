@@ -78,8 +78,9 @@ def test_normals_match_cpu(ops, seed, key, start, count):
     z = ops.normal(seed, key, start, count, "gaussian", device="cuda").cpu()
     ref = directions.draw(seed, key, start, count, "gaussian")
     assert float((z - ref).abs().max()) <= 1e-5
-    r = ops.normal(seed, key, start, count, "rademacher", device="cuda").cpu()
-    assert torch.equal(r, directions.draw(seed, key, start, count, "rademacher"))
+    for kind in ("rademacher", "rademacher-packed"):
+        r = ops.normal(seed, key, start, count, kind, device="cuda").cpu()
+        assert torch.equal(r, directions.draw(seed, key, start, count, kind)), kind
 
 
 def test_normals_are_standard_and_slices_agree(ops):
@@ -106,6 +107,8 @@ UPDATE_CASES = [  # (q, weight decay, kind, shape)
     (1, 0.1, "gaussian", (64, 1000)),
     (3, 0.1, "gaussian", (300, 77)),
     (2, 0.0, "rademacher", (4099,)),
+    (3, 0.1, "rademacher-packed", (300, 77)),  # runs of 16 signs across rows and program ends
+    (1, 0.0, "rademacher-packed", (4099,)),
     (1, 0.1, "gaussian", (4099,)),  # 1-D: no decay
 ]
 
@@ -188,6 +191,21 @@ def test_update_and_shadows_match_torch_path(ops, dtype, with_update):
     # one-sided: a zero scale hands back the parameter itself
     plus2, same = ops.update_and_shadows(got, KEY, None, "gaussian", seed, (eps, 0.0))
     assert same is got and torch.equal(plus2, plus)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_signs_in_the_fused_pass(ops, dtype):
+    """rademacher-packed z inside the step kernel (16-bit runs of one word per thread, program
+    starts at multiples of 128): the shadows are exactly theta' + s z of the CPU's z."""
+    shape, seed = (300, 77), directions.step_seed(5, 12, 0)
+    seeds, grads = _update_args(2)
+    got = _param(shape, dtype, seed=2).cuda()
+    pending = zo_sgd(0, seeds, grads, 1e-3, 0.1)
+    plus, minus = ops.update_and_shadows(got, KEY, pending, "rademacher-packed", seed, (1e-3, -1e-3))
+    theta = got.cpu()
+    z = directions.direction_like(theta, seed, KEY, "rademacher-packed")
+    assert torch.equal(plus.cpu(), update.perturbed(theta, z, 1e-3))
+    assert torch.equal(minus.cpu(), update.perturbed(theta, z, -1e-3))
 
 
 def test_non_contiguous_parameter(ops):

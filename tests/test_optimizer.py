@@ -59,7 +59,7 @@ def test_matches_reference_in_float32(family):
     assert _max_weight_diff(model, ref) < 2e-5
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "rademacher-packed"])
 def test_many_directions_match_reference(kind):
     model, ref, rows = _run_both(tiny_model("llama", dtype=torch.float64), 5, lr=1e-3, eps=1e-3, q=3, kind=kind)
     for stats, plus, minus, grads in rows:

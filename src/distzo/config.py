@@ -51,7 +51,8 @@ class OptimConfig:
     directions: int = 1
     """q: directions (pairs of perturbed forwards) per step."""
     perturbation: str = "gaussian"
-    """gaussian | rademacher"""
+    """gaussian | rademacher | rademacher-packed (the same signs' distribution, 128 per random draw: a cheaper GPU
+    pass where several directions are regenerated, as momentum and fzoo do)"""
     estimator: str = "two-sided"
     """two-sided | one-sided"""
     schedule: str = "constant"

@@ -14,6 +14,12 @@ Words become floats exactly: ``u = ((x >> 9) * 2 + 1) * 2^-24`` lies in (0, 1) a
 is representable in float32. Gaussian directions pair words (0, 1) and (2, 3) of a
 block with the Box-Muller transform in float32; rademacher directions take the top
 bit of each word (0 -> +1, 1 -> -1).
+
+``rademacher-packed`` directions are signs too, but take every bit of a block: element
+``i`` gets bit ``i % 32`` of word ``(i // 32) % 4`` of block ``i // 128`` (0 -> +1,
+1 -> -1). The distribution is the same as rademacher's; the signs are others, and one
+Philox call serves 128 elements instead of 4, which is what a GPU pass that regenerates
+several directions per element is bound by.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["gaussian", "rademacher"]
-KINDS = ("gaussian", "rademacher")
+Kind = Literal["gaussian", "rademacher", "rademacher-packed"]
+KINDS = ("gaussian", "rademacher", "rademacher-packed")
+PACKED = 128  # elements per Philox block in the rademacher-packed kind (4 words x 32 bits)
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -97,7 +104,17 @@ def _gaussian_from_blocks(words: torch.Tensor) -> torch.Tensor:
     return torch.stack((r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23), r23 * torch.sin(t23)), 1)
 
 
+def _packed_chunk(seed: int, key: int, start: int, count: int) -> torch.Tensor:
+    """rademacher-packed z of elements [start, start+count): bit i % 32 of word (i // 32) % 4 of block i // 128."""
+    first, last = start // PACKED, (start + count + PACKED - 1) // PACKED
+    bits = (_blocks(seed, key, first, last).unsqueeze(-1) >> torch.arange(32)) & 1
+    offset = start - first * PACKED
+    return (1.0 - 2.0 * bits.to(torch.float32)).reshape(-1)[offset : offset + count]
+
+
 def _draw_chunk(seed: int, key: int, start: int, count: int, kind: Kind) -> torch.Tensor:
+    if kind == "rademacher-packed":
+        return _packed_chunk(seed, key, start, count)
     first, last = start // 4, (start + count + 3) // 4
     words = _blocks(seed, key, first, last)
     if kind == "gaussian":

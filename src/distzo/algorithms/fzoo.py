@@ -7,7 +7,8 @@ normalised by the spread of their losses.
 
 (L_i - L0) / sigma is scale-free, so the step is a normalised-SGD step whose size the
 learning rate sets alone: large where the losses barely move, small where they spread.
-The paper uses Rademacher directions (``--optim.perturbation rademacher``). No state; the
+The paper uses Rademacher directions (``--optim.perturbation rademacher``, or
+``rademacher-packed``: the same distribution, 128 signs per random draw). No state; the
 engines hold N + 1 shadows of a unit at a time (lean offloaded units: one).
 """
 

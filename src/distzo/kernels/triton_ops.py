@@ -59,7 +59,8 @@ _WARPS = 2
 _MASK32 = 0xFFFFFFFF
 
 _SR_NONE, _SR_BF16, _SR_GENERIC = 0, 1, 2
-_KINDS = {"gaussian": True, "rademacher": False}
+# the KIND constexpr of the kernels: how a Philox block becomes z (directions.py)
+_KINDS = {"gaussian": 0, "rademacher": 1, "rademacher-packed": 2}
 
 
 # --------------------------------------------------------------------------- device code
@@ -145,10 +146,62 @@ def _box_muller(wa, wb, FAST: tl.constexpr):
 
 
 @triton.jit
-def _direction(blk, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr):
-    """z(seed, key, i) for the BLOCK elements of the blocks ``blk``, float32, element order."""
+def _run_starts(BLOCK: tl.constexpr):
+    """0, 16, .., BLOCK - 16: the first element of each 16-element run, derived from the element
+    range (as ``_block_index`` is) so that each thread gets the runs of the elements it loads."""
+    lanes = tl.reshape(tl.arange(0, BLOCK), [BLOCK // 16, 2, 2, 2, 2])
+    a, _ = tl.split(lanes)
+    b, _ = tl.split(a)
+    c, _ = tl.split(b)
+    first, _ = tl.split(c)
+    return first
+
+
+@triton.jit
+def _sign(w, J: tl.constexpr):
+    return 1.0 - 2.0 * ((w >> J) & 1).to(tl.float32)
+
+
+# Bits J and J + 8, J + 4, J + 2 of each run's word, joined so that the last reshape puts bit j at
+# element (run start + j): a join adds a trailing axis, so the first join splits on bit 3 of j.
+@triton.jit
+def _bits1(w, J: tl.constexpr):
+    return tl.join(_sign(w, J), _sign(w, J + 8))
+
+
+@triton.jit
+def _bits2(w, J: tl.constexpr):
+    return tl.join(_bits1(w, J), _bits1(w, J + 4))
+
+
+@triton.jit
+def _bits3(w, J: tl.constexpr):
+    return tl.join(_bits2(w, J), _bits2(w, J + 2))
+
+
+@triton.jit
+def _packed_signs(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """rademacher-packed z of elements base .. base + BLOCK - 1 (base a multiple of 128), float32:
+    element i is bit i % 32 of word (i // 32) % 4 of block i // 128, so a 16-element run takes 16
+    consecutive bits of one word and one Philox call serves 128 elements."""
+    tl.static_assert(BLOCK % 128 == 0)
+    e = _run_starts(BLOCK)
+    w0, w1, w2, w3 = _block_words((base + e) >> 7, key_lo, key_hi, seed_lo, seed_hi)
+    lane = (e >> 5) & 3
+    w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    w = w >> (e & 16).to(tl.uint32)  # the run's bits at the bottom
+    return tl.reshape(tl.join(_bits3(w, 0), _bits3(w, 1)), [BLOCK])
+
+
+@triton.jit
+def _direction(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, KIND: tl.constexpr,
+               FAST: tl.constexpr):
+    """z(seed, key, i) for the BLOCK elements from ``base`` (the blocks ``blk`` of four), float32,
+    element order; KIND as ``_KINDS``."""
+    if KIND == 2:
+        return _packed_signs(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK)
     w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
-    if GAUSS:
+    if KIND == 0:
         # Box-Muller on (nblocks, 2) pairs: column 0 pairs words (0, 1), column 1 words (2, 3).
         c, s = _box_muller(tl.join(w0, w2), tl.join(w1, w3), FAST)
         return tl.reshape(tl.join(c, s), [BLOCK])
@@ -222,7 +275,7 @@ def _step_kernel(
     key_lo, key_hi,
     useeds_ptr, coef_ptr, thr,
     Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
-    PLUS: tl.constexpr, MINUS: tl.constexpr, GAUSS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+    PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # useeds_ptr (int64): the update's seeds s_0 .. s_{Q-1}, the rounding seed, the shadows'
@@ -242,7 +295,7 @@ def _step_kernel(
         for j in tl.static_range(Q):
             slo, shi = _seed_halves(useeds_ptr, j)
             g = tl.load(coef_ptr + j)
-            acc += g * _direction(blk, klo, khi, slo, shi, BLOCK, GAUSS, FAST)
+            acc += g * _direction(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST)
         if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
             acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         if DECAY:
@@ -263,7 +316,7 @@ def _step_kernel(
         x = theta.to(tl.float32)
     if PLUS or MINUS:
         ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1)
-        z = _direction(blk, klo, khi, ds_lo, ds_hi, BLOCK, GAUSS, FAST)
+        z = _direction(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
         if PLUS:
             plus = (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype)
             if MASKED:  # x is theta after the update (update.perturbed)
@@ -281,8 +334,9 @@ def _draw_kernel(
     out_ptr, n, first_block, key_lo, key_hi, seed_lo, seed_hi,
     WHAT: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Elements [4 first_block, 4 first_block + n) as z (WHAT 0 gaussian, 1 rademacher),
-    uniforms (2) or raw words as int64 (3)."""
+    """Elements [4 first_block, 4 first_block + n) as z (WHAT 0 gaussian, 1 rademacher,
+    4 rademacher-packed: then 4 first_block is a multiple of 128), uniforms (2) or raw words as
+    int64 (3)."""
     pid = tl.program_id(0).to(tl.int64)
     base = pid * BLOCK
     offs = tl.arange(0, BLOCK)
@@ -292,8 +346,10 @@ def _draw_kernel(
     khi = _u32(key_hi)
     slo = _u32(seed_lo)
     shi = _u32(seed_hi)
-    if WHAT < 2:
-        out = _direction(blk, klo, khi, slo, shi, BLOCK, WHAT == 0, FAST)
+    if WHAT == 4:
+        out = _packed_signs(first_block.to(tl.int64) * 4 + base, klo, khi, slo, shi, BLOCK)
+    elif WHAT < 2:
+        out = _direction(blk, base, klo, khi, slo, shi, BLOCK, WHAT, FAST)
     else:
         w0, w1, w2, w3 = _block_words(blk, klo, khi, slo, shi)
         if WHAT == 2:
@@ -317,7 +373,7 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, _BLOCK)),)
 
 
-def _gauss(kind: str) -> bool:
+def _kind(kind: str) -> int:
     directions.check_kind(kind)
     return _KINDS[kind]
 
@@ -336,7 +392,7 @@ class LaunchArgs:
 
     def __init__(self, record: UpdateRecord | None, kind, seed, scales, device):
         self.layout = layout_of(record, kind)
-        self.q, self.div, self.has_update, self.decay, self.gauss = self.layout
+        self.q, self.div, self.has_update, self.decay, self.kind = self.layout
         seeds, coefs = _values(record, seed, scales, self.has_update)
         self.seeds_t = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
         self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
@@ -358,8 +414,8 @@ def layout_of(record: UpdateRecord | None, kind) -> tuple:
     """The constexpr flags a record's launches compile with (``LaunchArgs.layout``)."""
     has_update = record is not None and len(record.seeds) > 0
     if not has_update:
-        return 1, 1, False, False, _gauss(kind)
-    return max(len(record.seeds), 1), record.divisor, True, bool(record.decay), _gauss(kind)
+        return 1, 1, False, False, _kind(kind)
+    return max(len(record.seeds), 1), record.divisor, True, bool(record.decay), _kind(kind)
 
 
 def _signed(value: int) -> int:
@@ -407,7 +463,7 @@ def _direct_launch_supported() -> bool:
 
 _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
-_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "GAUSS", "FAST", "MASKED", "BLOCK")
+_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "KIND", "FAST", "MASKED", "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -443,7 +499,7 @@ def _launch(work, plus, minus, aligned, key, sc: LaunchArgs, decay: bool, thresh
             key_lo, key_hi, sc.seeds_t, sc.coef_t,
             0.0 if threshold is None else float(threshold))
     consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
-              sc.gauss, FAST_MATH, threshold is not None, _BLOCK)
+              sc.kind, FAST_MATH, threshold is not None, _BLOCK)
     grid0 = triton.cdiv(n, _BLOCK)
     device = work.get_device()
     spec = (device, work.dtype, n >= 1 << 31, n % 16 == 0, n == 1, aligned, sc.aligned, _WARPS, consts)
@@ -542,7 +598,9 @@ def _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold=
 
 
 def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype) -> torch.Tensor:
-    first_block, skip = divmod(int(start), 4)
+    unit = directions.PACKED if what == 4 else 4  # the elements of one Philox block
+    first, skip = divmod(int(start), unit)
+    first_block = first * (unit // 4)
     total = count + skip
     out = torch.empty(max(total, 1), dtype=dtype, device=device)
     if total:
@@ -558,7 +616,7 @@ def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype)
 
 def normal(seed: int, key: int, start: int, count: int, kind="gaussian", device="cuda") -> torch.Tensor:
     """``directions.draw`` on the device: z for elements [start, start + count), float32."""
-    return _draw(0 if _gauss(kind) else 1, seed, key, start, count, device, torch.float32)
+    return _draw((0, 1, 4)[_kind(kind)], seed, key, start, count, device, torch.float32)
 
 
 def uniform(seed: int, key: int, start: int, count: int, device="cuda") -> torch.Tensor:
