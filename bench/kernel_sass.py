@@ -25,12 +25,12 @@ from distzo.kernels import triton_ops as K
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1):
+def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
+          kind: str = "gaussian"):
     sig = {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
-           "key_lo": "i32", "key_hi": "i32", "dseed_lo": "i32", "dseed_hi": "i32", "sr_lo": "i32", "sr_hi": "i32",
-           "useeds_ptr": "*i64", "coef_ptr": "*fp32"}
-    consts = dict(Q=q, UPDATE=update, DECAY=False, SR=sr, PLUS=shadows, MINUS=shadows, GAUSS=True, FAST=fast,
-                  BLOCK=block)
+           "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
+    consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, PLUS=shadows, MINUS=shadows, KIND=K._KINDS[kind],
+                  FAST=fast, MASKED=False, BLOCK=block)
     sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
     src = ASTSource(fn=K._step_kernel, signature=sig, constexprs=consts, attrs=aligned)
@@ -66,6 +66,11 @@ def main() -> None:
     report("bf16 update + shadows, libdevice math", build("bf16", 1, True, True, a.block, a.warps, fast=False))
     report("fp32 update + shadows", build("fp32", 0, True, True, a.block, a.warps))
     report("fp16 update + shadows", build("fp16", 2, True, True, a.block, a.warps))
+    for kind in ("rademacher", "rademacher-packed"):
+        report(f"bf16 update + shadows, {kind}", build("bf16", 1, True, True, a.block, a.warps, kind=kind))
+    for kind in ("gaussian", "rademacher", "rademacher-packed"):  # momentum's h = 8 record
+        report(f"bf16 update of 8 directions + shadows, {kind}",
+               build("bf16", 1, True, True, a.block, a.warps, q=8, kind=kind))
 
 
 if __name__ == "__main__":

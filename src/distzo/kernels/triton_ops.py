@@ -147,50 +147,74 @@ def _box_muller(wa, wb, FAST: tl.constexpr):
 
 @triton.jit
 def _run_starts(BLOCK: tl.constexpr):
-    """0, 16, .., BLOCK - 16: the first element of each 16-element run, derived from the element
-    range (as ``_block_index`` is) so that each thread gets the runs of the elements it loads."""
-    lanes = tl.reshape(tl.arange(0, BLOCK), [BLOCK // 16, 2, 2, 2, 2])
+    """0, 8, .., BLOCK - 8: the first element of each 8-element run, derived from the element range
+    (as ``_block_index`` is) so that each thread gets the runs of the elements it loads (8 bf16
+    values are one 16-byte vector)."""
+    lanes = tl.reshape(tl.arange(0, BLOCK), [BLOCK // 8, 2, 2, 2])
     a, _ = tl.split(lanes)
     b, _ = tl.split(a)
-    c, _ = tl.split(b)
-    first, _ = tl.split(c)
+    first, _ = tl.split(b)
     return first
 
 
 @triton.jit
-def _sign(w, J: tl.constexpr):
-    return 1.0 - 2.0 * ((w >> J) & 1).to(tl.float32)
+def _sign_bit(w, J: tl.constexpr):
+    """Bit J of w moved to the float sign position: 0x80000000 where z = -1, 0 where z = +1."""
+    return (w << (31 - J)) & 0x80000000
 
 
-# Bits J and J + 8, J + 4, J + 2 of each run's word, joined so that the last reshape puts bit j at
-# element (run start + j): a join adds a trailing axis, so the first join splits on bit 3 of j.
+# Bits J and J + 4, then J + 2, of each run's word, joined so that the last reshape puts bit j at
+# element (run start + j): a join adds a trailing axis, so the first join splits on bit 2 of j.
 @triton.jit
 def _bits1(w, J: tl.constexpr):
-    return tl.join(_sign(w, J), _sign(w, J + 8))
+    return tl.join(_sign_bit(w, J), _sign_bit(w, J + 4))
 
 
 @triton.jit
 def _bits2(w, J: tl.constexpr):
-    return tl.join(_bits1(w, J), _bits1(w, J + 4))
+    return tl.join(_bits1(w, J), _bits1(w, J + 2))
 
 
 @triton.jit
-def _bits3(w, J: tl.constexpr):
-    return tl.join(_bits2(w, J), _bits2(w, J + 2))
-
-
-@triton.jit
-def _packed_signs(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
-    """rademacher-packed z of elements base .. base + BLOCK - 1 (base a multiple of 128), float32:
-    element i is bit i % 32 of word (i // 32) % 4 of block i // 128, so a 16-element run takes 16
-    consecutive bits of one word and one Philox call serves 128 elements."""
+def _packed_masks(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """rademacher-packed signs of elements base .. base + BLOCK - 1 (base a multiple of 128) as sign
+    masks (``_sign_masks``): element i is bit i % 32 of word (i // 32) % 4 of block i // 128, so an
+    8-element run takes 8 consecutive bits of one word, and a thread computes one Philox block per
+    run of its elements (rademacher: one per 4 elements)."""
     tl.static_assert(BLOCK % 128 == 0)
     e = _run_starts(BLOCK)
     w0, w1, w2, w3 = _block_words((base + e) >> 7, key_lo, key_hi, seed_lo, seed_hi)
     lane = (e >> 5) & 3
     w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
-    w = w >> (e & 16).to(tl.uint32)  # the run's bits at the bottom
-    return tl.reshape(tl.join(_bits3(w, 0), _bits3(w, 1)), [BLOCK])
+    w = w >> (e & 24).to(tl.uint32)  # the run's bits at the bottom
+    return tl.reshape(tl.join(_bits2(w, 0), _bits2(w, 1)), [BLOCK])
+
+
+@triton.jit
+def _sign_masks(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, KIND: tl.constexpr):
+    """The sign kinds' z as masks of the float sign bit (uint32, element order): a product g z with
+    z = +-1 is g with that bit flipped, exactly what g * z rounds to, at one logic op instead of a
+    conversion and a multiply."""
+    if KIND == 2:
+        return _packed_masks(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK)
+    else:
+        w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
+        return _interleave(w0 & 0x80000000, w1 & 0x80000000, w2 & 0x80000000, w3 & 0x80000000, BLOCK)
+
+
+@triton.jit
+def _flip(v, masks):
+    """v * z for the sign kinds' z (``_sign_masks``): v with its sign flipped where z = -1."""
+    return (v.to(tl.uint32, bitcast=True) ^ masks).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled(a, z, KIND: tl.constexpr):
+    """a z: z floats for gaussian, sign masks for the sign kinds."""
+    if KIND == 0:
+        return a * z
+    else:
+        return _flip(a, z)
 
 
 @triton.jit
@@ -198,19 +222,14 @@ def _direction(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr,
                FAST: tl.constexpr):
     """z(seed, key, i) for the BLOCK elements from ``base`` (the blocks ``blk`` of four), float32,
     element order; KIND as ``_KINDS``."""
-    if KIND == 2:
-        return _packed_signs(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK)
-    w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
     if KIND == 0:
+        w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
         # Box-Muller on (nblocks, 2) pairs: column 0 pairs words (0, 1), column 1 words (2, 3).
         c, s = _box_muller(tl.join(w0, w2), tl.join(w1, w3), FAST)
         return tl.reshape(tl.join(c, s), [BLOCK])
     else:
-        z0 = 1.0 - 2.0 * (w0 >> 31).to(tl.float32)
-        z1 = 1.0 - 2.0 * (w1 >> 31).to(tl.float32)
-        z2 = 1.0 - 2.0 * (w2 >> 31).to(tl.float32)
-        z3 = 1.0 - 2.0 * (w3 >> 31).to(tl.float32)
-        return _interleave(z0, z1, z2, z3, BLOCK)
+        return _flip(tl.full([BLOCK], 1.0, tl.float32), _sign_masks(blk, base, key_lo, key_hi, seed_lo, seed_hi,
+                                                                    BLOCK, KIND))
 
 
 @triton.jit
@@ -295,7 +314,10 @@ def _step_kernel(
         for j in tl.static_range(Q):
             slo, shi = _seed_halves(useeds_ptr, j)
             g = tl.load(coef_ptr + j)
-            acc += g * _direction(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST)
+            if KIND == 0:
+                acc += g * _direction(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST)
+            else:  # g z for z = +-1, exactly
+                acc += _flip(g, _sign_masks(blk, base, klo, khi, slo, shi, BLOCK, KIND))
         if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
             acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         if DECAY:
@@ -316,14 +338,17 @@ def _step_kernel(
         x = theta.to(tl.float32)
     if PLUS or MINUS:
         ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1)
-        z = _direction(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
+        if KIND == 0:
+            z = _direction(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
+        else:
+            z = _sign_masks(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND)
         if PLUS:
-            plus = (x + tl.load(coef_ptr + Q + 2) * z).to(theta.dtype)
+            plus = (x + _scaled(tl.load(coef_ptr + Q + 2), z, KIND)).to(theta.dtype)
             if MASKED:  # x is theta after the update (update.perturbed)
                 plus = tl.where(tl.abs(x) <= thr, plus, theta)
             tl.store(plus_ptr + base + offs, plus, mask=mask)
         if MINUS:
-            minus = (x + tl.load(coef_ptr + Q + 3) * z).to(theta.dtype)
+            minus = (x + _scaled(tl.load(coef_ptr + Q + 3), z, KIND)).to(theta.dtype)
             if MASKED:
                 minus = tl.where(tl.abs(x) <= thr, minus, theta)
             tl.store(minus_ptr + base + offs, minus, mask=mask)
@@ -347,7 +372,7 @@ def _draw_kernel(
     slo = _u32(seed_lo)
     shi = _u32(seed_hi)
     if WHAT == 4:
-        out = _packed_signs(first_block.to(tl.int64) * 4 + base, klo, khi, slo, shi, BLOCK)
+        out = _direction(blk, first_block.to(tl.int64) * 4 + base, klo, khi, slo, shi, BLOCK, 2, FAST)
     elif WHAT < 2:
         out = _direction(blk, base, klo, khi, slo, shi, BLOCK, WHAT, FAST)
     else:
