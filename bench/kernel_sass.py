@@ -1,6 +1,6 @@
 """Resource report of the fused kernel, compiled for sm_90 without a GPU.
 
-    PYTHONPATH=src python bench/kernel_sass.py [--block 1024] [--warps 2]
+    PYTHONPATH=src python bench/kernel_sass.py [--block 1024] [--warps 2] [--all]
 
 Needs only the triton package (it bundles ptxas and cuobjdump). Prints, per variant: SASS
 instructions per thread, registers, stack, layout conversions in the TTGIR (each one a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -37,6 +38,33 @@ def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: i
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
+def compile_all(block: int, warps: int) -> int:
+    """Every constexpr combination a run can launch (dtype, kind, update, shadows, mask, one or several
+    directions) and every draw: a kernel change that does not compile for sm_90 shows here, without a GPU."""
+    count = 0
+    for (dtype, sr), kind, update, shadows, masked, q in itertools.product(
+            (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, (True, False), (True, False), (True, False), (1, 3)):
+        if update or shadows:
+            sig = {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
+                   "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
+            consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=True, SR=sr, PLUS=shadows, MINUS=shadows,
+                          KIND=K._KINDS[kind], FAST=True, MASKED=masked, BLOCK=block)
+            _compile(K._step_kernel, sig, consts, warps)
+            count += 1
+    for what in range(5):
+        sig = {"out_ptr": "*i64" if what == 3 else "*fp32", "n": "i32", "first_block": "i64", "key_lo": "i32",
+               "key_hi": "i32", "seed_lo": "i32", "seed_hi": "i32"}
+        _compile(K._draw_kernel, sig, dict(WHAT=what, FAST=True, BLOCK=block), warps)
+        count += 1
+    return count
+
+
+def _compile(fn, sig: dict, consts: dict, warps: int):
+    sig = {**sig, **{name: "constexpr" for name in consts}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
 def report(name: str, kernel) -> None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -57,7 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block", type=int, default=K._BLOCK)
     ap.add_argument("--warps", type=int, default=K._WARPS)
+    ap.add_argument("--all", action="store_true", help="compile every launchable variant (no report)")
     a = ap.parse_args()
+    if a.all:
+        print(f"compiled {compile_all(a.block, a.warps)} kernel variants for sm_90")
+        return
     per_thread = a.block // (32 * a.warps)
     print(f"block {a.block}, {a.warps} warps: {per_thread} elements per thread")
     report("bf16 update + shadows", build("bf16", 1, True, True, a.block, a.warps))
