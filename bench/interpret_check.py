@@ -30,6 +30,8 @@ def check_draws() -> None:
     for start, count in SPANS:
         assert torch.equal(ops.raw_words(7, KEY, start, count, device="cpu"),
                            directions.raw_words(7, KEY, start, count)), (start, count)
+        assert torch.equal(ops.uniform(7, KEY, start, count, device="cpu"),
+                           directions.uniform(7, KEY, start, count)), (start, count)
         for kind in directions.KINDS:
             z = ops.normal(7, KEY, start, count, kind, device="cpu")
             ref = directions.draw(7, KEY, start, count, kind)
@@ -65,7 +67,7 @@ def main() -> int:
         print("run with TRITON_INTERPRET=1 (and Triton on PYTHONPATH): see the module's docstring", file=sys.stderr)
         return 2
     check_draws()
-    print(f"draws: raw words and {', '.join(directions.KINDS)} agree with distzo.directions")
+    print(f"draws: raw words, uniforms and {', '.join(directions.KINDS)} agree with distzo.directions")
     check_fused_pass()
     print("fused pass (float32): updates, shadows and the update alone agree with the CPU arithmetic")
     return 0

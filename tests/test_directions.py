@@ -59,6 +59,15 @@ def test_packed_signs_take_every_bit_of_a_block():
         assert z[i] == 1 - 2 * ((word >> (i % 32)) & 1), i
 
 
+def test_the_kernels_uniform_identity_holds_for_every_word():
+    """The GPU kernel forms u as (1 + (w >> 9) 2^-23) - (1 - 2^-24) from float bits (no conversion):
+    equal, bit for bit, to directions' ((w >> 9) * 2 + 1) 2^-24 for every one of the 2^23 values."""
+    k = torch.arange(1 << 23, dtype=torch.int32)
+    ones = (k | 0x3F800000).view(torch.float32)
+    kernel = ones - torch.tensor(1 - 2.0**-24, dtype=torch.float32)
+    assert torch.equal(kernel.view(torch.int32), d._uniform(k.to(torch.int64) << 9).view(torch.int32))
+
+
 def test_word_to_uniform_is_exact_and_open():
     words = torch.tensor([0, 511, 512, 0xFFFFFFFF], dtype=torch.int64)
     u = d._uniform(words)

@@ -123,8 +123,10 @@ def _block_index(BLOCK: tl.constexpr):
 
 @triton.jit
 def _unit(w):
-    """Exact float32 in (0, 1) from a uint32 word: ((w >> 9) * 2 + 1) * 2^-24."""
-    return ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    """Exact float32 in (0, 1) from a uint32 word: ((w >> 9) * 2 + 1) * 2^-24, formed as
+    (1 + (w >> 9) 2^-23) - (1 - 2^-24): the first term is w's top 23 bits under 1.0's exponent, and
+    the subtraction is exact (Sterbenz: the operands are within a factor of 2)."""
+    return ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.999999940395355224609375
 
 
 @triton.jit
