@@ -212,11 +212,22 @@ def _flip(v, masks):
 
 @triton.jit
 def _scaled(a, z, KIND: tl.constexpr):
-    """a z: z floats for gaussian, sign masks for the sign kinds."""
+    """a z, for z as ``_factor`` gives it: floats for gaussian, sign masks for the sign kinds."""
     if KIND == 0:
         return a * z
     else:
         return _flip(a, z)
+
+
+@triton.jit
+def _factor(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, KIND: tl.constexpr,
+            FAST: tl.constexpr):
+    """z in the form the step kernel multiplies by (``_scaled``): floats for gaussian, sign masks
+    for the sign kinds."""
+    if KIND == 0:
+        return _direction(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK, KIND, FAST)
+    else:
+        return _sign_masks(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK, KIND)
 
 
 @triton.jit
@@ -316,10 +327,7 @@ def _step_kernel(
         for j in tl.static_range(Q):
             slo, shi = _seed_halves(useeds_ptr, j)
             g = tl.load(coef_ptr + j)
-            if KIND == 0:
-                acc += g * _direction(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST)
-            else:  # g z for z = +-1, exactly
-                acc += _flip(g, _sign_masks(blk, base, klo, khi, slo, shi, BLOCK, KIND))
+            acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
         if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
             acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         if DECAY:
@@ -340,10 +348,7 @@ def _step_kernel(
         x = theta.to(tl.float32)
     if PLUS or MINUS:
         ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1)
-        if KIND == 0:
-            z = _direction(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
-        else:
-            z = _sign_masks(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND)
+        z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
         if PLUS:
             plus = (x + _scaled(tl.load(coef_ptr + Q + 2), z, KIND)).to(theta.dtype)
             if MASKED:  # x is theta after the update (update.perturbed)
