@@ -26,16 +26,17 @@ from distzo.kernels import triton_ops as K
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def _step_signature(dtype: str) -> dict:
+    return {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
+            "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
+
+
 def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
           kind: str = "gaussian"):
-    sig = {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
-           "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
     consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, PLUS=shadows, MINUS=shadows, KIND=K._KINDS[kind],
                   FAST=fast, MASKED=False, BLOCK=block)
-    sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
-    src = ASTSource(fn=K._step_kernel, signature=sig, constexprs=consts, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return _compile(K._step_kernel, _step_signature(dtype), consts, warps, aligned)
 
 
 def compile_all(block: int, warps: int) -> int:
@@ -45,11 +46,9 @@ def compile_all(block: int, warps: int) -> int:
     for (dtype, sr), kind, update, shadows, masked, q in itertools.product(
             (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, (True, False), (True, False), (True, False), (1, 3)):
         if update or shadows:
-            sig = {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
-                   "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
             consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=True, SR=sr, PLUS=shadows, MINUS=shadows,
                           KIND=K._KINDS[kind], FAST=True, MASKED=masked, BLOCK=block)
-            _compile(K._step_kernel, sig, consts, warps)
+            _compile(K._step_kernel, _step_signature(dtype), consts, warps)
             count += 1
     for what in range(5):
         sig = {"out_ptr": "*i64" if what == 3 else "*fp32", "n": "i32", "first_block": "i64", "key_lo": "i32",
@@ -59,9 +58,9 @@ def compile_all(block: int, warps: int) -> int:
     return count
 
 
-def _compile(fn, sig: dict, consts: dict, warps: int):
+def _compile(fn, sig: dict, consts: dict, warps: int, attrs: dict | None = None):
     sig = {**sig, **{name: "constexpr" for name in consts}}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
