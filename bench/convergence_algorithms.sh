@@ -25,6 +25,9 @@ fzoo="optim.algorithm=fzoo,optim.fzoo.probes=4,optim.perturbation=rademacher,ste
 hamlet=(--task text --set task.max_length=256,task.num_train=189,task.num_dev=20,task.num_test=20
         --set task.pad_to_multiple_of=32,eval_batch_size=20 --time-budget-s "$BUDGET")
 hzo="steps=500,eval_every=50,optim.cuda_graphs=true"
+debates=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+# the hybrid option at its chosen point: the top block and the final norm by AdamW, the rest by ZO-SGD
+hybrid="hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
 launch() {  # NAME ARGS...: one harness process into $OUT/NAME
     local name=$1
     shift
@@ -72,7 +75,7 @@ case "${1:-}" in
         task=("${hamlet[@]}")
         launch momentum-hamlet --seeds 1,2 --arm "momentum-1e-4:zo:optim.algorithm=momentum,$hzo,lr=1e-4" ;;
     debates-rest)
-        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        task=("${debates[@]}")
         g="optim.cuda_graphs=true"
         launch debates-zo --seeds 0,1,2 --arm "zo:zo:$zo,$g" --grid zo:lr=3e-5,1e-4,3e-4
         launch debates-others --seeds 0 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4" \
@@ -82,9 +85,9 @@ case "${1:-}" in
         launch sparse-hamlet --seeds 0 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
     final-seeds)  # seeds 1 and 2 where the calls above ran one: AdamW on every task, debates' ZO-SGD, the hybrid option
         launch hybrid-seeds --seeds 1,2 \
-            --arm "hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
+            --arm "$hybrid"
         launch rt-adamw --seeds 1,2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
-        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        task=("${debates[@]}")
         launch debates-zo-seeds --seeds 1,2 --arm "zo:zo:$zo,optim.cuda_graphs=true,lr=1e-4"
         launch debates-adamw --seeds 1,2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
         task=("${hamlet[@]}")
@@ -93,13 +96,13 @@ case "${1:-}" in
         task+=(--set task.pad_to_multiple_of=16)
         g="optim.cuda_graphs=true"
         launch hybrid-seed2 --seeds 2 \
-            --arm "hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
+            --arm "$hybrid"
         launch rt-adamw-seed2 --seeds 2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
         launch sign-seeds --seeds 1,2 --arm "sign:zo:optim.mezo.transform=sign,$zo,lr=1e-4"  # eager, as its seed 0 ran
         task=("${hamlet[@]}")
         launch sparse-hamlet-seeds --seeds 1,2 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
     last-seeds-b)  # debates: seed 2 of ZO-SGD, seeds 1 and 2 of the other algorithms
-        task=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        task=("${debates[@]}")
         g="optim.cuda_graphs=true"
         launch debates-zo-seed2 --seeds 2 --arm "zo:zo:$zo,$g,lr=1e-4"
         launch debates-momentum --seeds 1,2 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4"
