@@ -191,10 +191,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["resident", "offloaded"])
-    ap.add_argument("--graphs", nargs="+", type=lambda v: v == "on", default=[False, True],
+    ap.add_argument("--graphs", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="resident steps eager (off), with CUDA graphs (on), or both (default: off on)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    args.graphs = [v == "on" for v in args.graphs]
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__}
     for part in args.parts:

@@ -77,8 +77,8 @@ def test_adamw_arms_learn_and_no_arm_changes_the_base_weights(bench):
 
 
 def test_sparse_and_hybrid_arms_run_as_distzo_train_runs_them(bench, tiny_model_dir, sst2_dir, tmp_path):
-    """The two algorithms whose settings are not plain numbers: a pattern list (commas inside a
-    setting) for the hybrid option, and sparse's mask thresholds, logged at step 0."""
+    """The hybrid option's setting is a pattern list (commas inside a setting): the harness passes it
+    whole and its run is distzo train's, loss for loss; a sparse arm runs its own algorithm."""
     before = {k: v.clone() for k, v in bench.model.state_dict().items()}
     hybrid, point = only_point("hyb:zo:optim.first_order=model.norm.weight,model.layers.1.*,"
                                "optim.first_order_lr=1e-2,lr=1e-2,eps=1e-2,steps=3,eval_every=3")
