@@ -7,6 +7,7 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
   resident OPT-6.7B at 16 x 64
     fwd (N+1)B   a plain inference forward of the batch stacked N + 1 = 9 times
     fzoo N=8     ZOOptimizer.step with FZOO: one forward of 9 streams + the shadow passes
+                 (Rademacher and packed Rademacher directions)
     mezo         ZO-SGD, q = 1, Rademacher, Gaussian and packed Rademacher directions
     momentum h=8 heavy-ball from the last 8 steps (8 directions regenerated per update)
     each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
@@ -136,6 +137,8 @@ def resident(args) -> dict:
         out[f"fzoo_N8{tag}_ms"], out[f"fzoo_N8{tag}_peak_GB"] = _step_ms(
             model, FZOO(lr=1e-6, probes=n), "rademacher", batch, args.steps, args.warmup, graphs)
         out[f"fzoo{tag}_vs_fwd_9B"] = out[f"fzoo_N8{tag}_ms"] / fwd9
+        packed, _ = _step_ms(model, FZOO(lr=1e-6, probes=n), "rademacher-packed", batch, args.steps, args.warmup, graphs)
+        out[f"fzoo_N8_packed{tag}_ms"], out[f"fzoo_packed{tag}_vs_fwd_9B"] = packed, packed / fwd9
         for kind in ("rademacher", "gaussian", "rademacher-packed"):
             mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup, graphs)
             heavy, peak = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch,

@@ -9,8 +9,8 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh sparse-hybrid  # sparse's and the hybrid option's grids + seeds
 #   OUT=/some/dir bash bench/convergence_algorithms.sh debates-rest   # every algorithm on debates; FZOO's Hamlet seeds
 #   OUT=/some/dir bash bench/convergence_algorithms.sh final-seeds    # seeds 1, 2 of AdamW everywhere, debates, hybrid
-#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet
-#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2
+#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet; lr cosine
+#   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2; the eps rules
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -99,6 +99,8 @@ case "${1:-}" in
             --arm "$hybrid"
         launch rt-adamw-seed2 --seeds 2 --arm ft:adamw:lr=1e-5 --arm lora:adamw:lora=true,lr=1e-4
         launch sign-seeds --seeds 1,2 --arm "sign:zo:optim.mezo.transform=sign,$zo,lr=1e-4"  # eager, as its seed 0 ran
+        # a recipe: lr 1e-4 (where a constant lr peaks early, then collapses) decayed by a cosine
+        launch recipe-cosine --seeds 0,1,2 --arm "cosine-1e-4:zo:$zo,$g,lr=1e-4,optim.schedule=cosine"
         task=("${hamlet[@]}")
         launch sparse-hamlet-seeds --seeds 1,2 --arm "sparse-1e-4:zo:optim.algorithm=sparse,$hzo,lr=1e-4" ;;
     last-seeds-b)  # debates: seed 2 of ZO-SGD, seeds 1 and 2 of the other algorithms
@@ -107,7 +109,12 @@ case "${1:-}" in
         launch debates-zo-seed2 --seeds 2 --arm "zo:zo:$zo,$g,lr=1e-4"
         launch debates-momentum --seeds 1,2 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4"
         launch debates-fzoo --seeds 1,2 --arm "fzoo:zo:$fzoo,$g,lr=1e-3"
-        launch debates-sparse --seeds 1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g,lr=1e-4" ;;
+        launch debates-sparse --seeds 1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g,lr=1e-4"
+        # the eps rules on rotten_tomatoes at ZO-SGD's tuned lr: eps decayed to a tenth; adaptive eps
+        # (|L+ - L-| of a 16-example batch at eps 1e-3 has a median of ~0.013 there: the band asks ~2x)
+        task=(--task rotten_tomatoes --set eval_batch_size=250,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
+        launch recipe-eps-decay --seeds 0,1,2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
+        launch recipe-eps-adaptive --seeds 0,1,2 --arm "eps-band:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05" ;;
     *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b" >&2
        exit 2 ;;
 esac
