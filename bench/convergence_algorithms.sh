@@ -11,6 +11,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh final-seeds    # seeds 1, 2 of AdamW everywhere, debates, hybrid
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet; lr cosine
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2; the eps rules
+#   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-rest   # the eps rules' seed 2; lr cosine at 3e-5
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -115,7 +116,15 @@ case "${1:-}" in
         task=(--task rotten_tomatoes --set eval_batch_size=250,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
         launch recipe-eps-decay --seeds 0,1,2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
         launch recipe-eps-adaptive --seeds 0,1,2 --arm "eps-band:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05" ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b" >&2
+    recipes-rest)  # the eps rules' seed 2 (last-seeds-b's budget skipped it); the lr cosine at ZO-SGD's tuned lr
+        task+=(--set task.pad_to_multiple_of=16)
+        g="optim.cuda_graphs=true"
+        launch recipe-eps-decay-2 --seeds 2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
+        launch recipe-eps-adaptive-2 --seeds 2 --arm "eps-band:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05"
+        for seed in 0 1 2; do  # one process a seed: these runs are launch-bound, so they overlap
+            launch "recipe-cosine-3e-5-$seed" --seeds $seed --arm "cosine-3e-5:zo:$zo,$g,lr=3e-5,optim.schedule=cosine"
+        done ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest" >&2
        exit 2 ;;
 esac
 wait
