@@ -134,11 +134,11 @@ def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_d
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
 def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, quantize):
     # The same CPU-quantized base, resident on the GPU against streamed through it: the forward must
     # read the uploaded codes and scales (on the CPU a slot and the host hold the same values anyway).
-    resident = _qlora(tiny_model_dir, quantize).to("cuda")
+    resident = _on_cuda(_qlora(tiny_model_dir, quantize))
     offloaded = _qlora(tiny_model_dir, quantize)
     engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
     a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
@@ -149,6 +149,18 @@ def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, 
     assert adapters and all(torch.equal(p.detach().cpu(), adapters[n])
                             for n, p in offloaded.named_parameters() if p.requires_grad)
     assert engine.bytes_up > 0 and engine.bytes_down == 0
+
+
+def _on_cuda(model):
+    """A CPU-quantized model on the GPU. ``Module.to`` leaves an int8 weight's codes and row scales
+    (``Int8Params.CB``/``SCB``, bitsandbytes 0.50) on the host, so they are moved here."""
+    model = model.to("cuda")
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        for name in ("CB", "SCB"):
+            if isinstance(getattr(weight, name, None), torch.Tensor):
+                setattr(weight, name, getattr(weight, name).to("cuda"))
+    return model
 
 
 def _quantized_layers(model, bnb) -> list:
@@ -273,6 +285,34 @@ def test_a_promoted_quantized_block_stays_on_the_device(bnb, tiny_model_dir):
     assert seen and len(set.union(*seen)) == 1 and not set.union(*seen) & elsewhere
     a.flush(), b.flush()
     assert _same_params(resident, offloaded) and engine.bytes_down == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_promoted_quantized_block_equals_resident_on_cuda(bnb, tiny_model_dir, quantize):
+    # Promotion moves a block's codes and scales into device memory of its own: from then on the
+    # block computes from that copy (every tensor its layers read is on the GPU) and only the other
+    # block is uploaded, and the run stays the resident run bit for bit.
+    resident = _on_cuda(_qlora(tiny_model_dir, quantize))
+    offloaded = _qlora(tiny_model_dir, quantize)
+    engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
+    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    vocab = resident.config.vocab_size
+    assert all(_steps_agree(a, b, t, vocab) for t in range(3))
+    engine.promote(1)
+    kept = [blk for blk in engine.blocks if blk not in engine.streamed]
+    assert engine.resident_blocks == len(kept) == 1
+    for t in range(3, 8):
+        before = engine.bytes_up
+        assert _steps_agree(a, b, t, vocab)
+        assert engine.bytes_up - before == sum(blk.nbytes for blk in engine.streamed)
+    assert all(t.is_cuda for m in _quantized_layers(kept[0].module, bnb) for t in _read_by(m))
+    a.flush(), b.flush()
+    adapters = {n: p.detach().cpu() for n, p in resident.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p.detach().cpu(), adapters[n]) for n, p in offloaded.named_parameters() if p.requires_grad)
+    assert engine.bytes_down == 0
 
 
 def test_sliced_offload_of_quantized_blocks_is_refused(bnb, tiny_model_dir):
