@@ -483,6 +483,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None
         print("matplotlib is not installed: no plots (the JSON files hold every point)")
         return
     target = summary["target"]["value"]
+    palette = plt.get_cmap("tab10" if len(summary["arms"]) <= 10 else "tab20")  # one colour per arm, none twice
     for name, x_of, x_label in (("dev_vs_passes.png", passes, "forward passes (a backward counted as 2)"),
                                 ("dev_vs_seconds.png", lambda r: r["train_seconds"], "training seconds")):
         fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -490,7 +491,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None
             runs = {r["run"] for r in rows if r["arm"] == arm and r["point"] == info["chosen"]}
             for i, run in enumerate(sorted(runs)):
                 history = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
-                ax.plot([x_of(r) for r in history], [r["dev"][info["metric"]] for r in history], color=f"C{colour}",
+                ax.plot([x_of(r) for r in history], [r["dev"][info["metric"]] for r in history], color=palette(colour % palette.N),
                         alpha=0.8, linewidth=1.2, label=_legend(arm, info["chosen"], len(runs)) if i == 0 else None)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="target")
