@@ -3,10 +3,13 @@
     PYTHONPATH=src python bench/bench_step.py --out step.json
     PYTHONPATH=src python bench/bench_step.py --runs opt-6.7b:16x64 opt-13b:1x2048 --steps 10
     PYTHONPATH=src python bench/bench_step.py --runs smollm2-135m:16x64:fp32 opt-6.7b:16x64:lora
+    PYTHONPATH=src python bench/bench_step.py --runs opt-6.7b:16x64:graphs opt-6.7b:16x64:graphs:packed
 
 A run is model:ROWSxSEQ with optional flags: ``fp32`` builds the model in float32 (bf16
 otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained),
-``graphs`` steps with ``cuda_graphs=True`` (runs differing only by it share one model).
+``graphs`` steps with ``cuda_graphs=True``, ``rademacher`` or ``packed`` with Rademacher or packed
+Rademacher directions instead of Gaussian ones (runs differing only by these share one model; the
+floor is the same for every kind, so their ratios compare within one run).
 
 Models are built from their configurations with random weights (bf16, on the GPU; no
 download). For each run (model, rows x sequence length) it measures, on the same batch:
@@ -18,7 +21,8 @@ download). For each run (model, rows x sequence length) it measures, on the same
                    forwards of B rows computing the loss
   distzo           ZOOptimizer.step (lr 1e-6, eps 1e-3): one forward of 2B rows with the fused
                    update + shadow pass folded in
-  pass             the fused pass alone over every parameter (update + both shadows)
+  pass             the fused pass alone over every parameter (update + both shadows), with the
+                   run's kind of directions
 
 and reports the median ms/step over --steps steps after --warmup, tokens/s, MeZO / distzo,
 the host time of a distzo step (its wall time less the time the host waits for the GPU at
@@ -40,6 +44,10 @@ import time
 
 import torch
 
+# run flags: those that build another model, and those that only change how the same model steps
+MODEL_FLAGS = {"fp32", "lora"}
+STEP_FLAGS = {"graphs": {"cuda_graphs": True}, "rademacher": {"perturbation": "rademacher"},
+              "packed": {"perturbation": "rademacher-packed"}}
 DEFAULT_RUNS = ["opt-6.7b:16x64", "opt-6.7b:16x256", "opt-13b:1x2048", "opt-1.3b:16x64", "llama-3-8b:16x256"]
 
 
@@ -263,7 +271,9 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
     gc.collect()
     torch.cuda.empty_cache()
 
-    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, **(optimizer_kwargs or {}))
+    optimizer_kwargs = optimizer_kwargs or {}
+    kind = optimizer_kwargs.get("perturbation", "gaussian")
+    opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, **optimizer_kwargs)
     assert opt._fused is not None, "the fused kernels did not load"
     r["largest_unit_bytes"] = largest_unit_bytes(opt)
     losses = []
@@ -288,7 +298,7 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
 
     def one_pass():
         for p in opt.params:
-            ops.update_and_shadows(p.param, p.key, pending, "gaussian", 12345, (1e-3, -1e-3))
+            ops.update_and_shadows(p.param, p.key, pending, kind, 12345, (1e-3, -1e-3))
 
     r["pass_ms"], _ = timed(one_pass, steps=max(3, steps // 2), warmup=1)
     opt.flush()
@@ -395,7 +405,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
-                    help="model:ROWSxSEQ[:fp32][:lora], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
+                    help="model:ROWSxSEQ[:fp32][:lora][:graphs][:rademacher|:packed], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 2 for graphs to be captured)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -403,19 +413,20 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-all", action="store_true", help="profile every run (PROFILE-<i>.txt)")
     ap.add_argument("--cprofile", default=None, help="write a cProfile of the first run's host time here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_step needs a CUDA device", file=sys.stderr)
-        return 2
-
-    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int, bool]]] = {}
+    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int, tuple[str, ...]]]] = {}
     for spec in args.runs:
         name, shape, *flags = spec.split(":")
-        unknown = set(flags) - {"fp32", "lora", "graphs"}
+        unknown = set(flags) - MODEL_FLAGS - set(STEP_FLAGS)
         if unknown:
-            ap.error(f"unknown run flag(s) {sorted(unknown)} in {spec!r}: fp32, lora, graphs")
+            ap.error(f"unknown run flag(s) {sorted(unknown)} in {spec!r}: {', '.join(sorted(MODEL_FLAGS | set(STEP_FLAGS)))}")
+        if {"rademacher", "packed"} <= set(flags):
+            ap.error(f"{spec!r} names two kinds of directions")
         rows, seq = (int(v) for v in shape.lower().split("x"))
-        model_flags = tuple(sorted(set(flags) - {"graphs"}))
-        plan.setdefault((name, model_flags), []).append((rows, seq, "graphs" in flags))
+        model_flags = tuple(sorted(set(flags) & MODEL_FLAGS))
+        plan.setdefault((name, model_flags), []).append((rows, seq, tuple(f for f in STEP_FLAGS if f in flags)))
+    if not torch.cuda.is_available():  # after the runs are checked: a typo fails here too
+        print("bench_step needs a CUDA device", file=sys.stderr)
+        return 2
 
     bw = copy_bandwidth()
     meta = {
@@ -439,11 +450,12 @@ def main(argv=None) -> int:
         name = ":".join((base, *flags))
         model, build_s = build(base, torch.float32 if "fp32" in flags else torch.bfloat16, "lora" in flags)
         print(f"built {name} in {build_s:.1f} s", flush=True)
-        for rows, seq, graphs in shapes:
+        for rows, seq, step_flags in shapes:
             profile_to = args.profile.replace(".txt", f"-{len(results)}.txt") if args.profile and args.profile_all \
                 else (args.profile if first else None)
-            r = run_one(model, name + (":graphs" if graphs else ""), rows, seq, bw, args.steps, args.warmup,
-                        profile_to, optimizer_kwargs={"cuda_graphs": True} if graphs else None,
+            kwargs = {k: v for f in step_flags for k, v in STEP_FLAGS[f].items()}
+            r = run_one(model, ":".join((name, *step_flags)), rows, seq, bw, args.steps, args.warmup,
+                        profile_to, optimizer_kwargs=kwargs,
                         cprofile_to=args.cprofile if first else None)
             first = False
             r["build_s"] = build_s
