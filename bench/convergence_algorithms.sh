@@ -12,6 +12,9 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet; lr cosine
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2; the eps rules
 #   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-rest   # the eps rules' seed 2; lr cosine at 3e-5
+#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora          # LoRA-ZO and QLoRA-ZO (NF4), rotten_tomatoes
+#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet
+# (the qlora presets need bitsandbytes: a call carrying .carry/bnb runs `carry_packaged.sh bnb` first)
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
 set -uo pipefail
@@ -124,7 +127,19 @@ case "${1:-}" in
         for seed in 0 1 2; do  # one process a seed: these runs are launch-bound, so they overlap
             launch "recipe-cosine-3e-5-$seed" --seeds $seed --arm "cosine-3e-5:zo:$zo,$g,lr=3e-5,optim.schedule=cosine"
         done ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest" >&2
+    qlora|qlora-hamlet)  # LoRA-ZO over the base and over its NF4 quantization, at the CPU study's point (docs/quantized.md)
+        python3 -c "import bitsandbytes" 2> /dev/null \
+            || { echo "bitsandbytes is not importable: carry .carry/bnb and run bench/carry_packaged.sh bnb" >&2; exit 2; }
+        lora="steps=1000,eval_every=100,lr=1e-3,eps=1e-2" tag=rt
+        [ "$1" = qlora ] || { task=("${hamlet[@]}"); lora="steps=500,eval_every=50,lr=1e-3,eps=1e-2" tag=hamlet; }
+        plain=("${task[@]}")
+        for seed in 0 1 2; do  # one process a run: eager LoRA steps are launch-bound, so they overlap
+            task=("${plain[@]}" --set lora=true)
+            launch "lora-$tag-$seed" --seeds $seed --arm "lora-zo:zo:$lora"
+            task+=(--set model.quantize=nf4)
+            launch "qlora-$tag-$seed" --seeds $seed --arm "qlora-zo:zo:$lora"
+        done ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|qlora|qlora-hamlet" >&2
        exit 2 ;;
 esac
 wait

@@ -98,6 +98,26 @@ def test_sparse_and_hybrid_arms_run_as_distzo_train_runs_them(bench, tiny_model_
     assert all(torch.equal(before[k], v) for k, v in bench.model.state_dict().items())
 
 
+def test_a_qlora_bench_runs_as_distzo_train_runs_it(tiny_model_dir, sst2_dir, tmp_path):
+    """A harness whose base is quantized (``--set model.quantize=nf4,lora=true``): each run copies the
+    quantized base and trains fresh adapters, loss for loss as ``distzo train --quantize nf4 --lora``."""
+    pytest.importorskip("bitsandbytes")
+    qlora = convergence.Bench({**base(tiny_model_dir, sst2_dir), "model.quantize": "nf4", "use_lora": "true"})
+    before = {k: v.clone() for k, v in qlora.model.state_dict().items()}
+    arm, point = only_point("qlora:zo:lr=1e-2,eps=1e-2,steps=4,eval_every=2")
+    runs = [qlora.run(arm, point, seed=0) for _ in range(2)]
+    out = tmp_path / "qlora"
+    flags = [f"--{k}={v}" for k, v in SIZES.items()]
+    assert distzo_main(["train", "--model", str(tiny_model_dir), "--task", "sst2", "--data", str(sst2_dir), *flags,
+                        "--quantize", "nf4", "--lora", "--lr", "1e-2", "--eps", "1e-2", "--steps", "4",
+                        "--eval_every", "2", "--output-dir", str(out), "--progress", "false",
+                        "--tensorboard", "false"]) == 0
+    trained = [r["loss"] for r in TrajectoryLog(out / "trajectory.jsonl").read()]
+    assert runs[0].losses == runs[1].losses == trained and len(trained) == 4
+    assert runs[0].record["config"]["model"]["quantize"] == "nf4" and runs[0].record["config"]["use_lora"]
+    assert all(torch.equal(before[k], v) for k, v in qlora.model.state_dict().items())
+
+
 def test_settings_and_grids_parse_and_refuse_what_does_not_apply():
     assert convergence.parse_settings("lora.target_modules=q_proj,v_proj,lr=1e-4,q=2") == {
         "lora.target_modules": "q_proj,v_proj", "optim.lr": "1e-4", "optim.directions": "2"}
