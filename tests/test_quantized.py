@@ -9,6 +9,7 @@ and offloaded, and the one-line refusals.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from distzo.checkpoint import BaseIdentity, TrajectoryLog
 from distzo.cli import main
 from distzo.config import load_config
 from distzo.first_order import FirstOrder
-from distzo.models import QUANTIZED_BASE_FILE, LoraSettings, ModelConfig, apply_lora, load_model
+from distzo.models import (QUANTIZED_BASE_FILE, LoraSettings, ModelConfig, apply_lora, load_model,
+                           load_quantized_checkpoint)
 from distzo.offload import ALIGN, OffloadConfig, OffloadEngine, SliceGroup
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
 from distzo.replay import replay
@@ -397,9 +399,41 @@ def test_replay_rebuilds_the_adapter_bit_for_bit(bnb, run, tiny_model_dir, tmp_p
     assert (rebuilt / QUANTIZED_BASE_FILE).is_file() and not (rebuilt / "model.safetensors").exists()
 
 
-def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tmp_path, capsys):
-    err = _refused(capsys, ["eval", "--model", str(run / "checkpoints" / "last"), "--task", "sst2"])
-    assert "checkpoint of a run on a quantized base" in err and QUANTIZED_BASE_FILE in err
+def test_eval_scores_a_quantized_checkpoint_as_the_run_did(bnb, run, sst2_dir, capsys):
+    from peft import PeftModel
+
+    last = run / "checkpoints" / "last"
+    model, _ = load_quantized_checkpoint(str(last))
+    recipe = json.loads((last / QUANTIZED_BASE_FILE).read_text())
+    base, _ = load_model(ModelConfig(recipe["base_model"], dtype=recipe["dtype"], quantize="nf4"))
+    bare = _batch(0, base.config.vocab_size)
+    bare_logits = base(input_ids=bare["input_ids"]).logits
+    by_hand = PeftModel.from_pretrained(base, last / "adapter")  # what the model card says to do
+    with torch.no_grad():
+        logits = model(input_ids=bare["input_ids"]).logits
+        assert torch.equal(logits, by_hand(input_ids=bare["input_ids"]).logits)
+    assert not torch.equal(logits, bare_logits)  # the adapter is in effect
+    capsys.readouterr()
+    assert main(["eval", "--model", str(last), "--task", "sst2", "--data", str(sst2_dir), "--split", "test",
+                 "--num-examples", "8"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = json.loads((run / "results.json").read_text())
+    assert scored["examples"] == final["test_examples"] and scored["accuracy"] == final["final"]["accuracy"]
+
+
+def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):
+    last = run / "checkpoints" / "last"
+    with pytest.raises(ValueError, match="checkpoint of a run on a quantized base"):
+        load_model(ModelConfig(str(last)))  # what train --model would load: an adapter is not a base
+    broken = tmp_path / "broken"
+    shutil.copytree(last, broken)
+    (broken / QUANTIZED_BASE_FILE).write_text("{", encoding="utf-8")
+    err = _refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
+    assert "could not read the base recipe" in err
+    shutil.rmtree(broken / "adapter")
+    shutil.copy(last / QUANTIZED_BASE_FILE, broken / QUANTIZED_BASE_FILE)
+    err = _refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
+    assert "holds no adapter" in err
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", default="default", help="hub id, local folder (a checkpoint), or .gguf file")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="the split to score")
     p.add_argument("--num-examples", type=int, default=500, help="examples drawn from the split")
-    p.add_argument("--dtype", default="float32", help="weight dtype: float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default=None,
+                   help="weight dtype: float32 | bfloat16 | float16 (default float32; for the checkpoint of a run "
+                        "on a quantized base, the compute dtype it trained with)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu; or a torch device")
     p.add_argument("--batch-size", type=_batch_size, default=32,
                    help="examples per forward, or auto (as many as fit in half the free GPU memory)")
@@ -198,7 +200,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from distzo import parallel
     from distzo.config import build, dotted_to_nested
     from distzo.evaluate import evaluate
-    from distzo.models import ModelConfig, load_model
+    from distzo.models import ModelConfig, is_quantized_checkpoint, load_model, load_quantized_checkpoint
     from distzo.tasks import TaskConfig, get_task, load_task
 
     n = args.num_examples
@@ -208,7 +210,11 @@ def run_eval(args: argparse.Namespace) -> int:
     tcfg = build(TaskConfig(), dotted_to_nested(settings)["task"], "task.")
     mesh = parallel.init(device=args.device)  # under torchrun every rank scores its share
     try:
-        model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device))
+        if is_quantized_checkpoint(args.model):  # its base rebuilt as recorded, the adapter over it
+            model, tokenizer = load_quantized_checkpoint(args.model, args.device, args.dtype)
+        else:
+            model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype or "float32",
+                                                      device=args.device))
         examples = getattr(load_task(tcfg), args.split)
         began = time.perf_counter()
         metrics = evaluate(model, tokenizer, get_task(tcfg.name), examples, args.batch_size, tcfg.max_length,

@@ -80,7 +80,9 @@ def _loading_quantized(cfg: TrainConfig) -> str:
             f"adapter (`adapter/`) and how the base was built (`{QUANTIZED_BASE_FILE}`), not a merged model.\n\n"
             "```python\nfrom peft import PeftModel\nfrom distzo.models import ModelConfig, load_model\n\n"
             f"base, tokenizer = load_model(ModelConfig({m.name!r}, dtype={m.dtype!r}, quantize={m.quantize!r}{revision}))\n"
-            f'model = PeftModel.from_pretrained(base, "{_location(cfg)}/adapter")\n```')
+            f'model = PeftModel.from_pretrained(base, "{_location(cfg)}/adapter")\n```\n\n'
+            # distzo eval reads a local folder (a Hub copy is downloaded first)
+            f"`distzo eval --model path/to/this/folder --task {cfg.task.name}` does both and scores it.")
 
 
 def _short_name(cfg: TrainConfig) -> str:

@@ -340,10 +340,10 @@ _BROKEN_FILE = (OSError, ValueError, RuntimeError)
 def _load_local(location: str, cfg: ModelConfig, dtype: torch.dtype, **extra):
     from safetensors import SafetensorError
 
-    if (Path(location) / QUANTIZED_BASE_FILE).is_file() and not (Path(location) / "config.json").is_file():
+    if is_quantized_checkpoint(location):
         raise ValueError(f"'{location}' is a checkpoint of a run on a quantized base: it holds a LoRA adapter "
                          f"(adapter/), not a model; load the adapter over the base its {QUANTIZED_BASE_FILE} names "
-                         "(its README.md shows how)")
+                         "(its README.md shows how; distzo eval --model accepts the folder)")
     try:
         model = _from_pretrained(location, cfg, dtype, **extra)
     except (*_BROKEN_FILE, SafetensorError) as exc:
@@ -568,6 +568,44 @@ def checkpoint_files(cfg: ModelConfig) -> dict[str, str]:
         "quantization_config": json.loads(json.dumps(bnb_config(settings).to_dict(), default=str)),
     }
     return {QUANTIZED_BASE_FILE: json.dumps(record, indent=2) + "\n"}
+
+
+def is_quantized_checkpoint(location: str) -> bool:
+    """Whether ``location`` is a checkpoint of a run on a quantized base: an adapter and the base's
+    recipe (``QUANTIZED_BASE_FILE``), no model of its own."""
+    folder = Path(location)
+    return (folder / QUANTIZED_BASE_FILE).is_file() and not (folder / "config.json").is_file()
+
+
+def load_quantized_checkpoint(location: str, device: str = "auto", dtype: str | None = None):
+    """A quantized run's checkpoint as the model it trained: the base rebuilt and quantized as its
+    ``QUANTIZED_BASE_FILE`` records, the LoRA adapter (peft) over it, in eval mode. ``dtype`` is the
+    compute dtype (the recorded one unless given). What its model card shows, as one call."""
+    from peft import PeftModel
+
+    from distzo.checkpoint import ADAPTER_DIR
+
+    folder = Path(location)
+    recipe_file = folder / QUANTIZED_BASE_FILE
+    try:
+        recipe = json.loads(recipe_file.read_text(encoding="utf-8"))
+        name, quantization, trained_dtype = recipe["base_model"], recipe["quantization"], recipe["dtype"]
+        quantize = quantization["type"]
+        expected = quantization_settings(quantize, trained_dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"could not read the base recipe '{recipe_file}': {_flat_message(exc)}") from exc
+    if quantization != expected:
+        raise ValueError(f"'{recipe_file}' records a base quantized with {quantization}, which this distzo does "
+                         f"not build (it builds {expected})")
+    if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise ValueError(f"'{folder}' holds no adapter ({ADAPTER_DIR}/adapter_config.json): not a complete checkpoint")
+    base, tokenizer = load_model(ModelConfig(name=name, revision=recipe.get("revision"), device=device,
+                                             dtype=dtype or trained_dtype, quantize=quantize))
+    try:
+        model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
+    except _BROKEN_FILE as exc:
+        raise ValueError(f"could not load the adapter in '{folder / ADAPTER_DIR}': {_flat_message(exc)}") from exc
+    return model.eval(), tokenizer
 
 
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
