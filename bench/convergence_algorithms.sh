@@ -12,6 +12,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-a   # what final-seeds' budget skipped; sign; sparse on Hamlet; lr cosine
 #   OUT=/some/dir bash bench/convergence_algorithms.sh last-seeds-b   # debates: the algorithms' seeds 1 and 2; the eps rules
 #   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-rest   # the eps rules' seed 2; lr cosine at 3e-5
+#   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-bf16   # ZO-SGD and adaptive eps with bfloat16 weights
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora          # LoRA-ZO and QLoRA-ZO (NF4), rotten_tomatoes
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet
 # (the qlora presets need bitsandbytes: a call carrying .carry/bnb runs `carry_packaged.sh bnb` first)
@@ -127,6 +128,13 @@ case "${1:-}" in
         for seed in 0 1 2; do  # one process a seed: these runs are launch-bound, so they overlap
             launch "recipe-cosine-3e-5-$seed" --seeds $seed --arm "cosine-3e-5:zo:$zo,$g,lr=3e-5,optim.schedule=cosine"
         done ;;
+    recipes-bf16)  # the eps rules where they can matter: bfloat16 weights, whose |L+ - L-| rounding noise is large
+        task+=(--set task.pad_to_multiple_of=16,model.dtype=bfloat16)
+        g="optim.cuda_graphs=true"
+        for seed in 0 1 2; do
+            launch "bf16-zo-$seed" --seeds $seed --arm "zo-bf16:zo:$zo,$g,lr=3e-5"
+            launch "bf16-eps-band-$seed" --seeds $seed --arm "eps-band-bf16:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05"
+        done ;;
     qlora|qlora-hamlet)  # LoRA-ZO over the base and over its NF4 quantization, at the CPU study's point (docs/quantized.md)
         python3 -c "import bitsandbytes" 2> /dev/null \
             || { echo "bitsandbytes is not importable: carry .carry/bnb and run bench/carry_packaged.sh bnb" >&2; exit 2; }
@@ -139,7 +147,7 @@ case "${1:-}" in
             task+=(--set model.quantize=nf4)
             launch "qlora-$tag-$seed" --seeds $seed --arm "qlora-zo:zo:$lora"
         done ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|qlora|qlora-hamlet" >&2
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|recipes-bf16|qlora|qlora-hamlet" >&2
        exit 2 ;;
 esac
 wait
