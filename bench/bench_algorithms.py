@@ -13,6 +13,8 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
     each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
     pass         the fused update + shadow pass alone over every parameter, per record size:
                  the kernel cost per parameter (ns) of 1 and of 8 update directions
+    probe shadows FZOO's 8 one-sided shadows over every parameter, in one pass (what a step
+                 runs) and in one pass per seed (how steps ran before)
     buffer pass  for comparison, heavy-ball with a stored bf16 momentum buffer (+2 B/param):
                  one pass that reads theta and m, regenerates the step's z, writes m, theta
                  and both shadows (a bench-only kernel; the library stores no buffer)
@@ -122,6 +124,28 @@ def _pass_ns_per_param(model, seeds: int, kind: str, steps: int) -> float:
     return ms * 1e6 / sum(p.param.numel() for p in params)
 
 
+def _probe_shadows_ns_per_param(model, kind: str, steps: int, one_pass: bool, probes: int = 8) -> float:
+    """FZOO's shadows over every parameter: N one-sided shadows of N seeds, written by one pass that
+    reads theta once (``update_and_shadows_of``, what a step runs) or by one pass per seed."""
+    from distzo import kernels
+    from distzo.units import trainable_params
+
+    params = trainable_params(model)
+    ops = kernels.fused_for(params[0].param)
+    seeds, pairs = tuple(range(1, probes + 1)), ((1e-3, 0.0),) * probes
+
+    def one():
+        for p in params:
+            if one_pass:
+                ops.update_and_shadows_of(p.param, p.key, None, kind, seeds, pairs)
+            else:
+                for seed in seeds:
+                    ops.update_and_shadows(p.param, p.key, None, kind, seed, pairs[0])
+
+    ms, _ = timed(one, steps, 2)
+    return ms * 1e6 / sum(p.param.numel() for p in params)
+
+
 def resident(args) -> dict:
     model, _ = build("opt-6.7b")
     rows, seq = 16, 64
@@ -148,6 +172,10 @@ def resident(args) -> dict:
     for kind in ("rademacher", "gaussian", "rademacher-packed"):
         out[f"pass_ns_per_param_{kind}_1"] = _pass_ns_per_param(model, 1, kind, args.steps)
         out[f"pass_ns_per_param_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps)
+        if kind != "gaussian":  # FZOO's directions: its 8 probes' shadows, in one pass and in 8
+            for one_pass, tag in ((True, "one_pass"), (False, "pass_per_seed")):
+                out[f"probe_shadows_8_{tag}_ns_per_param_{kind}"] = _probe_shadows_ns_per_param(
+                    model, kind, args.steps, one_pass)
         try:  # a comparison only: its failure must not lose the rows above
             out[f"buffer_pass_ns_per_param_{kind}"] = _buffer_pass_ns_per_param(model, kind, args.steps)
         except Exception as exc:  # noqa: BLE001

@@ -24,15 +24,15 @@ def per_call(fn, calls=3000):
 small = torch.randn(4096, device="cuda").to(torch.bfloat16)
 pend = zo_sgd(0, [123456789], [3.5], 1e-6, 0.0)
 dev = small.device
-sc = K._scalars(pend, "gaussian", 9, (1e-3, -1e-3), dev)
+sc = K._scalars(pend, "gaussian", (9,), ((1e-3, -1e-3),), dev)
 buf = torch.empty((2, 4096), dtype=small.dtype, device=dev)
 print("whole call        %.1f us" % per_call(lambda: K.update_and_shadows(small, 5, pend, "gaussian", 9, (1e-3, -1e-3))))
 print("empty (2, n)      %.1f us" % per_call(lambda: torch.empty((2, 4096), dtype=small.dtype, device=dev)))
-print("_scalars lookup   %.1f us" % per_call(lambda: K._scalars(pend, "gaussian", 9, (1e-3, -1e-3), dev)))
-print("_launch           %.1f us" % per_call(lambda: K._launch(small, buf[0], buf[1], (True, True), 5, sc, False)))
+print("_scalars lookup   %.1f us" % per_call(lambda: K._scalars(pend, "gaussian", (9,), ((1e-3, -1e-3),), dev)))
+print("_launch           %.1f us" % per_call(lambda: K._launch(small, buf, True, True, 5, sc, False)))
 spec_kernel = next(iter(K._COMPILED.values()))
-args = (small, buf[0], buf[1], 4096, 1, 2, 3, 4, 5, 6, sc.seeds_t, sc.coef_t)
-consts = (1, True, False, 1, True, True, True, K.FAST_MATH, K._BLOCK)
+args = (small, buf, 4096, 5, 0, sc.seeds_t, sc.coef_t, 0.0)  # as _launch passes them
+consts = (1, 1, True, False, K._SR_BF16, 1, True, True, 0, K.FAST_MATH, False, 16, K._BLOCK)  # K._STEP_CONSTS
 print("kernel.run only   %.1f us" % per_call(lambda: spec_kernel.run(4, 1, 1, torch._C._cuda_getCurrentRawStream(0), spec_kernel.function, spec_kernel.packed_metadata, None, None, None, *args, *consts)))
 print("current_device    %.1f us" % per_call(lambda: torch.cuda.current_device()))
 print("device.index      %.1f us" % per_call(lambda: small.device.index))

@@ -62,6 +62,81 @@ def check_fused_pass() -> None:
             assert torch.equal(again, got), (kind, shape)
 
 
+def check_many_seeds() -> None:
+    """One pass writing the shadows of several seeds equals one pass per seed, bit for bit: the
+    update applied once, each seed's shadows from theta after it."""
+    record = UpdateRecord(0, (11, 12), (0.7, -1.2), 1e-2, divisor=2, decay=0.1, rounding_seed=77)
+    seeds = (21, 22, 23, 24, 25)
+    for kind in directions.KINDS:
+        for shape in ((4099,), (64, 48)):  # a length that is a multiple of 16 and one that is not
+            for pairs in (tuple((1e-3 * (i + 1), 0.0) for i in range(len(seeds))),
+                          tuple((1e-3, -1e-3 * (i + 1)) for i in range(len(seeds)))):
+                start = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.05
+                many, one = start.clone(), start.clone()
+                got = ops.update_and_shadows_of(many, KEY, record, kind, seeds, pairs)
+                want = [ops.update_and_shadows(one, KEY, record if i == 0 else None, kind, s, pair)
+                        for i, (s, pair) in enumerate(zip(seeds, pairs))]
+                assert torch.equal(many, one), (kind, shape)
+                for (gp, gm), (wp, wm), pair in zip(got, want, pairs):
+                    assert torch.equal(gp, wp), (kind, shape, pair)
+                    assert torch.equal(gm, wm) and (pair[1] != 0.0 or gm is many), (kind, shape, pair)
+
+
+def _steps(algorithm, most: int, **settings) -> tuple[list, dict, int]:
+    """Three steps of a tiny Llama through ZOOptimizer on the fused kernels (run by the interpreter
+    on CPU tensors), the passes writing at most ``most`` shadow seeds each: the losses, the
+    weights, and the most seeds a pass wrote."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distzo import kernels
+    from distzo.optimizer import ZOOptimizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    fused_for, pin, most_before, of = kernels.fused_for, torch.Tensor.pin_memory, ops.MAX_SHADOW_SEEDS, \
+        ops.update_and_shadows_of
+    widths: list[int] = []
+
+    def counted(param, key, record, kind, seeds, *rest, **named):
+        widths.append(len(seeds))
+        return of(param, key, record, kind, seeds, *rest, **named)
+
+    kernels.fused_for = lambda tensor: ops  # the CPU's tensors through the kernels
+    ops.update_and_shadows_of = counted
+    torch.Tensor.pin_memory = lambda self: self  # no CUDA to pin for: the launch arguments' refresh copies
+    ops.MAX_SHADOW_SEEDS = most
+    try:
+        opt = ZOOptimizer(model, lr=1e-3, eps=1e-2, algorithm=algorithm, **settings)
+        assert opt._fused is ops
+        losses = [(s.losses_plus, s.losses_other, s.projected_grads) for s in (opt.step(batch) for _ in range(3))]
+        opt.flush()
+    finally:
+        kernels.fused_for, torch.Tensor.pin_memory, ops.MAX_SHADOW_SEEDS = fused_for, pin, most_before
+        ops.update_and_shadows_of = of
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}, max(widths)
+
+
+def check_optimizer_launches() -> None:
+    """The optimizer's passes of many seeds (FZOO's probes, ZO-SGD's directions in one forward) give
+    the steps that one pass per seed gives, loss for loss and bit for bit in the weights."""
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.mezo import MeZO
+
+    for algorithm, settings in ((lambda: FZOO(lr=1e-3, eps=1e-2, probes=6), {"perturbation": "rademacher-packed"}),
+                                (lambda: FZOO(lr=1e-3, eps=1e-2, probes=3), {"perturbation": "gaussian"}),
+                                (lambda: MeZO(lr=1e-3, eps=1e-2, directions=3),  # the 3 pairs in one forward
+                                 {"perturbation": "rademacher", "merge_forwards": True})):
+        kind = settings["perturbation"]
+        many, weights, widest = _steps(algorithm(), 16, **settings)
+        one, reference, single = _steps(algorithm(), 1, **settings)
+        assert widest > 1 and single == 1, (kind, widest, single)  # both ways were taken
+        assert many == one, (kind, many, one)
+        assert all(torch.equal(weights[k], reference[k]) for k in weights), kind
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1 (and Triton on PYTHONPATH): see the module's docstring", file=sys.stderr)
@@ -70,6 +145,10 @@ def main() -> int:
     print(f"draws: raw words, uniforms and {', '.join(directions.KINDS)} agree with distzo.directions")
     check_fused_pass()
     print("fused pass (float32): updates, shadows and the update alone agree with the CPU arithmetic")
+    check_many_seeds()
+    print("fused pass of several seeds: equal to one pass per seed, bit for bit")
+    check_optimizer_launches()
+    print("optimizer: FZOO's and ZO-SGD's passes of several seeds step as one pass per seed does")
     return 0
 
 

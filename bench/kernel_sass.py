@@ -27,27 +27,32 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def _step_signature(dtype: str) -> dict:
-    return {"p_ptr": f"*{dtype}", "plus_ptr": f"*{dtype}", "minus_ptr": f"*{dtype}", "n": "i32",
+    return {"p_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i32",
             "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
 
 
 def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
-          kind: str = "gaussian"):
-    consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, PLUS=shadows, MINUS=shadows, KIND=K._KINDS[kind],
-                  FAST=fast, MASKED=False, BLOCK=block)
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+          kind: str = "gaussian", seeds: int = 1, minus: bool = True):
+    """A variant as a run launches it on tensors whose length is a multiple of 16: ``seeds`` shadow
+    seeds, each with a plus shadow and (``minus``) a minus shadow."""
+    consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, NS=seeds, PLUS=shadows, MINUS=shadows and minus,
+                  KIND=K._KINDS[kind], FAST=fast, MASKED=False, NDIV=16, BLOCK=block)
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # both pointers and n
     return _compile(K._step_kernel, _step_signature(dtype), consts, warps, aligned)
 
 
 def compile_all(block: int, warps: int) -> int:
-    """Every constexpr combination a run can launch (dtype, kind, update, shadows, mask, one or several
-    directions) and every draw: a kernel change that does not compile for sm_90 shows here, without a GPU."""
+    """Every constexpr combination a run can launch (dtype, kind, update, shadows of one seed or of
+    several, mask, one or several directions, a length that is or is not a multiple of 16) and every
+    draw: a kernel change that does not compile for sm_90 shows here, without a GPU."""
     count = 0
-    for (dtype, sr), kind, update, shadows, masked, q in itertools.product(
-            (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, (True, False), (True, False), (True, False), (1, 3)):
-        if update or shadows:
-            consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=True, SR=sr, PLUS=shadows, MINUS=shadows,
-                          KIND=K._KINDS[kind], FAST=True, MASKED=masked, BLOCK=block)
+    shadows = ((1, False, False), (1, True, True), (1, True, False), (8, True, False))  # (NS, PLUS, MINUS)
+    for (dtype, sr), kind, update, (ns, plus, minus), masked, q, ndiv in itertools.product(
+            (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, (True, False), shadows, (True, False), (1, 3),
+            (16, 1)):
+        if update or plus:
+            consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=True, SR=sr, NS=ns, PLUS=plus, MINUS=minus,
+                          KIND=K._KINDS[kind], FAST=True, MASKED=masked, NDIV=ndiv, BLOCK=block)
             _compile(K._step_kernel, _step_signature(dtype), consts, warps)
             count += 1
     for what in range(5):
@@ -102,6 +107,11 @@ def main() -> None:
     for kind in ("gaussian", "rademacher", "rademacher-packed"):  # momentum's h = 8 record
         report(f"bf16 update of 8 directions + shadows, {kind}",
                build("bf16", 1, True, True, a.block, a.warps, q=8, kind=kind))
+    for kind in ("rademacher", "rademacher-packed"):  # FZOO's N = 8 probes: one pass, 8 one-sided shadows
+        report(f"bf16 update + 8 seeds' plus shadows, {kind}",
+               build("bf16", 1, True, True, a.block, a.warps, kind=kind, seeds=8, minus=False))
+        report(f"bf16 update + 1 seed's plus shadow, {kind}",
+               build("bf16", 1, True, True, a.block, a.warps, kind=kind, minus=False))
 
 
 if __name__ == "__main__":

@@ -208,6 +208,30 @@ def test_packed_signs_in_the_fused_pass(ops, dtype):
     assert torch.equal(minus.cpu(), update.perturbed(theta, z, -1e-3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher-packed"])
+@pytest.mark.parametrize("two_sided", [False, True])
+@pytest.mark.parametrize("shape", [(300, 77), (64, 512)])  # a length that is not a multiple of 16, and one that is
+def test_shadows_of_many_seeds_in_one_pass_equal_one_pass_per_seed(ops, dtype, kind, two_sided, shape):
+    """One launch writing N seeds' shadows (FZOO's probes, ZO-SGD's directions in one forward) gives
+    the bits of N launches of one seed, the update applied once; a masked pass too."""
+    seeds = tuple(directions.step_seed(5, 12, j) for j in range(5))
+    pairs = tuple((1e-3 * (j + 1), -1e-3 if two_sided else 0.0) for j in range(len(seeds)))
+    pending = zo_sgd(0, *_update_args(2), 1e-3, 0.1)
+    start = _param(shape, dtype, seed=3).cuda()
+    for threshold in (None, 0.02):
+        many, one = start.clone(), start.clone()
+        got = ops.update_and_shadows_of(many, KEY, pending, kind, seeds, pairs, threshold)
+        want = [ops.update_and_shadows(one, KEY, pending if j == 0 else None, kind, s, pair, threshold)
+                for j, (s, pair) in enumerate(zip(seeds, pairs))]
+        assert torch.equal(many, one)
+        for (gp, gm), (wp, wm) in zip(got, want):
+            assert torch.equal(gp, wp) and torch.equal(gm, wm)
+            assert (gm is many) is (not two_sided)
+    with pytest.raises(ValueError, match="same shadows of every seed"):
+        ops.update_and_shadows_of(start.clone(), KEY, None, kind, seeds[:2], ((1e-3, 0.0), (1e-3, -1e-3)))
+
+
 def test_non_contiguous_parameter(ops):
     base = _param((64, 96), torch.float32)
     ref = base.t().clone()  # contiguous copy of the transposed values

@@ -375,15 +375,16 @@ class ZOOptimizer:
         update = self._applying if p.name in self._unapplied else None
         self._unapplied.discard(p.name)
         out: list[torch.Tensor | None] = [param if pr.scale == 0.0 else None for pr in probes]
-        # The kernel applies the update and builds up to two shadows of one seed in one pass
-        # over theta; further seeds (or scales) take further passes, without the update.
-        for j, (seed, slots) in enumerate(_kernel_calls(probes)):
-            scales = _pair(probes, slots)
-            args = self._launch_args(j, update)
-            shadows = self._fused.update_and_shadows(param, p.key, update, self.perturbation, seed, scales, threshold,
-                                                     args=args)
-            for k, shadow in zip(slots, shadows):
-                out[k] = shadow
+        # The kernel applies the update and builds the shadows of up to MAX_SHADOW_SEEDS seeds
+        # (two each) in one pass over theta; seeds with another number of shadows, or beyond
+        # that many, take further passes, without the update.
+        for j, launch in enumerate(_launches(probes, self._fused.MAX_SHADOW_SEEDS)):
+            args = self._launch_args(j, update, len(launch.seeds))
+            shadows = self._fused.update_and_shadows_of(param, p.key, update, self.perturbation, launch.seeds,
+                                                        launch.scales, threshold, args=args)
+            for slots, pair in zip(launch.slots, shadows):
+                for k, shadow in zip(slots, pair):
+                    out[k] = shadow
             if update is not None and self.offload is not None:
                 self.offload.updated(p.param, update)
             update = None
@@ -407,32 +408,32 @@ class ZOOptimizer:
             return
         self._launch_serial += 1
         update = self._applying
-        calls = _kernel_calls(probes)
-        for j, (seed, slots) in enumerate(calls):
-            self._keep(j, None, seed, _pair(probes, slots))
+        for j, launch in enumerate(_launches(probes, self._fused.MAX_SHADOW_SEEDS)):
+            self._keep(j, None, launch.seeds, launch.scales)
             if update is not None and j == 0:
-                self._keep(j, update, seed, _pair(probes, slots))
+                self._keep(j, update, launch.seeds, launch.scales)
         if update is not None:
-            self._keep("update", update, 0, (0.0, 0.0))
+            self._keep("update", update, (0,), ((0.0, 0.0),))
 
-    def _launch_key(self, call, record: UpdateRecord | None) -> tuple:
-        return call, record is not None, self._fused.layout_of(record, self.perturbation)
+    def _launch_key(self, call, record: UpdateRecord | None, seeds: int = 1) -> tuple:
+        return call, record is not None, self._fused.layout_of(record, self.perturbation), seeds
 
-    def _keep(self, call, record: UpdateRecord | None, seed: int, scales: tuple[float, float]) -> None:
-        key = self._launch_key(call, record)
+    def _keep(self, call, record: UpdateRecord | None, seeds: tuple[int, ...],
+              scales: tuple[tuple[float, float], ...]) -> None:
+        key = self._launch_key(call, record, len(seeds))
         kept = self._launch.get(key)
         if kept is None:
-            kept = self._launch[key] = self._fused.LaunchArgs(record, self.perturbation, seed, scales, self.device)
+            kept = self._launch[key] = self._fused.LaunchArgs(record, self.perturbation, seeds, scales, self.device)
         else:
-            kept.refresh(record, self.perturbation, seed, scales)
+            kept.refresh(record, self.perturbation, seeds, scales)
         kept.serial = self._launch_serial
 
-    def _launch_args(self, call, record: UpdateRecord | None):
-        """The kept launch arguments of kernel call ``call`` of this forward (None: not kept; the
-        kernels then make their own)."""
+    def _launch_args(self, call, record: UpdateRecord | None, seeds: int = 1):
+        """The kept launch arguments of kernel call ``call`` (of ``seeds`` shadow seeds) of this
+        forward (None: not kept; the kernels then make their own)."""
         if not self._keeps_launch_args:
             return None
-        kept = self._launch.get(self._launch_key(call, record))
+        kept = self._launch.get(self._launch_key(call, record, seeds))
         if kept is not None and kept.serial == self._launch_serial:
             return kept
         if torch.cuda.is_current_stream_capturing():  # a capture must not bake in a step's values
@@ -484,11 +485,6 @@ def _check_graphs(opt: ZOOptimizer) -> None:
         raise ValueError("optim.cuda_graphs does not combine with optim.first_order (its backward records a graph)")
 
 
-def _pair(probes, slots: list[int]) -> tuple[float, float]:
-    """The scales of a kernel call's (up to) two shadows; 0.0 for a missing one."""
-    return tuple(probes[k].scale for k in slots) + (0.0,) * (2 - len(slots))
-
-
 def _scalars(losses: list[torch.Tensor]) -> list[float]:
     """The streams' losses as floats, read from the device at once: one host sync per forward, not one per stream."""
     return torch.stack([loss.detach().to(torch.float64).mean() for loss in losses]).tolist()
@@ -502,13 +498,34 @@ def _check_mesh(algorithm: algorithms.Algorithm, mesh: parallel.Mesh | None) -> 
                          "forward: some ranks would measure nothing")
 
 
-def _kernel_calls(probes) -> list[tuple[int, list[int]]]:
-    """(seed, stream indices) per kernel pass: the nonzero-scale probes grouped by seed, two at a time."""
+@dataclass(frozen=True)
+class _Launch:
+    """One fused pass's shadows: its seeds, the streams each seed's (up to two) shadows feed, and
+    each seed's (a, b) scales (0.0 where a seed has one shadow)."""
+
+    seeds: tuple[int, ...]
+    slots: tuple[tuple[int, ...], ...]
+    scales: tuple[tuple[float, float], ...]
+
+
+def _launches(probes, most: int) -> list[_Launch]:
+    """The fused passes a unit call makes: the nonzero-scale probes grouped by seed, two shadows a
+    seed at a time, and the seeds with the same number of shadows (FZOO's one, ZO-SGD's two) in
+    one pass, at most ``most`` seeds a pass, in the order the probes first name them."""
     by_seed: dict[int, list[int]] = {}
     for k, probe in enumerate(probes):
         if probe.scale != 0.0:
             by_seed.setdefault(probe.seed, []).append(k)
-    return [(seed, slots[i : i + 2]) for seed, slots in by_seed.items() for i in range(0, len(slots), 2)]
+    calls = [(seed, tuple(slots[i : i + 2])) for seed, slots in by_seed.items() for i in range(0, len(slots), 2)]
+    launches = []
+    for width in (2, 1):
+        same = [(seed, slots) for seed, slots in calls if len(slots) == width]
+        for i in range(0, len(same), most):
+            chunk = same[i : i + most]
+            launches.append(_Launch(tuple(seed for seed, _ in chunk), tuple(slots for _, slots in chunk),
+                                    tuple((probes[s[0]].scale, probes[s[1]].scale if width == 2 else 0.0)
+                                          for _, s in chunk)))
+    return launches
 
 
 def current_state(state: Mapping[str, Any]) -> dict[str, Any]:

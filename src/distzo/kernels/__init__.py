@@ -7,6 +7,9 @@ without Triton). A kernel set provides
     update_and_shadows(param, key, record, kind, seed, scales, threshold=None)
         apply ``record`` (a ``distzo.records.UpdateRecord`` or None) to ``param`` in place and
         return (param + scales[0] z, param + scales[1] z) for z = z(seed, key), in one pass;
+    update_and_shadows_of(param, key, record, kind, seeds, scales, threshold=None)
+        the same for several seeds in one pass (theta read once; ``scales`` one pair per seed,
+        every seed writing the same sides; at most ``MAX_SHADOW_SEEDS`` seeds), a pair per seed;
     apply_update(param, key, record, kind, threshold=None)
         the update alone (``flush``, offload's catch-up, replay),
 

@@ -5,7 +5,8 @@ One pass over a parameter tensor does everything a step needs from it:
     read theta
     theta' = theta - lr (sum_j g_j z_j / q + wd theta)   (z_j regenerated in registers)
     round theta' to the parameter dtype (stochastically for bf16/fp16), write it back
-    write theta' + a z and theta' + b z (the two shadows of the dual-stream forward)
+    write theta' + a_i z_i and theta' + b_i z_i for each shadow seed i (the streams of the
+    forward: two shadows of one seed for ZO-SGD, one shadow each of N seeds for FZOO)
 
 With a threshold (Sparse MeZO) only elements with |theta| <= threshold take the step
 (the mask of theta before it) or the perturbation (the mask of theta' after it); the
@@ -26,6 +27,7 @@ Public functions (the kernel set that ``distzo.kernels.fused_for`` returns):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -301,19 +303,37 @@ def _seed_halves(seeds_ptr, i):
     return (s & 0xFFFFFFFF).to(tl.uint32), ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
 
 
+@triton.jit
+def _shadow_ptr(out_ptr, length, k: tl.constexpr, NDIV: tl.constexpr):
+    """Where shadow k starts: k * n elements into the output, a multiple of NDIV (no arithmetic for
+    the first shadow, an add for the second: ZO-SGD's pair costs what two pointer arguments did)."""
+    if k == 0:
+        return out_ptr
+    if k == 1:
+        offset = length
+    else:
+        offset = length * k
+    if NDIV > 1:
+        offset = tl.multiple_of(offset, NDIV)
+    return out_ptr + offset
+
+
 @triton.jit(do_not_specialize=["key_lo", "key_hi"])
 def _step_kernel(
-    p_ptr, plus_ptr, minus_ptr, n,
+    p_ptr, out_ptr, n,
     key_lo, key_hi,
     useeds_ptr, coef_ptr, thr,
     Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
-    PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    NS: tl.constexpr, PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
+    MASKED: tl.constexpr, NDIV: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # useeds_ptr (int64): the update's seeds s_0 .. s_{Q-1}, the rounding seed, the shadows'
-    # direction seed; coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, scale+, scale-; thr
-    # (float32): the mask threshold, read only when MASKED. Everything that changes from step
-    # to step is in device memory, so a captured CUDA graph replays with the next step's values.
+    # useeds_ptr (int64): the update's seeds s_0 .. s_{Q-1}, the rounding seed, the NS shadow
+    # seeds; coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, then scale+ and scale- of each
+    # shadow seed; thr (float32): the mask threshold, read only when MASKED. Everything that
+    # changes from step to step is in device memory, so a captured CUDA graph replays with the
+    # next step's values. out_ptr holds the shadows one after another, n elements each: seed i's
+    # plus shadow (PLUS), then its minus shadow (MINUS); NDIV divides n (a multiple of 16 at most),
+    # so the compiler knows every shadow starts as aligned as the first.
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
     mask = offs < n - base
@@ -347,18 +367,21 @@ def _step_kernel(
         tl.store(p_ptr + base + offs, theta, mask=mask)
         x = theta.to(tl.float32)
     if PLUS or MINUS:
-        ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1)
-        z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
-        if PLUS:
-            plus = (x + _scaled(tl.load(coef_ptr + Q + 2), z, KIND)).to(theta.dtype)
-            if MASKED:  # x is theta after the update (update.perturbed)
-                plus = tl.where(tl.abs(x) <= thr, plus, theta)
-            tl.store(plus_ptr + base + offs, plus, mask=mask)
-        if MINUS:
-            minus = (x + _scaled(tl.load(coef_ptr + Q + 3), z, KIND)).to(theta.dtype)
-            if MASKED:
-                minus = tl.where(tl.abs(x) <= thr, minus, theta)
-            tl.store(minus_ptr + base + offs, minus, mask=mask)
+        length = tl.zeros([], tl.int64) + n  # the shadows' offsets in 64 bits: NS * n may pass 2^31
+        for i in tl.static_range(NS):
+            ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1 + i)
+            z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
+            if PLUS:
+                plus = (x + _scaled(tl.load(coef_ptr + Q + 2 + 2 * i), z, KIND)).to(theta.dtype)
+                if MASKED:  # x is theta after the update (update.perturbed)
+                    plus = tl.where(tl.abs(x) <= thr, plus, theta)
+                tl.store(_shadow_ptr(out_ptr, length, i * (PLUS + MINUS), NDIV) + base + offs, plus, mask=mask)
+            if MINUS:
+                minus = (x + _scaled(tl.load(coef_ptr + Q + 3 + 2 * i), z, KIND)).to(theta.dtype)
+                if MASKED:
+                    minus = tl.where(tl.abs(x) <= thr, minus, theta)
+                tl.store(_shadow_ptr(out_ptr, length, i * (PLUS + MINUS) + PLUS, NDIV) + base + offs, minus,
+                         mask=mask)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "seed_lo", "seed_hi"])
@@ -413,29 +436,39 @@ def _kind(kind: str) -> int:
 _SR_MODES = {torch.bfloat16: _SR_BF16, torch.float16: _SR_GENERIC, torch.float32: _SR_NONE}
 
 
+# Shadow seeds one launch writes at most (FZOO's N probes): more take further launches.
+MAX_SHADOW_SEEDS = 16
+
+
 class LaunchArgs:
     """Everything a launch needs besides the tensor: the seeds (update seeds, rounding seed,
-    direction seed) and the coefficients / lr / decay / scales in two small device buffers,
-    uploaded once per step, not per tensor, and the constexpr flags.
+    the shadows' direction seeds) and the coefficients / lr / decay / scales in two small
+    device buffers, uploaded once per step, not per tensor, and the constexpr flags.
 
-    ``refresh`` writes another step's values into the same buffers (the flags must agree:
-    ``layout``), so a kernel captured in a CUDA graph reads them at its next replay. The copy
-    runs on the current stream, after every launch that read the old values."""
+    ``seeds`` are the shadow seeds and ``scales`` one (a, b) pair per seed. ``refresh`` writes
+    another step's values into the same buffers (the flags and the number of seeds must agree:
+    ``layout``, ``shadow_seeds``), so a kernel captured in a CUDA graph reads them at its next
+    replay. The copy runs on the current stream, after every launch that read the old values."""
 
-    def __init__(self, record: UpdateRecord | None, kind, seed, scales, device):
+    def __init__(self, record: UpdateRecord | None, kind, seeds: Sequence[int], scales: Sequence[tuple[float, float]],
+                 device):
         self.layout = layout_of(record, kind)
         self.q, self.div, self.has_update, self.decay, self.kind = self.layout
-        seeds, coefs = _values(record, seed, scales, self.has_update)
-        self.seeds_t = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+        self.shadow_seeds = _check_shadows(seeds, scales)
+        seed_values, coefs = _values(record, seeds, scales, self.has_update)
+        self.seeds_t = torch.tensor(seed_values, dtype=torch.int64).to(device, non_blocking=True)
         self.coef_t = torch.tensor(coefs, dtype=torch.float32).to(device, non_blocking=True)
         self.aligned = _aligned(self.seeds_t) and _aligned(self.coef_t)
         self.serial = 0  # which forward the keeper last refreshed these for (distzo.optimizer)
 
-    def refresh(self, record: UpdateRecord | None, kind, seed, scales) -> None:
+    def refresh(self, record: UpdateRecord | None, kind, seeds: Sequence[int],
+                scales: Sequence[tuple[float, float]]) -> None:
         fresh = layout_of(record, kind)
         if fresh != self.layout:
             raise ValueError(f"launch arguments of layout {self.layout} cannot take a record of layout {fresh}")
-        seeds, coefs = _values(record, seed, scales, self.has_update)
+        if _check_shadows(seeds, scales) != self.shadow_seeds:
+            raise ValueError(f"launch arguments of {self.shadow_seeds} shadow seeds cannot take {len(seeds)}")
+        seeds, coefs = _values(record, seeds, scales, self.has_update)
         # pinned sources: the copies are asynchronous, and the caching host allocator keeps each
         # source alive until its copy has run
         self.seeds_t.copy_(torch.tensor(seeds, dtype=torch.int64).pin_memory(), non_blocking=True)
@@ -455,27 +488,38 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
-def _values(record: UpdateRecord | None, seed, scales, has_update: bool) -> tuple[list[int], list[float]]:
-    """The two buffers' contents: [s_0 .. s_{Q-1}, rounding seed, direction seed] and
-    [c_0 .. c_{Q-1}, lr, decay, scale+, scale-] (with Q = max(q, 1))."""
-    seeds = [_signed(s) for s in record.seeds] if has_update else [0]
+def _check_shadows(seeds: Sequence[int], scales: Sequence[tuple[float, float]]) -> int:
+    """The number of shadow seeds, after checking that each has its (a, b) pair."""
+    if not 1 <= len(seeds) <= MAX_SHADOW_SEEDS or len(scales) != len(seeds) or any(len(p) != 2 for p in scales):
+        raise ValueError(f"a launch takes 1 to {MAX_SHADOW_SEEDS} shadow seeds, each with an (a, b) pair of scales; "
+                         f"got {len(seeds)} seeds and {len(scales)} pairs")
+    return len(seeds)
+
+
+def _values(record: UpdateRecord | None, seeds: Sequence[int], scales: Sequence[tuple[float, float]],
+            has_update: bool) -> tuple[list[int], list[float]]:
+    """The two buffers' contents: [s_0 .. s_{Q-1}, rounding seed, shadow seeds...] and
+    [c_0 .. c_{Q-1}, lr, decay, a_0, b_0, a_1, b_1, ...] (with Q = max(q, 1))."""
+    update_seeds = [_signed(s) for s in record.seeds] if has_update else [0]
     rounding = _signed(record.rounding_seed) if has_update else 0
     coeffs = list(record.coeffs) if has_update else [0.0]
     lr = record.lr if has_update else 0.0
     decay = record.decay if has_update else 0.0
-    return [*seeds, rounding, _signed(seed)], [*coeffs, lr, decay, float(scales[0]), float(scales[1])]
+    pairs = [float(v) for pair in scales for v in pair]
+    return [*update_seeds, rounding, *(_signed(s) for s in seeds)], [*coeffs, lr, decay, *pairs]
 
 
 _SCALARS: dict[tuple, LaunchArgs] = {}
 
 
-def _scalars(record: UpdateRecord | None, kind, seed, scales, device) -> LaunchArgs:
-    ident = (record, kind, seed, scales[0], scales[1], device)
+def _scalars(record: UpdateRecord | None, kind, seeds: Sequence[int], scales: Sequence[tuple[float, float]],
+             device) -> LaunchArgs:
+    ident = (record, kind, tuple(seeds), tuple(tuple(p) for p in scales), device)
     hit = _SCALARS.get(ident)
     if hit is None:
         if len(_SCALARS) >= 8:
             _SCALARS.pop(next(iter(_SCALARS)))
-        hit = _SCALARS[ident] = LaunchArgs(record, kind, seed, scales, device)
+        hit = _SCALARS[ident] = LaunchArgs(record, kind, seeds, scales, device)
     return hit
 
 
@@ -495,7 +539,8 @@ def _direct_launch_supported() -> bool:
 
 _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
-_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "PLUS", "MINUS", "KIND", "FAST", "MASKED", "BLOCK")
+_STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "NS", "PLUS", "MINUS", "KIND", "FAST", "MASKED", "NDIV",
+                "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -516,24 +561,26 @@ def _on_device(index):
     return torch.cuda.device(index)
 
 
-def _launch(work, plus, minus, aligned, key, sc: LaunchArgs, decay: bool, threshold: float | None = None) -> None:
-    """One fused pass over the contiguous tensor ``work``, shadows into ``plus``/``minus``,
-    masked by ``threshold`` (None: unmasked).
+def _launch(work, out, plus: bool, minus: bool, key, sc: LaunchArgs, decay: bool,
+            threshold: float | None = None) -> None:
+    """One fused pass over the contiguous tensor ``work``, its shadows into ``out`` (for each of
+    the launch's shadow seeds, a plus shadow if ``plus``, then a minus shadow if ``minus``, n
+    elements each), masked by ``threshold`` (None: unmasked).
 
-    Triton reads only data pointers, so no tensor needs reshaping; ``aligned`` says which
-    of (work, plus, minus) start on a 16-byte boundary (the JIT specialises on it).
+    Triton reads only data pointers, so no tensor needs reshaping; the JIT specialises on
+    whether ``work`` and ``out`` start on a 16-byte boundary (and so does the launch cache).
     """
     n = work.numel()
     if n == 0:
         return
     key_lo, key_hi = _halves(key)
-    args = (work, work if plus is None else plus, work if minus is None else minus, n,
-            key_lo, key_hi, sc.seeds_t, sc.coef_t,
-            0.0 if threshold is None else float(threshold))
-    consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], plus is not None, minus is not None,
-              sc.kind, FAST_MATH, threshold is not None, _BLOCK)
+    out = work if out is None else out
+    args = (work, out, n, key_lo, key_hi, sc.seeds_t, sc.coef_t, 0.0 if threshold is None else float(threshold))
+    consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], sc.shadow_seeds, plus, minus,
+              sc.kind, FAST_MATH, threshold is not None, math.gcd(n, 16), _BLOCK)
     grid0 = triton.cdiv(n, _BLOCK)
     device = work.get_device()
+    aligned = (work.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
     spec = (device, work.dtype, n >= 1 << 31, n % 16 == 0, n == 1, aligned, sc.aligned, _WARPS, consts)
     with _on_device(device):
         kernel = _COMPILED.get(spec) if _DIRECT else None
@@ -561,23 +608,40 @@ def update_and_shadows(param, key, record: UpdateRecord | None, kind, seed, scal
     the shadows as ``distzo.update`` does. ``args``: this call's ``LaunchArgs``, kept by the
     caller (the values of record, seed and scales in device buffers that outlive the call).
     """
+    return update_and_shadows_of(param, key, record, kind, (seed,), (tuple(scales),), threshold, args)[0]
+
+
+def update_and_shadows_of(param, key, record: UpdateRecord | None, kind, seeds: Sequence[int],
+                          scales: Sequence[tuple[float, float]], threshold: float | None = None,
+                          args: LaunchArgs | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``update_and_shadows`` for several seeds in one pass: theta is read once and each seed's
+    shadows (theta' + a_i z_i, theta' + b_i z_i) written, one (plus, minus) pair per seed in
+    ``seeds``'s order, ``scales`` one (a_i, b_i) pair per seed. Every seed must have a nonzero
+    a_i if any has, and likewise b_i (the launch writes the same shadows of each seed)."""
     if torch_path(param, record):
-        return _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold)
+        return _update_and_shadows_torch(param, key, record, kind, seeds, scales, threshold)
     _check_dtype(param)
-    sc = args if args is not None else _scalars(record, kind, seed, scales, param.device)
+    sc = args if args is not None else _scalars(record, kind, seeds, scales, param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
-    a, b = scales[0] != 0.0, scales[1] != 0.0
-    # Both shadows in one allocation (one allocator call; freed together after the unit).
+    plus, minus = (_written(scales, side) for side in (0, 1))
+    width = int(plus) + int(minus)
+    # Every shadow in one allocation (one allocator call; freed together after the unit).
     # The caching allocator hands the same blocks back unit after unit, so no pool of our own.
-    buf = torch.empty((int(a) + int(b), *param.shape), dtype=param.dtype, device=param.device)
-    plus = buf[0] if a else None
-    minus = buf[int(a)] if b else None
-    # buf starts aligned; the second shadow starts n elements further
-    aligned = (work.data_ptr() % 16 == 0, not (a and b) or work.numel() * work.element_size() % 16 == 0)
-    _launch(work, plus, minus, aligned, key, sc, sc.decay and decays(param), threshold)
+    buf = torch.empty((len(seeds) * width, *param.shape), dtype=param.dtype, device=param.device) if width else None
+    _launch(work, buf, plus, minus, key, sc, sc.decay and decays(param), threshold)
     if work is not param:
         param.data.copy_(work)
-    return (param if plus is None else plus), (param if minus is None else minus)
+    return [(buf[i * width] if plus else param, buf[i * width + int(plus)] if minus else param)
+            for i in range(len(seeds))]
+
+
+def _written(scales: Sequence[tuple[float, float]], side: int) -> bool:
+    """Whether a launch writes the shadows of ``side`` (0: a, 1: b): all seeds or none."""
+    nonzero = {pair[side] != 0.0 for pair in scales}
+    if len(nonzero) > 1:
+        raise ValueError(f"one launch writes the same shadows of every seed; scales {list(scales)} mix zero and "
+                         "nonzero on one side")
+    return nonzero.pop()
 
 
 def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: float | None = None,
@@ -585,12 +649,12 @@ def apply_update(param, key, record: UpdateRecord, kind="gaussian", threshold: f
     """``distzo.update.apply_update_`` on the GPU: the update alone, in one pass (``args`` as
     for ``update_and_shadows``, with seed 0 and scales 0)."""
     if torch_path(param, record):
-        _update_and_shadows_torch(param, key, record, kind, 0, (0.0, 0.0), threshold)
+        _update_and_shadows_torch(param, key, record, kind, (0,), ((0.0, 0.0),), threshold)
         return
     _check_dtype(param)
-    sc = args if args is not None else _scalars(record, kind, 0, (0.0, 0.0), param.device)
+    sc = args if args is not None else _scalars(record, kind, (0,), ((0.0, 0.0),), param.device)
     work = param if param.is_contiguous() else param.detach().contiguous()
-    _launch(work, None, None, (work.data_ptr() % 16 == 0, True), key, sc, sc.decay and decays(param), threshold)
+    _launch(work, None, False, False, key, sc, sc.decay and decays(param), threshold)
     if work is not param:
         param.data.copy_(work)
 
@@ -617,16 +681,20 @@ def torch_path(param, record: UpdateRecord | None) -> bool:
     return param.dtype == torch.float64 or (record is not None and record.adam is not None)
 
 
-def _update_and_shadows_torch(param, key, record, kind, seed, scales, threshold=None):
+def _update_and_shadows_torch(param, key, record, kind, seeds, scales, threshold=None):
     """float64 (rare on GPUs) and Adam-like records: z from the kernels (so equal to the CPU path's
     bit for bit), arithmetic by the torch reference."""
     n = param.numel()
     if record is not None and len(record.seeds):
         apply_update_(param, key, record, kind, cached=_Drawn(record.seeds, key, kind, param), threshold=threshold)
-    if scales[0] == 0.0 and scales[1] == 0.0:
-        return param, param
-    z = normal(seed, key, 0, n, kind, param.device).view(param.shape)
-    return tuple(perturbed(param, z, s, threshold) for s in scales)
+    out = []
+    for seed, pair in zip(seeds, scales):
+        if pair[0] == 0.0 and pair[1] == 0.0:
+            out.append((param, param))
+            continue
+        z = normal(seed, key, 0, n, kind, param.device).view(param.shape)
+        out.append(tuple(perturbed(param, z, s, threshold) for s in pair))
+    return out
 
 
 def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype) -> torch.Tensor:
@@ -661,5 +729,5 @@ def raw_words(seed: int, key: int, start: int, count: int, device="cuda") -> tor
     return _draw(3, seed, key, start, count, device, torch.int64)
 
 
-__all__ = ["update_and_shadows", "apply_update", "LaunchArgs", "layout_of", "torch_path", "normal", "uniform",
+__all__ = ["update_and_shadows", "update_and_shadows_of", "apply_update", "MAX_SHADOW_SEEDS", "LaunchArgs", "layout_of", "torch_path", "normal", "uniform",
            "raw_words", "FAST_MATH"]
