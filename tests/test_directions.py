@@ -1,5 +1,6 @@
 """Counter-based directions: Philox known answers, published z vectors, slicing, processes."""
 
+import math
 import os
 import subprocess
 import sys
@@ -38,6 +39,43 @@ def test_philox_on_tensors_matches_scalars():
     for i in range(3):
         v = int(c[i])
         assert tuple(int(o[i]) for o in out) == tuple(int(w) for w in d.philox4x32(v, v, v, v, 0xA4093822, 0x299F31D0))
+
+
+def _reference_words(seed: int, key: int, block: int) -> list[int]:
+    """One block's words by Philox4x32-10 on Python ints, as the paper states it (no tensors, no wrap)."""
+    m0, m1, w0, w1, mask = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+    c = [block & mask, block >> 32, key & mask, key >> 32]
+    k = [seed & mask, seed >> 32]
+    for _ in range(10):
+        p0, p1 = c[0] * m0, c[2] * m1
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & mask, (p0 >> 32) ^ c[3] ^ k[1], p0 & mask]
+        k = [(k[0] + w0) & mask, (k[1] + w1) & mask]
+    return c
+
+
+@pytest.mark.parametrize("seed,key,start,count", [
+    (0, 0, 0, 64),
+    (2**64 - 1, 2**64 - 1, 5, 300),
+    (0x123456789ABCDEF0, 0xFEDCBA9876543210, (1 << 20) + 3, 1000),
+    (7, 2**63 + 11, 4 * (2**32 - 40) + 1, 400),  # blocks across 2^32: the counter's second word changes
+    (3, 99, 4 * (2**32 - 20), 160),  # the same, in whole blocks (the Gaussians too)
+])
+def test_tensor_words_equal_the_scalar_definition(seed, key, start, count):
+    """The vectorised Philox (in-place rounds, the key words kept as ints) gives the words of the
+    scalar definition, and the floats come from them as the formulas of the module docstring say."""
+    first = start // 4
+    words = [w for b in range(first, (start + count + 3) // 4) for w in _reference_words(seed, key, b)]
+    words = torch.tensor(words[start - 4 * first:][:count], dtype=torch.int64)
+    assert torch.equal(d.raw_words(seed, key, start, count), words)
+    u = ((words >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+    assert torch.equal(d.uniform(seed, key, start, count), u)
+    assert torch.equal(d.draw(seed, key, start, count, "rademacher"), 1.0 - 2.0 * (words >> 31).to(torch.float32))
+    if start % 4 == 0 and count % 4 == 0:  # whole blocks: Box-Muller pairs words (0, 1) and (2, 3)
+        w = u.view(-1, 4)
+        r01, r23 = (-2.0 * w[:, 0].log()).sqrt(), (-2.0 * w[:, 2].log()).sqrt()
+        t01, t23 = 2.0 * math.pi * w[:, 1], 2.0 * math.pi * w[:, 3]
+        z = torch.stack((r01 * t01.cos(), r01 * t01.sin(), r23 * t23.cos(), r23 * t23.sin()), 1).reshape(-1)
+        assert torch.equal(d.draw(seed, key, start, count), z)
 
 
 def test_published_vectors():

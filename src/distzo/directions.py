@@ -59,29 +59,48 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
     """Philox4x32 on int64 tensors (or ints) holding unsigned 32-bit values.
 
     The 32x32-bit products may wrap around int64; the low 64 bits are still exact,
-    so the high and low words are read off correctly.
+    so the high and low words are read off correctly. A counter word given as an int
+    (the tensor's key, the same for every block) stays an int as long as the rounds
+    leave it one; tensor words are worked on in place (the products are fresh tensors).
     """
     for _ in range(rounds):
         p0 = c0 * PHILOX_M0
         p1 = c2 * PHILOX_M1
-        c0, c1, c2, c3 = (
-            ((p1 >> 32) & _MASK32) ^ c1 ^ k0,
-            p1 & _MASK32,
-            ((p0 >> 32) & _MASK32) ^ c3 ^ k1,
-            p0 & _MASK32,
-        )
+        c0, c2 = _high_xor(p1, c1, k0), _high_xor(p0, c3, k1)
+        c1, c3 = _low(p1), _low(p0)
         k0 = (k0 + PHILOX_W0) & _MASK32
         k1 = (k1 + PHILOX_W1) & _MASK32
     return c0, c1, c2, c3
 
 
+def _high_xor(p, a, b):
+    """The high word of the 32 x 32-bit product ``p``, XOR ``a`` XOR ``b`` (words below 2^32).
+
+    XOR before masking: an int64 product that wrapped shifts in copies of its sign bit,
+    which the XORs (of values below 2^32) leave above bit 31 for the mask to clear."""
+    if isinstance(p, int):
+        return ((p >> 32) ^ a ^ b) & _MASK32
+    return (p >> 32).bitwise_xor_(a).bitwise_xor_(b).bitwise_and_(_MASK32)
+
+
+def _low(p):
+    """The low word of the product ``p`` (in place: ``p`` is not read again)."""
+    return p & _MASK32 if isinstance(p, int) else p.bitwise_and_(_MASK32)
+
+
+def _words(seed: int, key: int, first: int, last: int) -> list[torch.Tensor]:
+    """The four Philox words of blocks [first, last), each an int64 tensor of uint32 values."""
+    block = torch.arange(first, last, dtype=torch.int64)
+    high = first >> 32  # the counter's second word: one int unless the blocks cross a multiple of 2^32
+    c1 = high if (last - 1) >> 32 == high else block >> 32
+    words = philox4x32(block.bitwise_and_(_MASK32), c1, key & _MASK32, (key >> 32) & _MASK32,
+                       seed & _MASK32, (seed >> 32) & _MASK32)
+    return [torch.full((last - first,), w, dtype=torch.int64) if isinstance(w, int) else w for w in words]
+
+
 def _blocks(seed: int, key: int, first: int, last: int) -> torch.Tensor:
     """Philox words of blocks [first, last) as an (n, 4) int64 tensor of uint32 values."""
-    block = torch.arange(first, last, dtype=torch.int64)
-    key_lo = torch.full_like(block, key & _MASK32)
-    key_hi = torch.full_like(block, (key >> 32) & _MASK32)
-    words = philox4x32(block & _MASK32, block >> 32, key_lo, key_hi, seed & _MASK32, (seed >> 32) & _MASK32)
-    return torch.stack(words, dim=1)
+    return torch.stack(_words(seed, key, first, last), dim=1)
 
 
 def raw_words(seed: int, key: int, start: int, count: int) -> torch.Tensor:
@@ -92,13 +111,14 @@ def raw_words(seed: int, key: int, start: int, count: int) -> torch.Tensor:
 
 
 def _uniform(word: torch.Tensor) -> torch.Tensor:
-    """Exact float32 in (0, 1) from a 32-bit word: odd multiples of 2^-24."""
-    return ((word >> 9) * 2 + 1).to(torch.float32).mul_(2.0**-24)
+    """Exact float32 in (0, 1) from a 32-bit word: odd multiples of 2^-24, ((w >> 9) * 2 + 1) 2^-24
+    (formed as (w >> 8) | 1, the same integer)."""
+    return ((word >> 8).bitwise_or_(1)).to(torch.float32).mul_(2.0**-24)
 
 
-def _gaussian_from_blocks(words: torch.Tensor) -> torch.Tensor:
-    """Box-Muller over (nblocks, 4) words -> (nblocks, 4) float32 normals."""
-    u = [_uniform(words[:, lane]) for lane in range(4)]
+def _gaussian_from_blocks(words: list[torch.Tensor]) -> torch.Tensor:
+    """Box-Muller over a block's four words (each an nblocks tensor) -> (nblocks, 4) float32 normals."""
+    u = [_uniform(word) for word in words]
     r01, t01 = u[0].log_().mul_(-2.0).sqrt_(), u[1].mul_(2.0 * math.pi)
     r23, t23 = u[2].log_().mul_(-2.0).sqrt_(), u[3].mul_(2.0 * math.pi)
     return torch.stack((r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23), r23 * torch.sin(t23)), 1)
@@ -116,11 +136,10 @@ def _draw_chunk(seed: int, key: int, start: int, count: int, kind: Kind) -> torc
     if kind == "rademacher-packed":
         return _packed_chunk(seed, key, start, count)
     first, last = start // 4, (start + count + 3) // 4
-    words = _blocks(seed, key, first, last)
     if kind == "gaussian":
-        values = _gaussian_from_blocks(words)
+        values = _gaussian_from_blocks(_words(seed, key, first, last))
     else:
-        values = 1.0 - 2.0 * (words >> 31).to(torch.float32)
+        values = 1.0 - 2.0 * (_blocks(seed, key, first, last) >> 31).to(torch.float32)
     offset = start - first * 4
     return values.reshape(-1)[offset : offset + count]
 
