@@ -140,17 +140,25 @@ def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_d
 def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, quantize):
     # The same CPU-quantized base, resident on the GPU against streamed through it: the forward must
     # read the uploaded codes and scales (on the CPU a slot and the host hold the same values anyway).
-    resident = _on_cuda(_qlora(tiny_model_dir, quantize))
-    offloaded = _qlora(tiny_model_dir, quantize)
+    a, b, engine = _resident_and_streamed_on_cuda(tiny_model_dir, quantize)
+    assert all(_steps_agree(a, b, t, a.model.config.vocab_size) for t in range(20))
+    assert _same_adapters(a, b) and engine.bytes_up > 0 and engine.bytes_down == 0
+
+
+def _resident_and_streamed_on_cuda(model_dir: Path, quantize: str):
+    """Optimisers over one CPU-quantized base, resident on the GPU and streamed through it."""
+    offloaded = _qlora(model_dir, quantize)
     engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
-    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
-    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
-    assert all(_steps_agree(a, b, t, resident.config.vocab_size) for t in range(20))
+    return (ZOOptimizer(_on_cuda(_qlora(model_dir, quantize)), lr=5e-2, eps=1e-2, seed=0),
+            ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine), engine)
+
+
+def _same_adapters(a: ZOOptimizer, b: ZOOptimizer) -> bool:
+    """After both optimisers flush: the adapters of their models are equal bit for bit."""
     a.flush(), b.flush()
-    adapters = {n: p.detach().cpu() for n, p in resident.named_parameters() if p.requires_grad}
-    assert adapters and all(torch.equal(p.detach().cpu(), adapters[n])
-                            for n, p in offloaded.named_parameters() if p.requires_grad)
-    assert engine.bytes_up > 0 and engine.bytes_down == 0
+    adapters = {n: p.detach().cpu() for n, p in a.model.named_parameters() if p.requires_grad}
+    return bool(adapters) and all(torch.equal(p.detach().cpu(), adapters[n])
+                                  for n, p in b.model.named_parameters() if p.requires_grad)
 
 
 def _on_cuda(model):
@@ -296,12 +304,8 @@ def test_a_promoted_quantized_block_equals_resident_on_cuda(bnb, tiny_model_dir,
     # Promotion moves a block's codes and scales into device memory of its own: from then on the
     # block computes from that copy (every tensor its layers read is on the GPU) and only the other
     # block is uploaded, and the run stays the resident run bit for bit.
-    resident = _on_cuda(_qlora(tiny_model_dir, quantize))
-    offloaded = _qlora(tiny_model_dir, quantize)
-    engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
-    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
-    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
-    vocab = resident.config.vocab_size
+    a, b, engine = _resident_and_streamed_on_cuda(tiny_model_dir, quantize)
+    vocab = a.model.config.vocab_size
     assert all(_steps_agree(a, b, t, vocab) for t in range(3))
     engine.promote(1)
     kept = [blk for blk in engine.blocks if blk not in engine.streamed]
@@ -311,10 +315,7 @@ def test_a_promoted_quantized_block_equals_resident_on_cuda(bnb, tiny_model_dir,
         assert _steps_agree(a, b, t, vocab)
         assert engine.bytes_up - before == sum(blk.nbytes for blk in engine.streamed)
     assert all(t.is_cuda for m in _quantized_layers(kept[0].module, bnb) for t in _read_by(m))
-    a.flush(), b.flush()
-    adapters = {n: p.detach().cpu() for n, p in resident.named_parameters() if p.requires_grad}
-    assert all(torch.equal(p.detach().cpu(), adapters[n]) for n, p in offloaded.named_parameters() if p.requires_grad)
-    assert engine.bytes_down == 0
+    assert _same_adapters(a, b) and engine.bytes_down == 0
 
 
 def test_sliced_offload_of_quantized_blocks_is_refused(bnb, tiny_model_dir):
