@@ -169,7 +169,8 @@ class ZOOptimizer:
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
         # Resident fused runs keep each kernel call's launch arguments in device buffers that a
-        # step refreshes in place (what a CUDA graph needs): (call, with update, layout) -> LaunchArgs
+        # step refreshes in place (what a CUDA graph needs):
+        # (call, with update, layout, shadow seeds) -> LaunchArgs
         self._launch: dict[tuple, Any] = {}
         self._launch_serial = 0
         if cuda_graphs:
