@@ -528,6 +528,8 @@ def read_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[s
     rows: dict[str, list[dict[str, Any]]] = {}
     records: dict[str, dict[str, Any]] = {}
     for folder in folders:
+        if not (folder / "runs.jsonl").is_file():
+            raise FileNotFoundError(f"{folder} is not an output folder of bench/convergence.py run (no runs.jsonl)")
         evaluations = read_jsonl(folder / "evals.jsonl")
         for record in read_jsonl(folder / "runs.jsonl"):
             records[record["run"]] = record
@@ -566,22 +568,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the evaluation lines
     args = parser().parse_args(argv)
-    if args.command == "summarize":
-        rows, records = read_results(args.folders)
-    else:
-        base = {"model.name": args.model, "task.name": args.task}
-        for text in args.set:
-            base.update(parse_settings(text))
-        arms = [parse_arm(text) for text in args.arm]
-        for text in args.grid:
-            add_grid(arms, text)
+    try:  # what was typed is checked before anything runs or is written: a bad value is one line
+        if args.command == "summarize":
+            rows, records = read_results(args.folders)
+        else:
+            base = {"model.name": args.model, "task.name": args.task}
+            for text in args.set:
+                base.update(parse_settings(text))
+            arms = [parse_arm(text) for text in args.arm]
+            for text in args.grid:
+                add_grid(arms, text)
+            seeds = parse_seeds(args.seeds)
+            for arm in arms:  # each point's configuration builds (unknown keys, bad values)
+                for point in arm.points():
+                    arm_config(base, arm, point, seeds[0])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"convergence: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command != "summarize":
         bench = Bench(base, args.out, args.time_budget_s)
-        bench.run_all(arms, [int(s) for s in args.seeds.split(",")])
+        bench.run_all(arms, seeds)
         rows, records = read_results([args.out])
     summary = write_summary(rows, records, args.out, args.target_arm, args.target)
     print(json.dumps({name: {k: arm[k] for k in ("chosen", "best_dev", "test_at_best_dev")}

@@ -207,6 +207,20 @@ def test_command_line_runs_the_grid_then_the_seeds(tiny_model_dir, sst2_dir, tmp
     assert json.loads((merged / "summary.json").read_text())["arms"]["zo"]["seeds"] == [0, 1]
 
 
+def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_model_dir), "--task", "sst2", "--set", f"task.data_path={sst2_dir}", "--out", str(out)]
+    for argv, says in ((["run", *common, "--arm", "zo:zo:nonsense=1"], "unknown config key 'nonsense'"),
+                       (["run", *common, "--arm", "zo:zo:steps=2", "--seeds", "0,x"], "comma-separated integers"),
+                       (["run", *common, "--arm", "zo:sgd"], "is not NAME:FAMILY"),
+                       (["summarize", str(tmp_path), "--out", str(out)], "no runs.jsonl")):
+        capsys.readouterr()
+        assert convergence.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err and err.startswith("convergence: error: ")
+        assert not out.exists()  # refused before the bench was built
+
+
 def test_offline_tasks_and_the_harness_import_without_datasets():
     code = (
         "import sys, runpy; sys.modules['datasets'] = None\n"
