@@ -283,3 +283,22 @@ def test_lean_units_give_the_same_results(family):
         assert a.step(tiny_batch(seed=t)).projected_grads == b.step(tiny_batch(seed=t)).projected_grads
     a.flush(), b.flush()
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), lean.parameters()))
+
+
+def test_fused_passes_group_the_probes_of_a_unit_call():
+    """The GPU passes a unit call makes (``optimizer._launches``): each nonzero-scale probe gets its
+    shadow from exactly one pass, a seed's two shadows share a pass, seeds with as many shadows
+    share one up to the limit, and theta itself (scale 0) takes none."""
+    from distzo.optimizer import _launches
+
+    fzoo = (Probe(1, 0.0),) + tuple(Probe(10 + i, 1e-3 * (i + 1)) for i in range(20))
+    passes = _launches(fzoo, 16)
+    assert [len(p.seeds) for p in passes] == [16, 4]
+    assert [s for p in passes for s in p.slots] == [(k,) for k in range(1, 21)]
+    assert all(pair == (fzoo[slots[0]].scale, 0.0) for p in passes for slots, pair in zip(p.slots, p.scales))
+    two_sided = (Probe(5, 1e-3), Probe(5, -1e-3), Probe(6, 1e-3), Probe(6, -1e-3))
+    assert [(p.seeds, p.slots, p.scales) for p in _launches(two_sided, 16)] == [
+        ((5, 6), ((0, 1), (2, 3)), ((1e-3, -1e-3), (1e-3, -1e-3)))]
+    mixed = (Probe(5, 1e-3), Probe(5, -1e-3), Probe(7, 0.0), Probe(6, 2e-3), Probe(5, 3e-3))
+    assert [(p.seeds, p.slots) for p in _launches(mixed, 16)] == [((5,), ((0, 1),)), ((5, 6), ((4,), (3,)))]
+    assert _launches((Probe(3, 0.0),), 16) == []
