@@ -167,8 +167,9 @@ def sized(cfg: TrainConfig, epochs: int, train_examples: int) -> TrainConfig:
 
 # ---------------------------------------------------------------- one run
 
-# A training step: (loss, forward passes, backward passes) of the batch.
-Step = Callable[[int], tuple[float, int, int]]
+# A training step: (loss, forward passes, backward passes) of the batch, and the algorithm's own
+# numbers of the step (the adaptive eps factor, FZOO's sigma: what its trajectory line holds that is a number).
+Step = Callable[[int], tuple[float, int, int, dict[str, float]]]
 
 
 def clock(device: torch.device) -> float:
@@ -187,7 +188,8 @@ def zo_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Step, 
     def step(t: int) -> tuple[float, int, int]:
         stats = opt.step(collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length,
                                        pad_to_multiple_of=cfg.task.pad_to_multiple_of))
-        return stats.loss, sum(len(probes) for probes in stats.losses), 0
+        numbers = {k: v for k, v in stats.log.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return stats.loss, sum(len(probes) for probes in stats.losses), 0, numbers
 
     return step, opt.flush
 
@@ -215,7 +217,7 @@ def adamw_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Ste
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), 1, 1
+        return float(loss.detach()), 1, 1, {}
 
     return step, lambda: None
 
@@ -243,6 +245,7 @@ class Run:
         self.window: list[float] = []
         self.best: dict[str, Any] | None = None
         self.passes = {"forwards": 0, "backwards": 0}
+        self.numbers: dict[str, float] = {}  # the algorithm's numbers after the last step
         self.train_seconds = 0.0
 
     def train(self, step: Step, flush: Callable[[], None]) -> RunResult:
@@ -255,7 +258,7 @@ class Run:
                 stopped = "time budget"
                 break
             started = clock(device)
-            loss, forwards, backwards = step(t)
+            loss, forwards, backwards, self.numbers = step(t)
             self.train_seconds += clock(device) - started
             self.passes["forwards"] += forwards
             self.passes["backwards"] += backwards
@@ -282,7 +285,8 @@ class Run:
             test = evaluate(self.model, tokenizer, self.task, self.data.test, cfg.eval_batch_size, cfg.task.max_length)
         row = {**self.identity, "step": step, **self.passes, "train_seconds": round(self.train_seconds, 4),
                "wall_seconds": round(clock(self.bench.device) - self.began, 4),
-               "train_loss": statistics.fmean(self.window) if self.window else None, "dev": dev, "test": test}
+               "train_loss": statistics.fmean(self.window) if self.window else None, "dev": dev, "test": test,
+               **({"algorithm": self.numbers} if self.numbers else {})}
         self.window = []
         if improved:
             self.best = row

@@ -118,6 +118,15 @@ def test_a_qlora_bench_runs_as_distzo_train_runs_it(tiny_model_dir, sst2_dir, tm
     assert all(torch.equal(before[k], v) for k, v in qlora.model.state_dict().items())
 
 
+def test_evaluations_record_the_adaptive_eps_factor(bench):
+    arm, point = only_point("band:zo:optim.eps_band_low=10,optim.eps_band_high=20,lr=1e-2,eps=1e-2,steps=4,eval_every=2")
+    rows = bench.run(arm, point, seed=0).rows
+    # |L+ - L-| of a tiny model's batch is far below the band: eps grows by 1.25x a step
+    assert [r.get("algorithm") for r in rows] == [None, {"eps_factor": 1.25**2}, {"eps_factor": 1.25**4}]
+    plain = bench.run(*only_point("zo:zo:lr=1e-2,eps=1e-2,steps=2,eval_every=2"), seed=0).rows
+    assert all("algorithm" not in r for r in plain)
+
+
 def test_settings_and_grids_parse_and_refuse_what_does_not_apply():
     assert convergence.parse_settings("lora.target_modules=q_proj,v_proj,lr=1e-4,q=2") == {
         "lora.target_modules": "q_proj,v_proj", "optim.lr": "1e-4", "optim.directions": "2"}
