@@ -305,17 +305,8 @@ def _seed_halves(seeds_ptr, i):
 
 @triton.jit
 def _shadow_ptr(out_ptr, length, k: tl.constexpr, NDIV: tl.constexpr):
-    """Where shadow k starts: k * n elements into the output, a multiple of NDIV (no arithmetic for
-    the first shadow, an add for the second: ZO-SGD's pair costs what two pointer arguments did)."""
-    if k == 0:
-        return out_ptr
-    if k == 1:
-        offset = length
-    else:
-        offset = length * k
-    if NDIV > 1:
-        offset = tl.multiple_of(offset, NDIV)
-    return out_ptr + offset
+    """Where shadow k starts: k * n elements into the output, a multiple of NDIV."""
+    return out_ptr + tl.multiple_of(length * k, NDIV)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi"])
