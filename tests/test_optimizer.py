@@ -301,4 +301,4 @@ def test_fused_passes_group_the_probes_of_a_unit_call():
         ((5, 6), ((0, 1), (2, 3)), ((1e-3, -1e-3), (1e-3, -1e-3)))]
     mixed = (Probe(5, 1e-3), Probe(5, -1e-3), Probe(7, 0.0), Probe(6, 2e-3), Probe(5, 3e-3))
     assert [(p.seeds, p.slots) for p in _launches(mixed, 16)] == [((5,), ((0, 1),)), ((5, 6), ((4,), (3,)))]
-    assert _launches((Probe(3, 0.0),), 16) == []
+    assert _launches((Probe(3, 0.0),), 16) == ()

@@ -13,6 +13,7 @@ update record: a few bytes. It is kept pending and applied at the start of the n
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -509,10 +510,12 @@ class _Launch:
     scales: tuple[tuple[float, float], ...]
 
 
-def _launches(probes, most: int) -> list[_Launch]:
+@functools.lru_cache(maxsize=16)
+def _launches(probes, most: int) -> tuple[_Launch, ...]:
     """The fused passes a unit call makes: the nonzero-scale probes grouped by seed, two shadows a
     seed at a time, and the seeds with the same number of shadows (FZOO's one, ZO-SGD's two) in
-    one pass, at most ``most`` seeds a pass, in the order the probes first name them."""
+    one pass, at most ``most`` seeds a pass, in the order the probes first name them. Cached: a
+    forward asks once per parameter tensor, with the same probes."""
     by_seed: dict[int, list[int]] = {}
     for k, probe in enumerate(probes):
         if probe.scale != 0.0:
@@ -526,7 +529,7 @@ def _launches(probes, most: int) -> list[_Launch]:
             launches.append(_Launch(tuple(seed for seed, _ in chunk), tuple(slots for _, slots in chunk),
                                     tuple((probes[s[0]].scale, probes[s[1]].scale if width == 2 else 0.0)
                                           for _, s in chunk)))
-    return launches
+    return tuple(launches)
 
 
 def current_state(state: Mapping[str, Any]) -> dict[str, Any]:
