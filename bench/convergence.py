@@ -185,7 +185,7 @@ def zo_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Step, 
     stream = BatchStream(data.train, cfg.batch_size, cfg.seed, cfg.group_by_length)
     kind = get_task(cfg.task.name).kind
 
-    def step(t: int) -> tuple[float, int, int]:
+    def step(t: int) -> tuple[float, int, int, dict[str, float]]:
         stats = opt.step(collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length,
                                        pad_to_multiple_of=cfg.task.pad_to_multiple_of))
         numbers = {k: v for k, v in stats.log.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -208,7 +208,7 @@ def adamw_steps(model, tokenizer, cfg: TrainConfig, data: TaskData) -> tuple[Ste
     device = params[0].device
     model.train()
 
-    def step(t: int) -> tuple[float, int, int]:
+    def step(t: int) -> tuple[float, int, int, dict[str, float]]:
         batch = collate_train(stream.at(t), tokenizer, kind, cfg.task.max_length,
                               pad_to_multiple_of=cfg.task.pad_to_multiple_of)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k in MODEL_INPUTS}
