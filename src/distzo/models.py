@@ -462,6 +462,19 @@ def quantization_settings(quantize: str, dtype: str) -> dict[str, Any]:
             "double_quant": False, "storage": "uint8"}
 
 
+def recorded_quantize(settings: Any, dtype: str, where: str) -> str:
+    """The ``quantize`` type that rebuilds a base recorded (by ``quantization_settings``) as
+    ``settings`` in ``dtype``. A ValueError naming ``where`` (what holds the record) if the record
+    is unknown or this distzo would build that type otherwise."""
+    if not isinstance(settings, dict) or settings.get("type") not in QUANT_TYPES:
+        raise ValueError(f"{where} records an unknown quantization {settings!r}")
+    built = quantization_settings(settings["type"], dtype)
+    if settings != built:
+        raise ValueError(f"{where} records a base quantized with settings {settings}, which this distzo does not "
+                         f"build (it builds {built}); use the distzo that wrote it")
+    return settings["type"]
+
+
 def bnb_config(settings: dict[str, Any]):
     """The transformers ``BitsAndBytesConfig`` for ``quantization_settings``'s record."""
     require_bitsandbytes()
@@ -590,13 +603,9 @@ def load_quantized_checkpoint(location: str, device: str = "auto", dtype: str | 
     try:
         recipe = json.loads(recipe_file.read_text(encoding="utf-8"))
         name, quantization, trained_dtype = recipe["base_model"], recipe["quantization"], recipe["dtype"]
-        quantize = quantization["type"]
-        expected = quantization_settings(quantize, trained_dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"could not read the base recipe '{recipe_file}': {_flat_message(exc)}") from exc
-    if quantization != expected:
-        raise ValueError(f"'{recipe_file}' records a base quantized with {quantization}, which this distzo does "
-                         f"not build (it builds {expected})")
+    quantize = recorded_quantize(quantization, trained_dtype, f"'{recipe_file}'")
     if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise ValueError(f"'{folder}' holds no adapter ({ADAPTER_DIR}/adapter_config.json): not a complete checkpoint")
     base, tokenizer = load_model(ModelConfig(name=name, revision=recipe.get("revision"), device=device,

@@ -36,14 +36,13 @@ from distzo.checkpoint import (
 from distzo.environment import describe
 from distzo.models import (
     CONVERTED_NAME,
-    QUANT_TYPES,
     LoraSettings,
     ModelConfig,
     apply_lora,
     checkpoint_files,
     default_cache_dir,
     load_model,
-    quantization_settings,
+    recorded_quantize,
     resolve_device,
     resolve_source,
 )
@@ -95,19 +94,9 @@ def replay(base: str, log_path: str | os.PathLike, output: str | os.PathLike, up
 def base_config(base: str, header: TrajectoryHeader, device: str = "auto") -> ModelConfig:
     """How to load the logged run's base: its dtype, revision and quantization, as the header records them."""
     quantized = header.extra.get("quantize")
-    cfg = ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"),
-                      quantize=None if quantized is None else _quant_type(quantized))
-    if quantized is not None and quantized != quantization_settings(cfg.quantize, cfg.dtype):
-        raise ValueError(f"the log's base was quantized with settings {quantized}, which this distzo does not build "
-                         f"(it builds {quantization_settings(cfg.quantize, cfg.dtype)}); replay it with the distzo "
-                         "that wrote it")
-    return cfg
-
-
-def _quant_type(settings: Any) -> str:
-    if not isinstance(settings, dict) or settings.get("type") not in QUANT_TYPES:
-        raise ValueError(f"the log's header records an unknown quantization {settings!r}")
-    return settings["type"]
+    return ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"),
+                       quantize=None if quantized is None else recorded_quantize(quantized, header.dtype,
+                                                                                 "the log's header"))
 
 
 def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):
