@@ -33,6 +33,11 @@ hzo="steps=500,eval_every=50,optim.cuda_graphs=true"
 debates=(--task debates --set eval_batch_size=100,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
 # the hybrid option at its chosen point: the top block and the final norm by AdamW, the rest by ZO-SGD
 hybrid="hybrid:zo:optim.first_order=model.norm.weight,model.layers.29.*,$zo,lr=3e-5,optim.first_order_lr=1e-4"
+rotten16=("${task[@]}" --set task.pad_to_multiple_of=16)  # rotten_tomatoes with the padding CUDA graphs want
+# the eps rules: eps decayed to a tenth; adaptive eps (|L+ - L-| of a 16-example batch at eps 1e-3 has a
+# median of ~0.013 on rotten_tomatoes: the band asks for more)
+epsdecay="optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
+epsband="optim.eps_band_low=0.02,optim.eps_band_high=0.05"
 launch() {  # NAME ARGS...: one harness process into $OUT/NAME
     local name=$1
     shift
@@ -70,7 +75,7 @@ case "${1:-}" in
         launch momentum-lr --seeds 0 --arm "momentum-1e-4:zo:optim.algorithm=momentum,$zo,lr=1e-4"
         launch fzoo-lr --seeds 0 --arm "fzoo-1e-4:zo:optim.algorithm=fzoo,optim.fzoo.probes=4,$g,steps=200,eval_every=20,lr=1e-4,optim.perturbation=rademacher" ;;
     sparse-hybrid)  # rotten_tomatoes with graphs; the hybrid option cannot use them (a backward)
-        task+=(--set task.pad_to_multiple_of=16)
+        task=("${rotten16[@]}")
         g="optim.cuda_graphs=true"
         launch sparse --seeds 0,1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g" --grid sparse:lr=3e-5,1e-4,3e-4
         # the top block and the final norm by AdamW, the rest by ZO-SGD at its tuned lr
@@ -98,7 +103,7 @@ case "${1:-}" in
         task=("${hamlet[@]}")
         launch hamlet-adamw --seeds 1,2 --arm ft:adamw:lr=3e-5 --arm lora:adamw:lora=true,lr=3e-4 ;;
     last-seeds-a)  # the seeds still missing on rotten_tomatoes and Hamlet (docs/convergence.md, "Not run")
-        task+=(--set task.pad_to_multiple_of=16)
+        task=("${rotten16[@]}")
         g="optim.cuda_graphs=true"
         launch hybrid-seed2 --seeds 2 \
             --arm "$hybrid"
@@ -115,25 +120,23 @@ case "${1:-}" in
         launch debates-momentum --seeds 1,2 --arm "momentum:zo:optim.algorithm=momentum,$zo,$g,lr=1e-4"
         launch debates-fzoo --seeds 1,2 --arm "fzoo:zo:$fzoo,$g,lr=1e-3"
         launch debates-sparse --seeds 1,2 --arm "sparse:zo:optim.algorithm=sparse,$zo,$g,lr=1e-4"
-        # the eps rules on rotten_tomatoes at ZO-SGD's tuned lr: eps decayed to a tenth; adaptive eps
-        # (|L+ - L-| of a 16-example batch at eps 1e-3 has a median of ~0.013 there: the band asks ~2x)
-        task=(--task rotten_tomatoes --set eval_batch_size=250,task.pad_to_multiple_of=16 --time-budget-s "$BUDGET")
-        launch recipe-eps-decay --seeds 0,1,2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
-        launch recipe-eps-adaptive --seeds 0,1,2 --arm "eps-band:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05" ;;
+        task=("${rotten16[@]}")  # the eps rules on rotten_tomatoes at ZO-SGD's tuned lr
+        launch recipe-eps-decay --seeds 0,1,2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,$epsdecay"
+        launch recipe-eps-adaptive --seeds 0,1,2 --arm "eps-band:zo:$zo,$g,lr=3e-5,$epsband" ;;
     recipes-rest)  # the eps rules' seed 2 (last-seeds-b's budget skipped it); the lr cosine at ZO-SGD's tuned lr
-        task+=(--set task.pad_to_multiple_of=16)
+        task=("${rotten16[@]}")
         g="optim.cuda_graphs=true"
-        launch recipe-eps-decay-2 --seeds 2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,optim.eps_schedule=linear,optim.eps_min_ratio=0.1"
-        launch recipe-eps-adaptive-2 --seeds 2 --arm "eps-band:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05"
+        launch recipe-eps-decay-2 --seeds 2 --arm "eps-linear:zo:$zo,$g,lr=3e-5,$epsdecay"
+        launch recipe-eps-adaptive-2 --seeds 2 --arm "eps-band:zo:$zo,$g,lr=3e-5,$epsband"
         for seed in 0 1 2; do  # one process a seed: these runs are launch-bound, so they overlap
             launch "recipe-cosine-3e-5-$seed" --seeds $seed --arm "cosine-3e-5:zo:$zo,$g,lr=3e-5,optim.schedule=cosine"
         done ;;
     recipes-bf16)  # the eps rules where they can matter: bfloat16 weights, whose |L+ - L-| rounding noise is large
-        task+=(--set task.pad_to_multiple_of=16,model.dtype=bfloat16)
+        task=("${rotten16[@]}" --set model.dtype=bfloat16)
         g="optim.cuda_graphs=true"
         for seed in 0 1 2; do
             launch "bf16-zo-$seed" --seeds $seed --arm "zo-bf16:zo:$zo,$g,lr=3e-5"
-            launch "bf16-eps-band-$seed" --seeds $seed --arm "eps-band-bf16:zo:$zo,$g,lr=3e-5,optim.eps_band_low=0.02,optim.eps_band_high=0.05"
+            launch "bf16-eps-band-$seed" --seeds $seed --arm "eps-band-bf16:zo:$zo,$g,lr=3e-5,$epsband"
         done ;;
     qlora|qlora-hamlet)  # LoRA-ZO over the base and over its NF4 quantization, at the CPU study's point (docs/quantized.md)
         python3 -c "import bitsandbytes" 2> /dev/null \
