@@ -7,7 +7,8 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
   resident OPT-6.7B at 16 x 64
     fwd (N+1)B   a plain inference forward of the batch stacked N + 1 = 9 times
     fzoo N=8     ZOOptimizer.step with FZOO: one forward of 9 streams + the shadow passes
-                 (Rademacher and packed Rademacher directions)
+                 (Rademacher and packed Rademacher directions; packed with batch_streams too:
+                 each block once over the 9 streams' rows, its layers per stream)
     mezo         ZO-SGD, q = 1, Rademacher, Gaussian and packed Rademacher directions
     momentum h=8 heavy-ball from the last 8 steps (8 directions regenerated per update)
     each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
@@ -49,8 +50,8 @@ from distzo.optimizer import ZOOptimizer  # noqa: E402
 from distzo.records import UpdateRecord  # noqa: E402
 
 
-def _step_ms(model, algorithm, kind, batch, steps, warmup, graphs=False) -> float:
-    opt = ZOOptimizer(model, perturbation=kind, algorithm=algorithm, cuda_graphs=graphs)
+def _step_ms(model, algorithm, kind, batch, steps, warmup, graphs=False, batch_streams=False) -> float:
+    opt = ZOOptimizer(model, perturbation=kind, algorithm=algorithm, cuda_graphs=graphs, batch_streams=batch_streams)
     ms, peak = timed(lambda: opt.step(batch), steps, warmup)
     if graphs:  # a measurement that silently ran eagerly would be a wrong row
         assert opt._stream.graphs is not None and opt._stream.graphs.replays > 0, "no graph was replayed"
@@ -163,6 +164,9 @@ def resident(args) -> dict:
         out[f"fzoo{tag}_vs_fwd_9B"] = out[f"fzoo_N8{tag}_ms"] / fwd9
         packed, _ = _step_ms(model, FZOO(lr=1e-6, probes=n), "rademacher-packed", batch, args.steps, args.warmup, graphs)
         out[f"fzoo_N8_packed{tag}_ms"], out[f"fzoo_packed{tag}_vs_fwd_9B"] = packed, packed / fwd9
+        batched, _ = _step_ms(model, FZOO(lr=1e-6, probes=n), "rademacher-packed", batch, args.steps, args.warmup,
+                              graphs, batch_streams=True)
+        out[f"fzoo_N8_packed_batched{tag}_ms"], out[f"fzoo_packed_batched{tag}_vs_fwd_9B"] = batched, batched / fwd9
         for kind in ("rademacher", "gaussian", "rademacher-packed"):
             mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup, graphs)
             heavy, peak = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch,

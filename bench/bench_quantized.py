@@ -21,7 +21,9 @@ Then PEFT LoRA r=8 (alpha 16, no dropout) on q_proj and v_proj, and distzo's
 adapters. For each batch (default 1x512 and 4x512, rows x tokens):
 
   zo_step      median ms of ``opt.step(batch)`` (10 steps after 3 warm-up; CUDA events): one
-               forward of the 2B stacked rows plus the fused update/shadow pass over the adapters
+               forward of the 2B stacked rows plus the fused update/shadow pass over the adapters;
+               with ``--batch-streams`` also ``zo_step_batched``, the same adapters stepped with
+               ``batch_streams=True`` (each block once over the 2B rows, only the adapters per stream)
   fwd_2B       a plain forward (+ loss) of the 2B rows, adapters on, and ``fwd_2B_no_lora`` with
                them disabled (the adapters' share of a forward)
   layer_parts  one decoder layer's pieces alone: dequantizing its six NF4 weights
@@ -365,14 +367,14 @@ def profile_step(model, opt, batch: dict, device: torch.device, layers: int) -> 
 
 
 def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layers: int, rec: Recorder,
-              stack_layer: nn.Module) -> None:
+              stack_layer: nn.Module, batched=None) -> None:
     vocab = model.config.vocab_size
     key = f"{rows}x{seq}"
     batch = batch_of(rows, seq, vocab, device)
     double = {k: torch.cat((v, v)) for k, v in batch.items()}
     head = {"rows": rows, "seq": seq, "tokens": rows * seq, "layers": layers}
 
-    def step():
+    def step(opt=opt):
         losses = []
         r = timed_ms(lambda: losses.append(opt.step(batch).loss), device, args.steps, args.warmup)
         opt.flush()
@@ -385,6 +387,7 @@ def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layer
         return r
 
     zo = guarded(rec, f"zo_step_{key}", step)
+    zo_batched = guarded(rec, f"zo_step_batched_{key}", lambda: step(batched)) if batched is not None else None
     fwd = guarded(rec, f"fwd_2B_{key}", lambda: {**head, **timed_ms(lambda: forward_loss(model, double), device,
                                                                    args.steps, args.warmup)})
 
@@ -397,6 +400,8 @@ def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layer
                     lambda: layer_parts(stack_layer, 2 * rows * seq, device, max(3, args.steps // 2), 1))
     if zo and fwd:
         summary = {"zo_step_over_fwd_2B": zo["median_ms"] / fwd["median_ms"]}
+        if zo_batched:
+            summary["batched_zo_step_over_fwd_2B"] = zo_batched["median_ms"] / fwd["median_ms"]
         if bare:
             summary["lora_share_of_fwd"] = 1 - bare["median_ms"] / fwd["median_ms"]
             summary["lora_ms_per_layer"] = (fwd["median_ms"] - bare["median_ms"]) / layers
@@ -493,6 +498,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--batch-streams", action="store_true",
+                    help="also time the step with optim.batch_streams (the base's products once over both streams)")
     ap.add_argument("--offload", action="store_true",
                     help="OPT-66B shape (tiny with --tiny), NF4 blocks offloaded against bf16 blocks offloaded")
     ap.add_argument("--out", default=None)
@@ -519,6 +526,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         model = add_lora(model, args.lora_r)
         opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
+        # the same adapters stepped with the base's products once over both streams (optim.batch_streams)
+        holder["batched"] = ZOOptimizer(model, lr=1e-6, eps=1e-3, batch_streams=True) if args.batch_streams else None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         values = {"lora_s": round(time.perf_counter() - t0, 2), "trainable_tensors": len(trainable),
                   "trainable_params": sum(p.numel() for _, p in trainable),
@@ -536,7 +545,7 @@ def main(argv=None) -> int:
     _, stack = max(layer_stacks(model), key=lambda item: len(item[1]))
     for spec in batches:
         rows, seq = (int(v) for v in spec.lower().split("x"))
-        run_shape(model, opt, rows, seq, device, args, layers, rec, stack[0])
+        run_shape(model, opt, rows, seq, device, args, layers, rec, stack[0], holder["batched"])
     if device.type == "cuda":
         fit = layers_that_fit(rec.data["results"], info, device)
         if fit:

@@ -8,8 +8,9 @@
 A run is model:ROWSxSEQ with optional flags: ``fp32`` builds the model in float32 (bf16
 otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained),
 ``graphs`` steps with ``cuda_graphs=True``, ``rademacher`` or ``packed`` with Rademacher or packed
-Rademacher directions instead of Gaussian ones (runs differing only by these share one model; the
-floor is the same for every kind, so their ratios compare within one run).
+Rademacher directions instead of Gaussian ones, ``batched`` with ``batch_streams=True`` (each block
+once over both streams' rows, only its perturbed layers per stream) (runs differing only by these
+share one model; the floor is the same for every kind, so their ratios compare within one run).
 
 Models are built from their configurations with random weights (bf16, on the GPU; no
 download). For each run (model, rows x sequence length) it measures, on the same batch:
@@ -47,7 +48,7 @@ import torch
 # run flags: those that build another model, and those that only change how the same model steps
 MODEL_FLAGS = {"fp32", "lora"}
 STEP_FLAGS = {"graphs": {"cuda_graphs": True}, "rademacher": {"perturbation": "rademacher"},
-              "packed": {"perturbation": "rademacher-packed"}}
+              "packed": {"perturbation": "rademacher-packed"}, "batched": {"batch_streams": True}}
 DEFAULT_RUNS = ["opt-6.7b:16x64", "opt-6.7b:16x256", "opt-13b:1x2048", "opt-1.3b:16x64", "llama-3-8b:16x256"]
 
 

@@ -14,7 +14,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-rest   # the eps rules' seed 2; lr cosine at 3e-5
 #   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-bf16   # ZO-SGD and adaptive eps with bfloat16 weights
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora          # LoRA-ZO and QLoRA-ZO (NF4), rotten_tomatoes
-#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet
+#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet (SEEDS="0 1": fewer)
 # (the qlora presets need bitsandbytes: a call carrying .carry/bnb runs `carry_packaged.sh bnb` first)
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
@@ -143,8 +143,9 @@ case "${1:-}" in
             || { echo "bitsandbytes is not importable: carry .carry/bnb and run bench/carry_packaged.sh bnb" >&2; exit 2; }
         lora="steps=1000,eval_every=100,lr=1e-3,eps=1e-2" tag=rt
         [ "$1" = qlora ] || { task=("${hamlet[@]}"); lora="steps=500,eval_every=50,lr=1e-3,eps=1e-2" tag=hamlet; }
-        plain=("${task[@]}")
-        for seed in 0 1 2; do  # one process a run: eager LoRA steps are launch-bound, so they overlap
+        # each block once over both streams' rows (optim.batch_streams): the base's products once a step
+        plain=("${task[@]}" --set optim.batch_streams=true)
+        for seed in ${SEEDS:-0 1 2}; do  # one process a run: eager LoRA steps are launch-bound, so they overlap
             task=("${plain[@]}" --set lora=true)
             launch "lora-$tag-$seed" --seeds $seed --arm "lora-zo:zo:$lora"
             task+=(--set model.quantize=nf4)

@@ -31,10 +31,12 @@ def _batches(steps: int, rows: int = 4, seqs=(9,)) -> list[dict[str, torch.Tenso
     return [{k: v.cuda() for k, v in tiny_batch(rows, seqs[t % len(seqs)], seed=t).items()} for t in range(steps)]
 
 
-def _run(model, batches, graphs: bool, algorithm="mezo", perturbation="gaussian", **settings):
+def _run(model, batches, graphs: bool, algorithm="mezo", perturbation="gaussian", batch_streams=False, **settings):
     model = copy.deepcopy(model)
     algo = algorithms.make(algorithm, lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3, **settings)
-    opt = ZOOptimizer(model, algorithm=algo, perturbation=perturbation, cuda_graphs=graphs)
+    opt = ZOOptimizer(model, algorithm=algo, perturbation=perturbation, cuda_graphs=graphs,
+                      batch_streams=batch_streams)
+    assert bool(opt._stream.batched) == batch_streams
     losses = [opt.step(b).losses for b in batches]
     opt.flush()
     torch.cuda.synchronize()
@@ -76,6 +78,22 @@ def test_lora_graph_steps_equal_eager_steps(dtype):
             if p.requires_grad:
                 p.normal_(0.0, 0.1)
     _same(model, _batches(STEPS))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("algorithm,settings", [("mezo", {}), ("fzoo", {"probes": 4, "perturbation": "rademacher"})])
+def test_batched_stream_graph_steps_equal_eager_steps(lora, algorithm, settings):
+    # optim.batch_streams: the block runs once over every stream's rows, its perturbed layers per stream
+    model = tiny_model("opt", dtype=torch.bfloat16)
+    if lora:
+        model = apply_lora(model, LoraSettings(r=2, alpha=4))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0.0, 0.1)
+    _same(model.cuda(), _batches(STEPS), algorithm, batch_streams=True, **settings)
 
 
 @cuda

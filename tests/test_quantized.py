@@ -57,12 +57,14 @@ def _frozen(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
 
+@pytest.mark.parametrize("batch_streams", [False, True])  # True: the base's products once over both streams
 @pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_matches_reference_over_the_adapters(bnb, tiny_model_dir, quantize):
+def test_matches_reference_over_the_adapters(bnb, tiny_model_dir, quantize, batch_streams):
     engine, ref = _qlora(tiny_model_dir, quantize), _qlora(tiny_model_dir, quantize)
     frozen = _frozen(engine)
     assert all(p.dtype in (torch.uint8, torch.int8) for n, p in frozen.items() if "q_proj.base_layer" in n)
-    opt = ZOOptimizer(engine, lr=5e-2, eps=1e-2, seed=0)
+    opt = ZOOptimizer(engine, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
+    assert bool(opt._stream.batched) == batch_streams
     vocab = engine.config.vocab_size
     for t in range(20):
         batch = _batch(t, vocab)
@@ -118,13 +120,13 @@ def _steps_agree(a: ZOOptimizer, b: ZOOptimizer, t: int, vocab: int) -> bool:
     return (x.losses_plus, x.losses_other, x.projected_grads) == (y.losses_plus, y.losses_other, y.projected_grads)
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_dir, quantize):
+@pytest.mark.parametrize("quantize,batch_streams", [("nf4", False), ("fp4", False), ("int8", False), ("nf4", True)])
+def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_dir, quantize, batch_streams):
     resident = _qlora(tiny_model_dir, quantize)
     offloaded, engine = _offloaded(tiny_model_dir, quantize)
     frozen = _frozen(resident)
-    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
-    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
+    b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine, batch_streams=batch_streams)
     assert all(_steps_agree(a, b, t, resident.config.vocab_size) for t in range(20))
     a.flush(), b.flush()
     assert _same_params(resident, offloaded)
@@ -394,6 +396,23 @@ def test_resume_continues_step_for_step(bnb, run, tiny_model_dir, sst2_dir, tmp_
     assert _same_tensors(split / ADAPTER, run / ADAPTER)
 
 
+def test_batched_streams_through_the_entry_point(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):
+    # the base's products once over both streams: the same run up to the rounding of those products
+    batched = tmp_path / "batched"
+    assert main(_args(tiny_model_dir, sst2_dir, batched, "--steps", "2", "--batch-streams", "true")) == 0
+    assert load_config(batched / "config.yaml").optim.batch_streams
+    assert _losses(batched) == pytest.approx(_losses(run)[:2], abs=1e-5)
+    log = (batched / "trajectory.jsonl").read_bytes()
+    capsys.readouterr()
+    # the last bits of its losses are the setting's: a resume may not change it, and keeps it
+    assert main(_args(tiny_model_dir, sst2_dir, batched, "--steps", "4", "--resume", "--batch-streams", "false")) == 2
+    assert "batch_streams" in capsys.readouterr().err
+    assert (batched / "trajectory.jsonl").read_bytes() == log
+    assert main(_args(tiny_model_dir, sst2_dir, batched, "--steps", "4", "--resume")) == 0
+    assert load_config(batched / "config.yaml").optim.batch_streams
+    assert _losses(batched) == pytest.approx(_losses(run), abs=1e-5)
+
+
 def test_replay_rebuilds_the_adapter_bit_for_bit(bnb, run, tiny_model_dir, tmp_path):
     rebuilt = replay(str(tiny_model_dir), run / "trajectory.jsonl", tmp_path / "rebuilt").output
     assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", run / ADAPTER)
@@ -435,6 +454,33 @@ def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tiny_model_di
     shutil.copy(last / QUANTIZED_BASE_FILE, broken / QUANTIZED_BASE_FILE)
     err = _refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
     assert "holds no adapter" in err
+
+
+@pytest.mark.parametrize("axis", ["pert", "data"])
+def test_torchrun_over_a_quantized_base_equals_the_single_process_run(bnb, run, tiny_model_dir, sst2_dir, tmp_path,
+                                                                       axis):
+    # two ranks, each holding the quantized base: one probe each (pert), or half of each batch (data).
+    # float32: a rank's forward of R rows (or R/2) rounds unlike the stacked 2R-row one by ~1e-7 in
+    # the loss, which g = dL / 2eps (eps 1e-2) carries as ~1e-5
+    import os
+    import subprocess
+
+    out = tmp_path / "ranks"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "distzo.cli", *_args(tiny_model_dir, sst2_dir, out, "--steps", "4",
+                                                      f"--parallel.{axis}", "2")],
+                          env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "launch.json").read_text())["mesh"][axis] == 2
+    got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(run / "trajectory.jsonl").read()
+    assert [r["seeds"] for r in got] == [r["seeds"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grads"] == pytest.approx(b["grads"], abs=1e-3)
+    x, y = load_file(out / ADAPTER), load_file(run / ADAPTER)
+    assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
 
 
 @pytest.fixture(scope="module")

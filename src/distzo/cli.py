@@ -56,6 +56,7 @@ ALIASES = {
     "offload": "offload.mode",
     "gpu-memory": "offload.gpu_memory",
     "cuda-graphs": "optim.cuda_graphs",
+    "batch-streams": "optim.batch_streams",
     "tensorboard": "report_to",  # the boolean flag report_to replaced: true|false still work
 }
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)

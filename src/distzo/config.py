@@ -83,6 +83,11 @@ class OptimConfig:
     """Replay each unit call of the forward from a CUDA graph once seen twice (CUDA with Triton, resident, no
     optim.first_order): the same results, without the host's per-launch cost, which sets the pace of small models,
     short batches and LoRA; one graph per input shape (see data: pad_to_multiple_of), memory for each (docs/kernels.md)."""
+    batch_streams: bool = False
+    """Run each block once over all probes' rows, only its layers owning perturbed parameters (linear, embedding,
+    norm) stream by stream: with LoRA or QLoRA the frozen base's products and attention run once a forward instead
+    of once a probe (docs/kernels.md). The losses equal the unbatched ones up to the rounding of the frozen products
+    over more rows, so a resumed run keeps the setting. Blocks of other layers run as without it."""
     mezo: MeZOConfig = field(default_factory=MeZOConfig)
     fzoo: FZOOConfig = field(default_factory=FZOOConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)

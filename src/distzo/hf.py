@@ -87,6 +87,9 @@ class ZOArguments:
     """The zeroth-order algorithm (docs/algorithms.md), with its own settings at their defaults."""
     cuda_graphs: bool = False
     """Replay the forward's unit calls from CUDA graphs (resident runs on CUDA; docs/kernels.md)."""
+    batch_streams: bool = False
+    """Run each block once over all probes' rows, only the perturbed layers stream by stream (LoRA: the base
+    once a forward; docs/kernels.md)."""
 
     def __post_init__(self) -> None:
         _ = self.offload_config  # a bad offload setting fails here, not at train time
@@ -200,7 +203,7 @@ class ZOTrainer(transformers.Trainer):
             self.accelerator.unwrap_model(self.model), lr=z.lr, eps=z.eps, weight_decay=z.weight_decay,
             directions=z.directions, perturbation=z.perturbation, seed=z.seed, loss_fn=self.zo_loss,
             schedule=schedule, estimator=z.estimator, offload=self.offload_engine, algorithm=z.algorithm,
-            cuda_graphs=z.cuda_graphs,
+            cuda_graphs=z.cuda_graphs, batch_streams=z.batch_streams,
         )
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

@@ -116,6 +116,7 @@ class ZOOptimizer:
         merge_forwards: bool = False,
         first_order: FirstOrder | None = None,
         cuda_graphs: bool = False,
+        batch_streams: bool = False,
     ):
         """``algorithm`` is a name, built with the hyper-parameters lr .. schedule, or an
         algorithm already built (then those are not used). ``merge_forwards`` measures all of a
@@ -123,7 +124,11 @@ class ZOOptimizer:
         activations for every probe at once. ``first_order`` trains its parameters by backprop
         from the same forwards (``distzo.first_order``); ZO perturbs only the others.
         ``cuda_graphs`` replays each unit call of the forward from a CUDA graph once it has been
-        seen twice (``distzo.graphs``): the same results, without the host's per-launch cost."""
+        seen twice (``distzo.graphs``): the same results, without the host's per-launch cost.
+        ``batch_streams`` runs each block once over all probes' rows, only the layers owning
+        perturbed parameters stream by stream (``distzo.units``): for LoRA, the frozen base's
+        work once a forward instead of once a probe; the losses equal the unbatched ones up to the
+        rounding of the frozen products over more rows."""
         check_kind(perturbation)
         if isinstance(algorithm, str):
             algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
@@ -168,7 +173,8 @@ class ZOOptimizer:
         if offload is not None:
             offload.reapply_with(self._reapply)
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
-                                  lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None)
+                                  lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None,
+                                  batch_streams=batch_streams)
         # Resident fused runs keep each kernel call's launch arguments in device buffers that a
         # step refreshes in place (what a CUDA graph needs):
         # (call, with update, layout, shadow seeds) -> LaunchArgs

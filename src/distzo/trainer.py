@@ -145,6 +145,7 @@ def build_optimizer(cfg: TrainConfig, model, mesh: parallel.Mesh | None = None,
         algorithm=algorithms.build(cfg.optim, cfg.seed, cfg.steps),
         first_order=build_first_order(cfg, model),
         cuda_graphs=cfg.optim.cuda_graphs,
+        batch_streams=cfg.optim.batch_streams,
     )
 
 

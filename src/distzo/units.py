@@ -12,6 +12,10 @@ the original forward on rows [kR, (k+1)R) with the shadow weights theta + a_k z(
 concatenates the results. MeZO's pair is K = 2 (theta + eps z, theta - eps z); a rank that
 measures one probe of the pair runs K = 1. theta itself is never written. The model
 family's own forward code runs unchanged, so no family needs code of its own.
+
+With ``batch_streams`` a unit whose perturbed parameters all belong to linear, embedding or norm
+layers inside it runs its forward once over all K*R rows instead, and only those layers split
+their rows by stream (``batchable``): LoRA's frozen base then computes once per forward.
 """
 
 from __future__ import annotations
@@ -197,11 +201,14 @@ class DualStream:
     """
 
     def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn,
-                 lean: Callable[[Unit], bool] | None = None):
+                 lean: Callable[[Unit], bool] | None = None, batch_streams: bool = False):
         self.units, self.params, self.shadow = units, params, shadow
         # A lean unit builds one stream's shadows at a time (shadow() is then called once per
         # stream with that stream's probe): 1/K of the shadow memory, K-1 more reads of theta.
         self.lean = lean
+        # Units whose calls run once over all K*R rows, only the modules owning perturbed
+        # parameters stream by stream (batchable()); the others run whole, stream by stream.
+        self.batched = {u.name for u in units if batchable(u)} if batch_streams else set()
         self.rows = 0
         self.probes: tuple = ()
         self.calls: dict[str, int] = {}
@@ -240,26 +247,103 @@ class DualStream:
 
         def streams(args: tuple, kwargs: dict):
             """The unit call itself: shadows, one original forward per stream, the merge."""
-            rows = self.rows
-            names = {name for _, _, name in unit.slots}
             lean = self.lean is not None and self.lean(unit)
-            shadows = {} if lean else {n: self.shadow(n, self.params[n], self.probes) for n in names}
-            parts = len(self.probes)
-            split = parts > 1 and _has_batch((args, kwargs), rows, parts)
-            outs = []
-            for part in range(parts):
-                a, k = (split_rows(args, rows, part, parts), split_rows(kwargs, rows, part, parts)) if split else (
-                    args,
-                    kwargs,
-                )
-                if lean:
-                    current = {n: self.shadow(n, self.params[n], (self.probes[part],))[0] for n in names}
-                else:
-                    current = {n: pair[part] for n, pair in shadows.items()}
-                with _swapped(unit.slots, current):
-                    outs.append(original(*a, **k))
-                del current
-            del shadows
-            return _merge(outs, rows, unit.name)
+            if unit.name in self.batched and len(self.probes) > 1 and _has_batch((args, kwargs), self.rows,
+                                                                                  len(self.probes)):
+                with self._owners_per_stream(unit, lean, _tokens((args, kwargs), self.rows * len(self.probes))):
+                    return original(*args, **kwargs)
+            return self._per_stream(unit.name, original, unit.slots, lean, args, kwargs, self.rows)
 
         return forward
+
+    def _per_stream(self, unit_name: str, forward: Callable, slots: list[tuple[nn.Module, str, str]], lean: bool,
+                    args: tuple, kwargs: dict, rows: int):
+        """``forward`` once per stream on that stream's ``rows`` rows, with the stream's shadows in ``slots``."""
+        parts = len(self.probes)
+        names = {name for _, _, name in slots}
+        shadows = {} if lean else {n: self.shadow(n, self.params[n], self.probes) for n in names}
+        split = parts > 1 and _has_batch((args, kwargs), rows, parts)
+        outs = []
+        for part in range(parts):
+            a, k = (split_rows(args, rows, part, parts), split_rows(kwargs, rows, part, parts)) if split else (
+                args,
+                kwargs,
+            )
+            if lean:
+                current = {n: self.shadow(n, self.params[n], (self.probes[part],))[0] for n in names}
+            else:
+                current = {n: pair[part] for n, pair in shadows.items()}
+            with _swapped(slots, current):
+                outs.append(forward(*a, **k))
+            del current
+        del shadows
+        return _merge(outs, rows, unit_name)
+
+    @contextlib.contextmanager
+    def _owners_per_stream(self, unit: Unit, lean: bool, tokens: int) -> Iterator[None]:
+        """While a batched unit call runs: each module owning its perturbed parameters runs stream by
+        stream, everything else once over all streams' rows (for LoRA: the base's products once).
+        ``tokens``: the rows of the call's inputs flattened to tokens, which some blocks hand their
+        layers (OPT's MLP); 0 if the call's inputs have no sequence dimension."""
+        owners: dict[int, tuple[nn.Module, list]] = {}
+        for slot in unit.slots:
+            owners.setdefault(id(slot[0]), (slot[0], []))[1].append(slot)
+        saved = []
+        try:
+            for sub, slots in owners.values():
+                saved.append((sub, sub.__dict__.get("forward")))
+                sub.forward = self._owner_forward(unit, sub, slots, lean, tokens)
+            yield
+        finally:
+            for sub, own in saved:
+                if own is None:
+                    sub.__dict__.pop("forward", None)
+                else:
+                    sub.forward = own
+
+    def _owner_forward(self, unit: Unit, sub: nn.Module, slots: list, lean: bool, tokens: int) -> Callable:
+        own = sub.__dict__.get("forward") or type(sub).forward.__get__(sub)
+        parts = len(self.probes)
+
+        def forward(*args, **kwargs):
+            # the streams' rows, batch-major or flattened to tokens: each stream's part is contiguous
+            for rows in (self.rows, tokens // parts):
+                if rows and _has_batch((args, kwargs), rows, parts):
+                    return self._per_stream(unit.name, own, slots, lean, args, kwargs, rows)
+            raise UnsupportedModel(
+                f"optim.batch_streams: a layer of unit '{unit.name}' ({type(sub).__name__}) was called on inputs "
+                "without the streams' rows or tokens as their first dimension; run without optim.batch_streams")
+
+        return forward
+
+
+def _tokens(obj, rows: int) -> int:
+    """rows * S for the first input of ``rows`` rows and a sequence dimension S (hidden states)."""
+    if isinstance(obj, torch.Tensor):
+        return rows * obj.shape[1] if obj.ndim >= 3 and obj.shape[0] == rows else 0
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for value in values:
+        found = _tokens(value, rows)
+        if found:
+            return found
+    return 0
+
+
+# Modules that read their parameters in their own forward alone, so a batched unit call can give
+# them a stream's shadows for that stream's rows: torch's linear, embedding and norm layers, and
+# the RMSNorm layers of the model families (a class of that name holding only a weight). Other
+# owners (a DoRA magnitude whose weight norm reads the adapters' weights, experts holding stacked
+# weights) may be read from outside their forward, so their units run whole, stream by stream.
+_READS_OWN = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+
+
+def _reads_own(module: nn.Module) -> bool:
+    if isinstance(module, _READS_OWN):
+        return True
+    return type(module).__name__.endswith("RMSNorm") and set(module._parameters) == {"weight"}
+
+
+def batchable(unit: Unit) -> bool:
+    """Whether ``unit``'s calls can run once over all streams' rows (optim.batch_streams): every
+    module owning its perturbed parameters is a strict submodule that reads them in its own forward."""
+    return all(sub is not unit.module and _reads_own(sub) for sub, _, _ in unit.slots)
