@@ -13,7 +13,8 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
     momentum h=8 heavy-ball from the last 8 steps (8 directions regenerated per update)
     each of the three steps eager and with CUDA graphs (optim.cuda_graphs; ``--graphs``)
     pass         the fused update + shadow pass alone over every parameter, per record size:
-                 the kernel cost per parameter (ns) of 1 and of 8 update directions
+                 the kernel cost per parameter (ns) of 1 and of 8 update directions, and of an
+                 adam-rule record of 8 steps (momentum's second moment, in registers)
     probe shadows FZOO's 8 one-sided shadows over every parameter, in one pass (what a step
                  runs) and in one pass per seed (how steps ran before)
     buffer pass  for comparison, heavy-ball with a stored bf16 momentum buffer (+2 B/param):
@@ -108,14 +109,16 @@ def _buffer_pass_ns_per_param(model, kind: str, steps: int) -> float:
     return ms * 1e6 / sum(p.numel() for p in params)
 
 
-def _pass_ns_per_param(model, seeds: int, kind: str, steps: int) -> float:
-    """The fused update-and-two-shadows pass over every parameter, for a record of ``seeds`` directions."""
+def _pass_ns_per_param(model, seeds: int, kind: str, steps: int, adam: bool = False) -> float:
+    """The fused update-and-two-shadows pass over every parameter, for a record of ``seeds`` directions
+    (``adam``: momentum's adam rule, one direction a step, so ``seeds`` step groups)."""
     from distzo import kernels
     from distzo.units import trainable_params
 
     params = trainable_params(model)
     ops = kernels.fused_for(params[0].param)
-    record = UpdateRecord(0, tuple(range(1, seeds + 1)), (0.0,) * seeds, 0.0, divisor=1)
+    groups = {"adam": tuple((1, 1.0 / seeds, 1.0 / seeds) for _ in range(seeds)), "delta": 1e-8} if adam else {}
+    record = UpdateRecord(0, tuple(range(1, seeds + 1)), (0.0,) * seeds, 0.0, divisor=1, **groups)
 
     def one():
         for p in params:
@@ -176,6 +179,7 @@ def resident(args) -> dict:
     for kind in ("rademacher", "gaussian", "rademacher-packed"):
         out[f"pass_ns_per_param_{kind}_1"] = _pass_ns_per_param(model, 1, kind, args.steps)
         out[f"pass_ns_per_param_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps)
+        out[f"pass_ns_per_param_adam_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps, adam=True)
         if kind != "gaussian":  # FZOO's directions: its 8 probes' shadows, in one pass and in 8
             for one_pass, tag in ((True, "one_pass"), (False, "pass_per_seed")):
                 out[f"probe_shadows_8_{tag}_ns_per_param_{kind}"] = _probe_shadows_ns_per_param(

@@ -63,6 +63,34 @@ def check_fused_pass() -> None:
             assert torch.equal(again, got), (kind, shape)
 
 
+def check_adam_pass() -> None:
+    """An Adam-like record (momentum's adam rule) in the fused pass: m / (sqrt(v) + delta) from the
+    regenerated directions agrees with update._adam_step's torch arithmetic, decay and mask included;
+    its shadows are built from theta after it. Records with groups of unequal size take the torch path."""
+    from distzo.algorithms.momentum import weights
+
+    w1, w2 = weights(0.9, 3), weights(0.99, 3)
+    record = UpdateRecord(0, (11, 12, 13, 14, 15, 16), (0.7, -1.2, 0.3, 2.0, -0.4, 0.9), 1e-2, divisor=1,
+                          decay=0.1, rounding_seed=77, adam=tuple((2, a, b) for a, b in zip(w1, w2)), delta=1e-8)
+    for kind in directions.KINDS:
+        for shape, threshold in (((4099,), None), ((64, 48), None), ((64, 48), 0.04)):
+            start = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.05
+            got, want = start.clone(), start.clone()
+            assert not ops.torch_path(got, record)
+            plus, minus = ops.update_and_shadows(got, KEY, record, kind, 21, (1e-3, -1e-3), threshold)
+            apply_update_(want, KEY, record, kind, threshold=threshold)
+            # each element moves by about lr (m / sqrt(v) is of order 1): float32 agreement is ~1e-6 of that
+            assert float((got - want).abs().max()) <= 1e-6 * float(start.abs().max()), (kind, shape)
+            assert float((got - start).abs().max()) > 1e-3, (kind, shape)  # the update moved theta
+            z = directions.draw(21, KEY, 0, got.numel(), kind).view(shape)
+            for shadow, scale in ((plus, 1e-3), (minus, -1e-3)):
+                ref = perturbed(got, z, scale, threshold)
+                assert float((shadow - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), (kind, shape)
+    uneven = UpdateRecord(0, (11, 12, 13), (0.7, -1.2, 0.3), 1e-2, divisor=1, rounding_seed=77,
+                          adam=((2, 0.6, 0.5), (1, 0.4, 0.5)), delta=1e-8)
+    assert ops.torch_path(torch.zeros(4), uneven)
+
+
 def check_many_seeds() -> None:
     """One pass writing the shadows of several seeds equals one pass per seed, bit for bit: the
     update applied once, each seed's shadows from theta after it."""
@@ -147,6 +175,8 @@ def main() -> int:
     print(f"draws: raw words, uniforms and {', '.join(directions.KINDS)} agree with distzo.directions")
     check_fused_pass()
     print("fused pass (float32): updates, shadows and the update alone agree with the CPU arithmetic")
+    check_adam_pass()
+    print("fused pass of an Adam-like record: agrees with the torch arithmetic (decay, mask, shadows)")
     check_many_seeds()
     print("fused pass of several seeds (masked and not): equal to one pass per seed, bit for bit")
     check_optimizer_launches()

@@ -32,11 +32,11 @@ def _step_signature(dtype: str) -> dict:
 
 
 def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
-          kind: str = "gaussian", seeds: int = 1, minus: bool = True):
+          kind: str = "gaussian", seeds: int = 1, minus: bool = True, adam: int = 0):
     """A variant as a run launches it on tensors whose length is a multiple of 16: ``seeds`` shadow
     seeds, each with a plus shadow and (``minus``) a minus shadow."""
     consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, NS=seeds, PLUS=shadows, MINUS=shadows and minus,
-                  KIND=K._KINDS[kind], FAST=fast, MASKED=False, NDIV=16, BLOCK=block)
+                  KIND=K._KINDS[kind], FAST=fast, MASKED=False, NDIV=16, ADAM=adam, BLOCK=block)
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # both pointers and n
     return _compile(K._step_kernel, _step_signature(dtype), consts, warps, aligned)
 
@@ -52,9 +52,16 @@ def compile_all(block: int, warps: int) -> int:
             (16, 1)):
         if update or plus:
             consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=True, SR=sr, NS=ns, PLUS=plus, MINUS=minus,
-                          KIND=K._KINDS[kind], FAST=True, MASKED=masked, NDIV=ndiv, BLOCK=block)
+                          KIND=K._KINDS[kind], FAST=True, MASKED=masked, NDIV=ndiv, ADAM=0, BLOCK=block)
             _compile(K._step_kernel, _step_signature(dtype), consts, warps)
             count += 1
+    # Adam-like records (momentum's adam rule): h = 8 steps of one direction, h = 2 of two
+    for (dtype, sr), kind, (ns, plus, minus), masked, (q, groups) in itertools.product(
+            (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, shadows, (True, False), ((8, 8), (4, 2))):
+        consts = dict(Q=q, DIV=1, UPDATE=True, DECAY=True, SR=sr, NS=ns, PLUS=plus, MINUS=minus,
+                      KIND=K._KINDS[kind], FAST=True, MASKED=masked, NDIV=16, ADAM=groups, BLOCK=block)
+        _compile(K._step_kernel, _step_signature(dtype), consts, warps)
+        count += 1
     for what in range(5):
         sig = {"out_ptr": "*i64" if what == 3 else "*fp32", "n": "i32", "first_block": "i64", "key_lo": "i32",
                "key_hi": "i32", "seed_lo": "i32", "seed_hi": "i32"}
@@ -102,6 +109,8 @@ def main() -> None:
     report("bf16 update + shadows, libdevice math", build("bf16", 1, True, True, a.block, a.warps, fast=False))
     report("fp32 update + shadows", build("fp32", 0, True, True, a.block, a.warps))
     report("fp16 update + shadows", build("fp16", 2, True, True, a.block, a.warps))
+    report("bf16 adam rule h=8, packed signs: update + shadows",
+           build("bf16", 1, True, True, a.block, a.warps, q=8, kind="rademacher-packed", adam=8))
     for kind in ("rademacher", "rademacher-packed"):
         report(f"bf16 update + shadows, {kind}", build("bf16", 1, True, True, a.block, a.warps, kind=kind))
     for kind in ("gaussian", "rademacher", "rademacher-packed"):  # momentum's h = 8 record

@@ -101,6 +101,7 @@ def test_batched_stream_graph_steps_equal_eager_steps(lora, algorithm, settings)
 @pytest.mark.parametrize("algorithm,settings", [
     ("fzoo", {"probes": 4, "perturbation": "rademacher"}),
     ("momentum", {"history": 4}),
+    ("momentum", {"history": 4, "rule": "adam"}),
     ("mezo", {"directions": 2}),
     ("sparse", {"sparsity": 0.5}),
 ])

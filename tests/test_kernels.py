@@ -150,6 +150,41 @@ def test_apply_update_half_precision(ops, dtype, q, wd, kind, shape):
     assert torch.all(codes <= 2) and float((codes == 2).float().sum()) <= 1e-4 * got.numel() + 3
 
 
+def _adam_record(kind_groups: int = 3, per_group: int = 2, wd: float = 0.1):
+    from distzo.algorithms.momentum import weights
+    from distzo.records import UpdateRecord
+
+    seeds = [directions.step_seed(5, 11 + g, j) for g in range(kind_groups) for j in range(per_group)]
+    coeffs = [37.5, -12.25, 3.0, 8.0, -20.0, 1.5][: len(seeds)]
+    w1, w2 = weights(0.9, kind_groups), weights(0.99, kind_groups)
+    return UpdateRecord(0, tuple(seeds), tuple(coeffs), 1e-3, divisor=1, decay=wd, rounding_seed=99,
+                        adam=tuple((per_group, a, b) for a, b in zip(w1, w2)), delta=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", directions.KINDS)
+def test_adam_update_in_the_fused_pass_matches_torch_path(ops, dtype, kind):
+    # momentum's adam rule: m / (sqrt(v) + delta) from regenerated directions, in registers, against
+    # the torch arithmetic on the same z (the kernels' own draws: m / sqrt(v) divides z's error by
+    # the group estimates, which can nearly cancel; the arithmetic is what is checked here)
+    record = _adam_record()
+    assert not ops.torch_path(torch.empty(1, device="cuda"), record)
+    start = _param((300, 77), dtype)
+    ref, got = start.clone(), start.cuda()
+    drawn = [ops.normal(s, KEY, 0, start.numel(), kind).view(start.shape).cpu() for s in record.seeds]
+    update.apply_update_(ref, KEY, record, kind, cached=drawn)
+    ops.apply_update(got, KEY, record, kind)
+    got = got.cpu()
+    if dtype == torch.float32:  # every element moves by about lr: z's error scales that, not theta
+        assert float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        assert float((got - start).abs().min()) > 0
+        return
+    assert float((got != start).float().mean()) > 0.5
+    differ = got != ref
+    assert float(differ.float().mean()) <= FLIP_RATE[dtype]
+    assert torch.all((_ordered(got) - _ordered(ref)).abs()[differ] <= 2)
+
+
 def test_bf16_update_is_unbiased(ops):
     # lr g z ~ 2e-5, a tenth of a bf16 ulp at 0.05: rounding to nearest would lose it all
     n = 1 << 22
@@ -329,15 +364,18 @@ def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
     assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
 
 
-@pytest.mark.parametrize("name", ["fzoo", "momentum"])
+@pytest.mark.parametrize("name", ["fzoo", "momentum", "momentum-adam"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, dtype):
-    # records with many seeds and divisor 1 run through the fused kernel and replay through it
+    # records with many seeds and divisor 1 (and the adam rule's) run through the fused kernel and
+    # replay through it
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.momentum import Momentum
 
     algorithm = FZOO(lr=1e-3, eps=1e-2, weight_decay=0.1, probes=4) if name == "fzoo" else \
-        Momentum(beta=0.9, history=4, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2)
+        Momentum(beta=0.9, history=4, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2,
+                 rule="adam" if name == "momentum-adam" else "heavy-ball")
+    name = name.split("-")[0]
     base = tiny_model("llama", dtype=dtype)
     trained = copy.deepcopy(base).cuda()
     opt = ZOOptimizer(trained, algorithm=algorithm)

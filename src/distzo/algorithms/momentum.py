@@ -23,9 +23,9 @@ each step). Its lr is of another scale than heavy-ball's: m / sqrt(v) is of orde
 element (on the first step, n = 1, it is sign(d) exactly), so every element moves about lr a
 step, as in Adam. Heavy-ball moves lr * |m|, with |m| of order |g| (the loss change per unit
 of eps, often 1-100 on an LM), so an adam run wants an lr like a first-order Adam's rather
-than MeZO's. Cost: the same h * q draws per element, but on CUDA through the torch path
-(the fused kernel computes linear records only), with three temporaries the size of the
-tensor being updated.
+than MeZO's. Cost: the same h * q draws per element; the fused kernel keeps each step's d, m
+and v in registers (one pass over theta on CUDA), the torch path three temporaries the size of
+the tensor being updated.
 """
 
 from __future__ import annotations

@@ -304,6 +304,25 @@ def _seed_halves(seeds_ptr, i):
 
 
 @triton.jit
+def _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+               BLOCK: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr):
+    """m / (sqrt(v) + delta) over G groups of Q / G directions, as update._adam_step orders it:
+    d_g = sum of the group's c_j z_j, m += w1_g d_g, v += w2_g d_g^2 (the pairs at coef W + 2g,
+    delta at W + 2G), with a correctly rounded square root and division."""
+    m = tl.zeros([BLOCK], tl.float32)
+    v = tl.zeros([BLOCK], tl.float32)
+    for gi in tl.static_range(G):
+        d = tl.zeros([BLOCK], tl.float32)
+        for jj in tl.static_range(Q // G):
+            slo, shi = _seed_halves(useeds_ptr, gi * (Q // G) + jj)
+            g = tl.load(coef_ptr + gi * (Q // G) + jj)
+            d += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+        m += tl.load(coef_ptr + W + 2 * gi) * d
+        v += tl.load(coef_ptr + W + 2 * gi + 1) * d * d
+    return tl.div_rn(m, tl.sqrt_rn(v) + tl.load(coef_ptr + W + 2 * G))
+
+
+@triton.jit
 def _shadow_ptr(out_ptr, length, k: tl.constexpr, NDIV: tl.constexpr):
     """Where shadow k starts: k * n elements into the output, a multiple of NDIV."""
     return out_ptr + tl.multiple_of(length * k, NDIV)
@@ -316,7 +335,7 @@ def _step_kernel(
     useeds_ptr, coef_ptr, thr,
     Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
     NS: tl.constexpr, PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
-    MASKED: tl.constexpr, NDIV: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, NDIV: tl.constexpr, ADAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # useeds_ptr (int64): the update's seeds s_0 .. s_{Q-1}, the rounding seed, the NS shadow
     # seeds; coef_ptr (float32): g_0 .. g_{Q-1}, lr, weight decay, then scale+ and scale- of each
@@ -324,7 +343,9 @@ def _step_kernel(
     # changes from step to step is in device memory, so a captured CUDA graph replays with the
     # next step's values. out_ptr holds the shadows one after another, n elements each: seed i's
     # plus shadow (PLUS), then its minus shadow (MINUS); NDIV divides n (a multiple of 16 at most),
-    # so the compiler knows every shadow starts as aligned as the first.
+    # so the compiler knows every shadow starts as aligned as the first. ADAM > 0: an Adam-like
+    # record of ADAM step groups of Q / ADAM seeds each, whose (w1, w2) pairs and delta follow
+    # the shadows' scales in coef_ptr; the step is m / (sqrt(v) + delta) (update._adam_step).
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
     mask = offs < n - base
@@ -334,13 +355,16 @@ def _step_kernel(
     theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
     x = theta.to(tl.float32)
     if UPDATE:
-        acc = tl.zeros([BLOCK], tl.float32)
-        for j in tl.static_range(Q):
-            slo, shi = _seed_halves(useeds_ptr, j)
-            g = tl.load(coef_ptr + j)
-            acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
-        if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
-            acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
+        if ADAM == 0:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for j in tl.static_range(Q):
+                slo, shi = _seed_halves(useeds_ptr, j)
+                g = tl.load(coef_ptr + j)
+                acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+            if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
+                acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
+        else:
+            acc = _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q, ADAM, Q + 2 + 2 * NS, BLOCK, KIND, FAST)
         if DECAY:
             acc += tl.load(coef_ptr + Q + 1) * x
         if MASKED:  # x is theta before the update; a zero step keeps theta's bits (update.apply_update_)
@@ -444,7 +468,7 @@ class LaunchArgs:
     def __init__(self, record: UpdateRecord | None, kind, seeds: Sequence[int], scales: Sequence[tuple[float, float]],
                  device):
         self.layout = layout_of(record, kind)
-        self.q, self.div, self.has_update, self.decay, self.kind = self.layout
+        self.q, self.div, self.has_update, self.decay, self.kind, self.groups = self.layout
         self.shadow_seeds = _check_shadows(seeds, scales)
         seed_values, coefs = _values(record, seeds, scales, self.has_update)
         self.seeds_t = torch.tensor(seed_values, dtype=torch.int64).to(device, non_blocking=True)
@@ -467,11 +491,13 @@ class LaunchArgs:
 
 
 def layout_of(record: UpdateRecord | None, kind) -> tuple:
-    """The constexpr flags a record's launches compile with (``LaunchArgs.layout``)."""
+    """The constexpr flags a record's launches compile with (``LaunchArgs.layout``): seeds, divisor,
+    update, decay, kind, and an Adam-like record's number of step groups (0 for a linear one)."""
     has_update = record is not None and len(record.seeds) > 0
     if not has_update:
-        return 1, 1, False, False, _kind(kind)
-    return max(len(record.seeds), 1), record.divisor, True, bool(record.decay), _kind(kind)
+        return 1, 1, False, False, _kind(kind), 0
+    groups = 0 if record.adam is None else len(record.adam)
+    return max(len(record.seeds), 1), record.divisor, True, bool(record.decay), _kind(kind), groups
 
 
 def _signed(value: int) -> int:
@@ -490,14 +516,17 @@ def _check_shadows(seeds: Sequence[int], scales: Sequence[tuple[float, float]]) 
 def _values(record: UpdateRecord | None, seeds: Sequence[int], scales: Sequence[tuple[float, float]],
             has_update: bool) -> tuple[list[int], list[float]]:
     """The two buffers' contents: [s_0 .. s_{Q-1}, rounding seed, shadow seeds...] and
-    [c_0 .. c_{Q-1}, lr, decay, a_0, b_0, a_1, b_1, ...] (with Q = max(q, 1))."""
+    [c_0 .. c_{Q-1}, lr, decay, a_0, b_0, a_1, b_1, ...] (with Q = max(q, 1)), then for an Adam-like
+    record [w1_0, w2_0, w1_1, w2_1, ..., delta]."""
     update_seeds = [_signed(s) for s in record.seeds] if has_update else [0]
     rounding = _signed(record.rounding_seed) if has_update else 0
     coeffs = list(record.coeffs) if has_update else [0.0]
     lr = record.lr if has_update else 0.0
     decay = record.decay if has_update else 0.0
     pairs = [float(v) for pair in scales for v in pair]
-    return [*update_seeds, rounding, *(_signed(s) for s in seeds)], [*coeffs, lr, decay, *pairs]
+    adam = [] if not has_update or record.adam is None else [
+        *(float(w) for _, w1, w2 in record.adam for w in (w1, w2)), record.delta]
+    return [*update_seeds, rounding, *(_signed(s) for s in seeds)], [*coeffs, lr, decay, *pairs, *adam]
 
 
 _SCALARS: dict[tuple, LaunchArgs] = {}
@@ -531,7 +560,7 @@ def _direct_launch_supported() -> bool:
 _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
 _STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "NS", "PLUS", "MINUS", "KIND", "FAST", "MASKED", "NDIV",
-                "BLOCK")
+                "ADAM", "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -568,7 +597,7 @@ def _launch(work, out, plus: bool, minus: bool, key, sc: LaunchArgs, decay: bool
     out = work if out is None else out
     args = (work, out, n, key_lo, key_hi, sc.seeds_t, sc.coef_t, 0.0 if threshold is None else float(threshold))
     consts = (sc.q, sc.div, sc.has_update, decay, _SR_MODES[work.dtype], sc.shadow_seeds, plus, minus,
-              sc.kind, FAST_MATH, threshold is not None, math.gcd(n, 16), _BLOCK)
+              sc.kind, FAST_MATH, threshold is not None, math.gcd(n, 16), sc.groups, _BLOCK)
     grid0 = triton.cdiv(n, _BLOCK)
     device = work.get_device()
     aligned = (work.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
@@ -666,14 +695,16 @@ class _Drawn(Sequence):
 
 
 def torch_path(param, record: UpdateRecord | None) -> bool:
-    """float64 tensors, and Adam-like records: the kernel computes sum_j c_j z_j only. Fusing the
-    Adam-like step (d_s, m and v in registers, one pass) is future work; until then such an update
-    costs the torch path's passes over theta and one tensor-sized draw per seed."""
-    return param.dtype == torch.float64 or (record is not None and record.adam is not None)
+    """float64 tensors, and Adam-like records whose step groups differ in size (the kernel unrolls
+    groups of one size; momentum's are all q): they take the torch arithmetic, with the passes
+    over theta and one tensor-sized draw per seed that the fused kernel saves."""
+    if param.dtype == torch.float64:
+        return True
+    return record is not None and record.adam is not None and len({n for n, _, _ in record.adam}) > 1
 
 
 def _update_and_shadows_torch(param, key, record, kind, seeds, scales, threshold=None):
-    """float64 (rare on GPUs) and Adam-like records: z from the kernels (so equal to the CPU path's
+    """float64 (rare on GPUs) and uneven Adam-like records: z from the kernels (so equal to the CPU path's
     bit for bit), arithmetic by the torch reference."""
     n = param.numel()
     if record is not None and len(record.seeds):
