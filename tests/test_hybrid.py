@@ -76,14 +76,18 @@ def _max_diff(a, b) -> float:
     return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("patterns", [["model.norm.weight"], ["model.layers.1.*"],
-                                      ["model.layers.1.mlp.*", "model.norm.*"]])
-def test_hybrid_matches_the_reference(patterns):
+@pytest.mark.parametrize("patterns,batch_streams", [(["model.norm.weight"], False), (["model.layers.1.*"], False),
+                                                    (["model.layers.1.mlp.*", "model.norm.*"], False),
+                                                    (["model.layers.1.mlp.*", "model.norm.*"], True)])
+def test_hybrid_matches_the_reference(patterns, batch_streams):
+    # batch_streams: the FO layers inside a block then run once over both streams' rows, the
+    # ZO ones stream by stream; the backward sums the streams' gradients as before
     model = tiny_model("llama", dtype=torch.float64)
     ref = copy.deepcopy(model)
     model.train()  # the optimiser measures in eval mode whatever the model's mode
     fo = FirstOrder.select(model, patterns, lr=FO_LR)
-    opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, first_order=fo)
+    opt = ZOOptimizer(model, lr=LR, eps=EPS, weight_decay=WD, first_order=fo, batch_streams=batch_streams)
+    assert bool(opt._stream.batched) == batch_streams
     names = _fo_names(ref, patterns)
     adamw = torch.optim.AdamW([p for n, p in ref.named_parameters() if n in names], lr=FO_LR, weight_decay=0.0)
     start = {n: p.detach().clone() for n, p in ref.named_parameters() if n in names}
