@@ -271,13 +271,16 @@ def test_chunked_lm_loss_equals_the_one_shot_loss(monkeypatch):
     assert float(chunked) == pytest.approx(float(whole), abs=1e-14)
 
 
+@pytest.mark.parametrize("batch_streams", [False, True])
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_lean_units_give_the_same_results(family):
-    # One stream's shadows at a time (what offloaded blocks do) changes no bit.
+def test_lean_units_give_the_same_results(family, batch_streams):
+    # One stream's shadows at a time (what offloaded blocks do) changes no bit; with batch_streams,
+    # one stream's shadows of each perturbed layer at a time.
     model = tiny_model(family)
     lean = copy.deepcopy(model)
-    a = ZOOptimizer(model, lr=1e-3, eps=1e-3, seed=0)
-    b = ZOOptimizer(lean, lr=1e-3, eps=1e-3, seed=0)
+    a = ZOOptimizer(model, lr=1e-3, eps=1e-3, seed=0, batch_streams=batch_streams)
+    b = ZOOptimizer(lean, lr=1e-3, eps=1e-3, seed=0, batch_streams=batch_streams)
+    assert bool(b._stream.batched) == batch_streams
     b._stream.lean = lambda unit: True
     for t in range(4):
         assert a.step(tiny_batch(seed=t)).projected_grads == b.step(tiny_batch(seed=t)).projected_grads
