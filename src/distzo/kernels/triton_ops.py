@@ -304,6 +304,18 @@ def _seed_halves(seeds_ptr, i):
 
 
 @triton.jit
+def _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, FIRST: tl.constexpr, COUNT: tl.constexpr,
+                    BLOCK: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr):
+    """sum_j c_j z(s_j) over the record's directions j in [FIRST, FIRST + COUNT), in order."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(FIRST, FIRST + COUNT):
+        slo, shi = _seed_halves(useeds_ptr, j)
+        g = tl.load(coef_ptr + j)
+        acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+    return acc
+
+
+@triton.jit
 def _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
                BLOCK: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr):
     """m / (sqrt(v) + delta) over G groups of Q / G directions, as update._adam_step orders it:
@@ -312,11 +324,7 @@ def _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q: tl.constexpr, G: tl
     m = tl.zeros([BLOCK], tl.float32)
     v = tl.zeros([BLOCK], tl.float32)
     for gi in tl.static_range(G):
-        d = tl.zeros([BLOCK], tl.float32)
-        for jj in tl.static_range(Q // G):
-            slo, shi = _seed_halves(useeds_ptr, gi * (Q // G) + jj)
-            g = tl.load(coef_ptr + gi * (Q // G) + jj)
-            d += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+        d = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, gi * (Q // G), Q // G, BLOCK, KIND, FAST)
         m += tl.load(coef_ptr + W + 2 * gi) * d
         v += tl.load(coef_ptr + W + 2 * gi + 1) * d * d
     return tl.div_rn(m, tl.sqrt_rn(v) + tl.load(coef_ptr + W + 2 * G))
@@ -356,11 +364,7 @@ def _step_kernel(
     x = theta.to(tl.float32)
     if UPDATE:
         if ADAM == 0:
-            acc = tl.zeros([BLOCK], tl.float32)
-            for j in tl.static_range(Q):
-                slo, shi = _seed_halves(useeds_ptr, j)
-                g = tl.load(coef_ptr + j)
-                acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+            acc = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, 0, Q, BLOCK, KIND, FAST)
             if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
                 acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         else:
