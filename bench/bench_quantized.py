@@ -527,17 +527,18 @@ def main(argv=None) -> int:
         model = add_lora(model, args.lora_r)
         opt = ZOOptimizer(model, lr=1e-6, eps=1e-3)
         # the same adapters stepped with the base's products once over both streams (optim.batch_streams)
-        holder["batched"] = ZOOptimizer(model, lr=1e-6, eps=1e-3, batch_streams=True) if args.batch_streams else None
+        batched = ZOOptimizer(model, lr=1e-6, eps=1e-3, batch_streams=True) if args.batch_streams else None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         values = {"lora_s": round(time.perf_counter() - t0, 2), "trainable_tensors": len(trainable),
                   "trainable_params": sum(p.numel() for _, p in trainable),
                   "trainable_dtypes": sorted({str(p.dtype) for _, p in trainable}),
                   "all_trainable_are_lora": all("lora_" in n for n, _ in trainable),
                   "fused_kernels": getattr(opt, "_fused", None) is not None, **memory(device)}
-        return values, opt
+        return values, opt, batched
 
     holder = {}
-    guarded(rec, "lora", lambda: holder.update(zip(("values", "opt"), peft_and_optimizer())) or holder["values"])
+    guarded(rec, "lora",
+            lambda: holder.update(zip(("values", "opt", "batched"), peft_and_optimizer())) or holder["values"])
     opt = holder.get("opt")
     if opt is None:
         return 1
