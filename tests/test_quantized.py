@@ -462,16 +462,11 @@ def test_torchrun_over_a_quantized_base_equals_the_single_process_run(bnb, run, 
     # two ranks, each holding the quantized base: one probe each (pert), or half of each batch (data).
     # float32: a rank's forward of R rows (or R/2) rounds unlike the stacked 2R-row one by ~1e-7 in
     # the loss, which g = dL / 2eps (eps 1e-2) carries as ~1e-5
-    import os
-    import subprocess
+    from test_parallel import _torchrun  # torchrun as the distributed tests start it
 
     out = tmp_path / "ranks"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "distzo.cli", *_args(tiny_model_dir, sst2_dir, out, "--steps", "4",
-                                                      f"--parallel.{axis}", "2")],
-                          env=env, text=True, capture_output=True, timeout=300)
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "4", f"--parallel.{axis}", "2"), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "launch.json").read_text())["mesh"][axis] == 2
     got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(run / "trajectory.jsonl").read()

@@ -246,7 +246,8 @@ class DualStream:
             return streams(args, kwargs)
 
         def streams(args: tuple, kwargs: dict):
-            """The unit call itself: shadows, one original forward per stream, the merge."""
+            """The unit call itself: shadows, one original forward per stream, the merge; or, batched,
+            one original forward over every stream's rows with its perturbed layers per stream."""
             lean = self.lean is not None and self.lean(unit)
             if unit.name in self.batched and len(self.probes) > 1 and _has_batch((args, kwargs), self.rows,
                                                                                   len(self.probes)):
