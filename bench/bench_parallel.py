@@ -120,7 +120,7 @@ def profile_kernels(opt, batch, steps: int = 2) -> dict:
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = e.name.lower()
-        kind = ("fused" if "_step_kernel" in name else "nccl" if "nccl" in name
+        kind = ("fused" if name.startswith("_step_") else "nccl" if "nccl" in name
                 else "gemm" if any(k in name for k in ("gemm", "cutlass", "sm90", "nvjet", "xmma")) else "other")
         kinds[kind] += e.device_time_total / 1e3 / steps
     kinds["total"] = sum(kinds.values())

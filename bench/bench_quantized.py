@@ -91,7 +91,7 @@ GOALS_MS = {"1x512": 700.0, "4x512": 2000.0}
 # Kernel kinds, by substrings of the kernel's name (first match wins).
 KINDS = [
     ("nf4_dequant", ("dequant",)),
-    ("distzo_fused", ("_step_kernel", "_draw_kernel")),
+    ("distzo_fused", ("_step_kernel", "_step_grouped_kernel", "_draw_kernel")),
     ("attention", ("flash", "fmha", "attention", "efficient_attention", "softmax")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "gemv", "splitk", "sm90_", "sm80_")),
     ("norm", ("layer_norm", "layernorm", "norm_")),

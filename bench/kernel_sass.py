@@ -31,6 +31,20 @@ def _step_signature(dtype: str) -> dict:
             "key_lo": "i32", "key_hi": "i32", "useeds_ptr": "*i64", "coef_ptr": "*fp32", "thr": "fp32"}
 
 
+def _grouped_signature(dtype: str) -> dict:
+    return {"p_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_ptr": "*i64", "useeds_ptr": "*i64",
+            "coef_ptr": "*fp32"}
+
+
+def build_grouped(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, q: int = 1,
+                  kind: str = "gaussian", seeds: int = 1, minus: bool = True, adam: int = 0, tensors: int = 16):
+    """A grouped launch over ``tensors`` tensors of one unit call (``_step_grouped_kernel``)."""
+    consts = dict(T=tensors, Q=q, DIV=q, UPDATE=update, DECAY=update, SR=sr, NS=seeds, PLUS=shadows,
+                  MINUS=shadows and minus, KIND=K._KINDS[kind], FAST=True, ADAM=adam, BLOCK=block)
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    return _compile(K._step_grouped_kernel, _grouped_signature(dtype), consts, warps, aligned)
+
+
 def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
           kind: str = "gaussian", seeds: int = 1, minus: bool = True, adam: int = 0):
     """A variant as a run launches it on tensors whose length is a multiple of 16: ``seeds`` shadow
@@ -62,6 +76,14 @@ def compile_all(block: int, warps: int) -> int:
                       KIND=K._KINDS[kind], FAST=True, MASKED=masked, NDIV=16, ADAM=groups, BLOCK=block)
         _compile(K._step_kernel, _step_signature(dtype), consts, warps)
         count += 1
+    # grouped launches (one per unit call): the same record kinds, without masks
+    for (dtype, sr), kind, update, (ns, plus, minus), (q, groups) in itertools.product(
+            (("bf16", 1), ("fp16", 2), ("fp32", 0)), K._KINDS, (True, False), shadows, ((1, 0), (3, 0), (8, 8))):
+        if (update or plus) and (update or groups == 0):
+            consts = dict(T=16, Q=q, DIV=q if groups == 0 else 1, UPDATE=update, DECAY=update, SR=sr, NS=ns,
+                          PLUS=plus, MINUS=minus, KIND=K._KINDS[kind], FAST=True, ADAM=groups, BLOCK=block)
+            _compile(K._step_grouped_kernel, _grouped_signature(dtype), consts, warps)
+            count += 1
     for what in range(5):
         sig = {"out_ptr": "*i64" if what == 3 else "*fp32", "n": "i32", "first_block": "i64", "key_lo": "i32",
                "key_hi": "i32", "seed_lo": "i32", "seed_hi": "i32"}
@@ -106,6 +128,8 @@ def main() -> None:
     report("bf16 update + shadows", build("bf16", 1, True, True, a.block, a.warps))
     report("bf16 shadows only", build("bf16", 1, False, True, a.block, a.warps))
     report("bf16 update only", build("bf16", 1, True, False, a.block, a.warps))
+    report("bf16 update + shadows, grouped launch of 16 tensors", build_grouped("bf16", 1, True, True, a.block, a.warps))
+    report("bf16 shadows only, grouped launch of 16 tensors", build_grouped("bf16", 1, False, True, a.block, a.warps))
     report("bf16 update + shadows, libdevice math", build("bf16", 1, True, True, a.block, a.warps, fast=False))
     report("fp32 update + shadows", build("fp32", 0, True, True, a.block, a.warps))
     report("fp16 update + shadows", build("fp16", 2, True, True, a.block, a.warps))

@@ -354,12 +354,58 @@ def _step_kernel(
     # so the compiler knows every shadow starts as aligned as the first. ADAM > 0: an Adam-like
     # record of ADAM step groups of Q / ADAM seeds each, whose (w1, w2) pairs and delta follow
     # the shadows' scales in coef_ptr; the step is m / (sqrt(v) + delta) (update._adam_step).
-    base = tl.program_id(0).to(tl.int64) * BLOCK
+    _step_block(p_ptr, out_ptr, n, tl.program_id(0).to(tl.int64) * BLOCK, _u32(key_lo), _u32(key_hi),
+                useeds_ptr, coef_ptr, thr, True,
+                Q, DIV, UPDATE, DECAY, SR, NS, PLUS, MINUS, KIND, FAST, MASKED, NDIV, ADAM, BLOCK)
+
+
+# The table of a grouped launch (int64, T entries per row, T a power of two): the first program of
+# each tensor (unused entries past the last program), theta's offset from the base pointer and the
+# elements of the tensors before it (multiples of 16; its shadows start that many times the number
+# of shadows into the output), the length (a multiple of 16), the direction key, and whether weight
+# decay applies.
+_ROWS = ("start", "theta", "out", "n", "key", "decays")
+
+
+@triton.jit
+def _step_grouped_kernel(
+    p_ptr, out_ptr, table_ptr, useeds_ptr, coef_ptr,
+    T: tl.constexpr,
+    Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
+    NS: tl.constexpr, PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
+    ADAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One launch over the tensors of a unit call, each exactly as _step_kernel would pass over it
+    # alone (same blocks, same words, same arithmetic): a program finds its tensor in the table and
+    # runs that tensor's block. Unmasked only; every length a multiple of 16.
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.sum((tl.load(table_ptr + tl.arange(0, T)) <= pid).to(tl.int32)) - 1
+    theta_at = tl.multiple_of(tl.load(table_ptr + T + t), 16)
+    # each tensor's NS * (PLUS + MINUS) shadows lie together, n elements each, after the previous tensor's
+    out_at = tl.multiple_of(tl.load(table_ptr + 2 * T + t) * (NS * (PLUS + MINUS)), 16)
+    n = tl.multiple_of(tl.load(table_ptr + 3 * T + t), 16)
+    key = tl.load(table_ptr + 4 * T + t)
+    decays = tl.load(table_ptr + 5 * T + t) != 0
+    base = (pid - tl.load(table_ptr + t)) * BLOCK
+    klo = (key & 0xFFFFFFFF).to(tl.uint32)
+    khi = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    _step_block(p_ptr + theta_at, out_ptr + out_at, n, base, klo, khi, useeds_ptr, coef_ptr, 0.0, decays,
+                Q, DIV, UPDATE, DECAY, SR, NS, PLUS, MINUS, KIND, FAST, False, 16, ADAM, BLOCK)
+
+
+@triton.jit
+def _step_block(
+    p_ptr, out_ptr, n, base, klo, khi, useeds_ptr, coef_ptr, thr, decays,
+    Q: tl.constexpr, DIV: tl.constexpr, UPDATE: tl.constexpr, DECAY: tl.constexpr, SR: tl.constexpr,
+    NS: tl.constexpr, PLUS: tl.constexpr, MINUS: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr,
+    MASKED: tl.constexpr, NDIV: tl.constexpr, ADAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The fused pass over elements [base, base + BLOCK) of one tensor of n elements (key (klo, khi)):
+    ``_step_kernel``'s arguments, with the decay taken only where ``decays`` (a grouped launch's
+    tensors differ in it)."""
     offs = tl.arange(0, BLOCK)
     mask = offs < n - base
     blk = (base >> 2) + _block_index(BLOCK)
-    klo = _u32(key_lo)
-    khi = _u32(key_hi)
     theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
     x = theta.to(tl.float32)
     if UPDATE:
@@ -370,7 +416,7 @@ def _step_kernel(
         else:
             acc = _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q, ADAM, Q + 2 + 2 * NS, BLOCK, KIND, FAST)
         if DECAY:
-            acc += tl.load(coef_ptr + Q + 1) * x
+            acc = tl.where(decays, acc + tl.load(coef_ptr + Q + 1) * x, acc)
         if MASKED:  # x is theta before the update; a zero step keeps theta's bits (update.apply_update_)
             acc = tl.where(tl.abs(x) <= thr, acc, 0.0)
         x = x - tl.load(coef_ptr + Q) * acc
@@ -565,6 +611,7 @@ _DIRECT = _direct_launch_supported()
 _COMPILED: dict[tuple, object] = {}
 _STEP_CONSTS = ("Q", "DIV", "UPDATE", "DECAY", "SR", "NS", "PLUS", "MINUS", "KIND", "FAST", "MASKED", "NDIV",
                 "ADAM", "BLOCK")
+_GROUPED_CONSTS = ("T", "Q", "DIV", "UPDATE", "DECAY", "SR", "NS", "PLUS", "MINUS", "KIND", "FAST", "ADAM", "BLOCK")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -606,15 +653,96 @@ def _launch(work, out, plus: bool, minus: bool, key, sc: LaunchArgs, decay: bool
     device = work.get_device()
     aligned = (work.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
     spec = (device, work.dtype, n >= 1 << 31, n % 16 == 0, n == 1, aligned, sc.aligned, _WARPS, consts)
+    _run(_step_kernel, _STEP_CONSTS, grid0, spec, args, consts, device)
+
+
+def _run(fn, names: tuple[str, ...], grid0: int, spec: tuple, args: tuple, consts: tuple, device) -> None:
+    """Launch ``fn`` on ``grid0`` programs: through the JIT the first time a specialisation ``spec``
+    is seen (and whenever launch hooks are registered), then through its compiled launcher."""
     with _on_device(device):
         kernel = _COMPILED.get(spec) if _DIRECT else None
         if kernel is None or _hooks_active():
-            kernel = _step_kernel[(grid0,)](*args, **dict(zip(_STEP_CONSTS, consts)), num_warps=_WARPS)
+            kernel = fn[(grid0,)](*args, **dict(zip(names, consts)), num_warps=_WARPS)
             if _DIRECT:
                 _COMPILED[spec] = kernel
             return
         stream = torch._C._cuda_getCurrentRawStream(device)
         kernel.run(grid0, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *consts)
+
+
+# Tensors below this many elements are grouped: each would fill about a wave of the GPU or less, so
+# alone it costs a launch (a host call, a gap on the GPU) for little work. Larger ones keep a launch
+# of their own, whose code has no table to read.
+GROUP_BELOW = 1 << 21
+MAX_GROUP = 64  # tensors per grouped launch (the table's width T is a power of two up to this)
+
+
+def groupable(param: torch.Tensor, record: UpdateRecord | None) -> bool:
+    """Whether ``param`` may join a grouped launch: a small contiguous tensor starting on a multiple of
+    16 elements, of a length that is a multiple of 16, on the kernels' own arithmetic (not
+    ``torch_path``), so that every tensor's blocks are as aligned as a launch of its own makes them."""
+    n = param.numel()
+    return (0 < n < GROUP_BELOW and n % 16 == 0 and param.is_contiguous()
+            and param.dtype in _SR_MODES and param.data_ptr() % (16 * param.element_size()) == 0
+            and not torch_path(param, record))
+
+
+class Group:
+    """The tensors of one grouped launch (``groupable``, one dtype, one device) and the device table
+    that tells each program its tensor. The table holds addresses, so a group is built for tensors
+    that stay where they are (a resident model's parameters) and kept by the caller, like
+    ``LaunchArgs``: a captured CUDA graph reads it at every replay."""
+
+    def __init__(self, params: Sequence[torch.Tensor], keys: Sequence[int], decay: Sequence[bool]):
+        if not 1 <= len(params) <= MAX_GROUP or len({p.dtype for p in params}) != 1:
+            raise ValueError(f"a grouped launch takes 1 to {MAX_GROUP} tensors of one dtype")
+        self.params = list(params)
+        self.base = min(self.params, key=lambda p: p.data_ptr())
+        self.width = max(2, 1 << (len(params) - 1).bit_length())
+        size = self.base.element_size()
+        rows = {name: [] for name in _ROWS}
+        start = out = 0
+        for p, key, dec in zip(self.params, keys, decay):
+            at, rest = divmod(p.data_ptr() - self.base.data_ptr(), size)
+            if rest or at % 16:
+                raise ValueError("a grouped launch's tensors must start 16 elements apart")
+            for name, value in zip(_ROWS, (start, at, out, p.numel(), _signed(key), int(dec))):
+                rows[name].append(value)
+            start += triton.cdiv(p.numel(), _BLOCK)
+            out += p.numel()  # a multiple of 16: every tensor's shadows start 16-element aligned
+        self.programs, self.numel = start, out
+        pad = self.width - len(params)
+        rows["start"] += [1 << 62] * pad  # no program reaches these
+        for name in _ROWS[1:]:
+            rows[name] += [0] * pad
+        self.table = torch.tensor([v for name in _ROWS for v in rows[name]], dtype=torch.int64).to(
+            self.base.device, non_blocking=True)
+
+
+def update_and_shadows_grouped(group: Group, record: UpdateRecord | None, kind, seeds: Sequence[int],
+                               scales: Sequence[tuple[float, float]], args: LaunchArgs | None = None
+                               ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``update_and_shadows_of`` for every tensor of ``group`` in one launch: for each tensor (in the
+    group's order) its list of (plus, minus) pairs, one per seed; the same bits as one launch per
+    tensor. Unmasked only."""
+    base = group.base
+    sc = args if args is not None else _scalars(record, kind, seeds, scales, base.device)
+    plus, minus = (_written(scales, side) for side in (0, 1))
+    width = int(plus) + int(minus)
+    out = torch.empty(group.numel * len(seeds) * width, dtype=base.dtype, device=base.device) if width else base
+    consts = (group.width, sc.q, sc.div, sc.has_update, sc.decay, _SR_MODES[base.dtype], sc.shadow_seeds, plus,
+              minus, sc.kind, FAST_MATH, sc.groups, _BLOCK)
+    args_ = (base, out, group.table, sc.seeds_t, sc.coef_t)
+    spec = ("grouped", base.get_device(), base.dtype, out.data_ptr() % 16 == 0, sc.aligned, _WARPS, consts)
+    _run(_step_grouped_kernel, _GROUPED_CONSTS, group.programs, spec, args_, consts, base.get_device())
+    shadows, at = [], 0
+    for p in group.params:
+        n = p.numel()
+        view = (lambda k, at=at, n=n, p=p: out[at * len(seeds) * width + k * n:][:n].view(p.shape))
+        shadows.append([(view(i * width) if plus else p, view(i * width + int(plus)) if minus else p)
+                        for i in range(len(seeds))])
+        at += n
+    return shadows
 
 
 def _check_dtype(param: torch.Tensor) -> None:
@@ -755,5 +883,6 @@ def raw_words(seed: int, key: int, start: int, count: int, device="cuda") -> tor
     return _draw(3, seed, key, start, count, device, torch.int64)
 
 
-__all__ = ["update_and_shadows", "update_and_shadows_of", "apply_update", "MAX_SHADOW_SEEDS", "LaunchArgs", "layout_of", "torch_path", "normal", "uniform",
+__all__ = ["update_and_shadows", "update_and_shadows_of", "update_and_shadows_grouped", "Group", "groupable",
+           "GROUP_BELOW", "MAX_GROUP", "apply_update", "MAX_SHADOW_SEEDS", "LaunchArgs", "layout_of", "torch_path", "normal", "uniform",
            "raw_words", "FAST_MATH"]
