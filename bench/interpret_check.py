@@ -112,6 +112,33 @@ def check_many_seeds() -> None:
                     assert torch.equal(gm, wm) and (pair[1] != 0.0 or gm is many), (kind, shape, pair)
 
 
+def check_grouped() -> None:
+    """One grouped launch over several tensors equals one launch per tensor, bit for bit: updates
+    (with the decay only on the 2-D tensors), shadows of one seed or of several, Adam-like records."""
+    from distzo.algorithms.momentum import weights
+
+    linear = UpdateRecord(0, (11, 12), (0.7, -1.2), 1e-2, divisor=2, decay=0.1, rounding_seed=77)
+    adam = UpdateRecord(0, (11, 12, 13, 14), (0.7, -1.2, 0.3, 2.0), 1e-2, divisor=1, decay=0.1, rounding_seed=77,
+                        adam=tuple((2, a, b) for a, b in zip(weights(0.9, 2), weights(0.99, 2))), delta=1e-8)
+    shapes = ((64, 48), (16,), (1040,), (3, 1024), (32, 32))
+    for kind, record, (seeds, pairs) in itertools.product(
+            directions.KINDS, (None, linear, adam),
+            (((21,), ((1e-3, -1e-3),)), ((21, 22, 23), ((1e-3, 0.0), (2e-3, 0.0), (3e-3, 0.0))))):
+        gen = torch.Generator().manual_seed(3)
+        start = [torch.randn(shape, generator=gen) * 0.05 for shape in shapes]
+        grouped, alone = [t.clone() for t in start], [t.clone() for t in start]
+        keys = [KEY + i for i in range(len(shapes))]
+        group = ops.Group(grouped, keys, [t.ndim >= 2 for t in grouped])
+        got = ops.update_and_shadows_grouped(group, record, kind, seeds, pairs)
+        for t, key, shadows in zip(alone, keys, got):
+            want = ops.update_and_shadows_of(t, key, record, kind, seeds, pairs)
+            for (gp, gm), (wp, wm) in zip(shadows, want):
+                assert torch.equal(gp, wp) and torch.equal(gm, wm), (kind, record, seeds)
+        assert all(torch.equal(a, b) for a, b in zip(grouped, alone)), (kind, record)
+        if record is not None:
+            assert not torch.equal(grouped[0], start[0]) and not torch.equal(grouped[1], start[1])
+
+
 def _steps(algorithm, most: int, **settings) -> tuple[list, dict, int]:
     """Three steps of a tiny Llama through ZOOptimizer on the fused kernels (run by the interpreter
     on CPU tensors), the passes writing at most ``most`` shadow seeds each: the losses, the
@@ -167,6 +194,43 @@ def check_optimizer_launches() -> None:
         assert all(torch.equal(weights[k], reference[k]) for k in weights), kind
 
 
+def check_optimizer_grouped() -> None:
+    """The optimizer's grouped launches (every tensor of the tiny Llama's blocks is small) give the
+    steps that one launch per tensor gives, loss for loss and bit for bit in the weights."""
+    below, launch = ops.GROUP_BELOW, ops.update_and_shadows_grouped
+    calls: list[int] = []
+
+    def counted(group, *rest, **named):
+        calls.append(len(group.params))
+        return launch(group, *rest, **named)
+
+    ops.update_and_shadows_grouped = counted
+    try:
+        _compare_grouped(below, calls)
+    finally:
+        ops.update_and_shadows_grouped = launch
+
+
+def _compare_grouped(below: int, calls: list[int]) -> None:
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.mezo import MeZO
+
+    for algorithm, settings in ((lambda: MeZO(lr=1e-3, eps=1e-2, weight_decay=0.1), {"perturbation": "gaussian"}),
+                                (lambda: FZOO(lr=1e-3, eps=1e-2, probes=3), {"perturbation": "rademacher"})):
+        calls.clear()
+        grouped, weights, _ = _steps(algorithm(), 16, **settings)
+        assert calls and max(calls) == 9, calls  # a block's nine tensors in one launch
+        ops.GROUP_BELOW = 0  # no tensor is grouped
+        try:
+            calls.clear()
+            alone, reference, _ = _steps(algorithm(), 16, **settings)
+            assert not calls
+        finally:
+            ops.GROUP_BELOW = below
+        assert grouped == alone, (settings, grouped, alone)
+        assert all(torch.equal(weights[k], reference[k]) for k in weights), settings
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1 (and Triton on PYTHONPATH): see the module's docstring", file=sys.stderr)
@@ -181,6 +245,10 @@ def main() -> int:
     print("fused pass of several seeds (masked and not): equal to one pass per seed, bit for bit")
     check_optimizer_launches()
     print("optimizer: FZOO's and ZO-SGD's passes of several seeds step as one pass per seed does")
+    check_grouped()
+    print("grouped launch: equal to one launch per tensor, bit for bit (updates, decay, seeds, adam)")
+    check_optimizer_grouped()
+    print("optimizer: grouped launches step as one launch per tensor does")
     return 0
 
 

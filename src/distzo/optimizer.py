@@ -32,7 +32,7 @@ from distzo.offload import OffloadEngine
 from distzo.schedules import Schedule
 from distzo.units import DualStream, TrainableParam, find_units, split_rows, trainable_params
 from distzo.records import UpdateRecord
-from distzo.update import apply_record, perturbed
+from distzo.update import apply_record, decays, perturbed
 
 # Batch keys the model's forward receives; others (labels, gold, ...) are for the loss.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "logits_to_keep")
@@ -174,7 +174,8 @@ class ZOOptimizer:
             offload.reapply_with(self._reapply)
         self._stream = DualStream(self.units, {p.name: p.param for p in self.params}, self._shadow,
                                   lean=(lambda unit: id(unit.module) in offloaded) if offloaded else None,
-                                  batch_streams=batch_streams)
+                                  batch_streams=batch_streams, shadows=self._unit_shadows)
+        self._tables: dict[tuple, Any] = {}  # the grouped launches' tables (kernels' Group), by their tensors
         # Resident fused runs keep each kernel call's launch arguments in device buffers that a
         # step refreshes in place (what a CUDA graph needs):
         # (call, with update, layout, shadow seeds) -> LaunchArgs
@@ -381,27 +382,78 @@ class ZOOptimizer:
             return tuple(perturbed(param, self._direction_of(p, pr.seed), pr.scale, threshold) if pr.scale else param
                          for pr in probes)
         update = self._applying if p.name in self._unapplied else None
-        self._unapplied.discard(p.name)
-        out: list[torch.Tensor | None] = [param if pr.scale == 0.0 else None for pr in probes]
+        return self._fused_shadows([p], update, probes, threshold, lambda u, launch, args: [
+            self._fused.update_and_shadows_of(param, p.key, u, self.perturbation, launch.seeds, launch.scales,
+                                              threshold, args=args)])[name]
+
+    def _fused_shadows(self, params: list[TrainableParam], update: UpdateRecord | None,
+                       probes: tuple[algorithms.Probe, ...], threshold: float | None,
+                       build: Callable) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The shadows of ``params`` for ``probes`` from the fused kernels, the pending ``update``
+        applied first. ``build(update, launch, args)`` makes one kernel call's shadows: for each
+        parameter, a (plus, minus) pair per seed of the ``_Launch``."""
+        self._unapplied.difference_update(p.name for p in params)
+        out = {p.name: [p.param if pr.scale == 0.0 else None for pr in probes] for p in params}
         # The kernel applies the update and builds the shadows of up to MAX_SHADOW_SEEDS seeds
         # (two each) in one pass over theta; seeds with another number of shadows, or beyond
         # that many, take further passes, without the update.
         for j, launch in enumerate(_launches(probes, self._fused.MAX_SHADOW_SEEDS)):
-            args = self._launch_args(j, update, len(launch.seeds))
-            shadows = self._fused.update_and_shadows_of(param, p.key, update, self.perturbation, launch.seeds,
-                                                        launch.scales, threshold, args=args)
-            for slots, pair in zip(launch.slots, shadows):
-                for k, shadow in zip(slots, pair):
-                    out[k] = shadow
-            if update is not None and self.offload is not None:
-                self.offload.updated(p.param, update)
+            built = build(update, launch, self._launch_args(j, update, len(launch.seeds)))
+            for p, shadows in zip(params, built):
+                for slots, pair in zip(launch.slots, shadows):
+                    for k, shadow in zip(slots, pair):
+                        out[p.name][k] = shadow
+            self._updated(params, update)
             update = None
         if update is not None:  # every probe reads theta: the update alone
-            self._fused.apply_update(param, p.key, update, self.perturbation, threshold,
-                                     args=self._launch_args("update", update))
-            if self.offload is not None:
+            for p in params:
+                self._fused.apply_update(p.param, p.key, update, self.perturbation, threshold,
+                                         args=self._launch_args("update", update))
+            self._updated(params, update)
+        return {name: tuple(shadows) for name, shadows in out.items()}
+
+    def _updated(self, params: list[TrainableParam], update: UpdateRecord | None) -> None:
+        if update is not None and self.offload is not None:
+            for p in params:
                 self.offload.updated(p.param, update)
-        return tuple(out)
+
+    def _unit_shadows(self, names: list[str], probes: tuple[algorithms.Probe, ...]) -> dict[str, tuple]:
+        """``_shadow`` of each of a unit call's parameters, the small ones of each dtype (and of the
+        same pending update) built in one kernel launch (``fused.Group``), the others one launch each.
+        Only resident fused runs group (offloaded blocks report each tensor's update to the engine)."""
+        if self._fused is None or self.offload is not None:
+            return {name: self._shadow(name, self._by_name[name].param, probes) for name in names}
+        out, together = {}, {}
+        for name in names:
+            p = self._by_name[name]
+            update = self._applying if name in self._unapplied else None
+            if name not in self._thresholds and self._fused.groupable(p.param, update):
+                together.setdefault((p.param.dtype, update is not None), []).append(p)
+            else:
+                out[name] = self._shadow(name, p.param, probes)
+        most = self._fused.MAX_GROUP
+        for (_, updating), found in together.items():
+            for chunk in (found[i:i + most] for i in range(0, len(found), most)):
+                if len(chunk) == 1:
+                    out[chunk[0].name] = self._shadow(chunk[0].name, chunk[0].param, probes)
+                    continue
+                with torch.no_grad():  # a hybrid forward records a graph: no ZO weight is in it
+                    built = self._grouped_shadows(chunk, self._applying if updating else None, probes)
+                out.update({n: tuple(s.detach() for s in v) for n, v in built.items()}
+                           if self.first_order is not None else built)
+        return out
+
+    def _grouped_shadows(self, params: list[TrainableParam], update: UpdateRecord | None,
+                         probes: tuple[algorithms.Probe, ...]) -> dict[str, tuple]:
+        """``_shadows`` of several small tensors in one launch per kernel call."""
+        ident = tuple((p.name, p.param.data_ptr()) for p in params)
+        group = self._tables.get(ident)
+        if group is None:
+            group = self._tables[ident] = self._fused.Group([p.param for p in params], [p.key for p in params],
+                                                            [decays(p.param) for p in params])
+        return self._fused_shadows(params, update, probes, None, lambda u, launch, args: (
+            self._fused.update_and_shadows_grouped(group, u, self.perturbation, launch.seeds, launch.scales,
+                                                   args=args)))
 
     # ------------------------------------------------------------------ launch arguments, CUDA graphs
 

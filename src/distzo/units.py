@@ -176,6 +176,8 @@ def _merge(outs: list, rows: int, unit_name: str):
 
 # shadow(name, param, probes) -> (theta + a_0 z(s_0), theta + a_1 z(s_1), ...) for probes (s_k, a_k)
 ShadowFn = Callable[[str, torch.Tensor, tuple], tuple[torch.Tensor, ...]]
+# shadows(names, probes) -> {name: shadow(name, ...)} for the parameters of one unit call at once
+ShadowsFn = Callable[[list[str], tuple], dict[str, tuple[torch.Tensor, ...]]]
 
 
 @contextlib.contextmanager
@@ -198,11 +200,14 @@ class DualStream:
     probe (seed s, scale a; ``distzo.algorithms.Probe``), of a canonical parameter name. It
     is called once per parameter and unit call, so an engine decides where z comes from
     (regenerated, cached, or a fused kernel); at most one unit's shadows are alive at a time.
+    ``shadows(names, probes)``, if given, builds those of a unit call's parameters at once (one
+    kernel launch for many small tensors) instead.
     """
 
     def __init__(self, units: list[Unit], params: dict[str, torch.Tensor], shadow: ShadowFn,
-                 lean: Callable[[Unit], bool] | None = None, batch_streams: bool = False):
-        self.units, self.params, self.shadow = units, params, shadow
+                 lean: Callable[[Unit], bool] | None = None, batch_streams: bool = False,
+                 shadows: ShadowsFn | None = None):
+        self.units, self.params, self.shadow, self.shadows = units, params, shadow, shadows
         # A lean unit builds one stream's shadows at a time (shadow() is then called once per
         # stream with that stream's probe): 1/K of the shadow memory, K-1 more reads of theta.
         self.lean = lean
@@ -261,8 +266,8 @@ class DualStream:
                     args: tuple, kwargs: dict, rows: int):
         """``forward`` once per stream on that stream's ``rows`` rows, with the stream's shadows in ``slots``."""
         parts = len(self.probes)
-        names = {name for _, _, name in slots}
-        shadows = {} if lean else {n: self.shadow(n, self.params[n], self.probes) for n in names}
+        names = sorted({name for _, _, name in slots})
+        shadows = {} if lean else self._shadows_of(names)
         split = parts > 1 and _has_batch((args, kwargs), rows, parts)
         outs = []
         for part in range(parts):
@@ -279,6 +284,11 @@ class DualStream:
             del current
         del shadows
         return _merge(outs, rows, unit_name)
+
+    def _shadows_of(self, names: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+        if self.shadows is not None:
+            return self.shadows(names, self.probes)
+        return {n: self.shadow(n, self.params[n], self.probes) for n in names}
 
     @contextlib.contextmanager
     def _owners_per_stream(self, unit: Unit, lean: bool, tokens: int) -> Iterator[None]:
