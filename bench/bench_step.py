@@ -9,8 +9,10 @@ A run is model:ROWSxSEQ with optional flags: ``fp32`` builds the model in float3
 otherwise), ``lora`` wraps it in PEFT LoRA adapters (r 8 on q and v; only they are trained),
 ``graphs`` steps with ``cuda_graphs=True``, ``rademacher`` or ``packed`` with Rademacher or packed
 Rademacher directions instead of Gaussian ones, ``batched`` with ``batch_streams=True`` (each block
-once over both streams' rows, only its perturbed layers per stream) (runs differing only by these
-share one model; the floor is the same for every kind, so their ratios compare within one run).
+once over both streams' rows, only its perturbed layers per stream), ``alone`` with one kernel launch
+per tensor (the small tensors of a unit call are otherwise grouped into one launch) (runs differing
+only by these share one model; the floor is the same for every kind, so their ratios compare within
+one run).
 
 Models are built from their configurations with random weights (bf16, on the GPU; no
 download). For each run (model, rows x sequence length) it measures, on the same batch:
@@ -48,7 +50,7 @@ import torch
 # run flags: those that build another model, and those that only change how the same model steps
 MODEL_FLAGS = {"fp32", "lora"}
 STEP_FLAGS = {"graphs": {"cuda_graphs": True}, "rademacher": {"perturbation": "rademacher"},
-              "packed": {"perturbation": "rademacher-packed"}, "batched": {"batch_streams": True}}
+              "packed": {"perturbation": "rademacher-packed"}, "batched": {"batch_streams": True}, "alone": {}}
 DEFAULT_RUNS = ["opt-6.7b:16x64", "opt-6.7b:16x256", "opt-13b:1x2048", "opt-1.3b:16x64", "llama-3-8b:16x256"]
 
 
@@ -119,6 +121,19 @@ def build(name: str, dtype: torch.dtype = torch.bfloat16, lora: bool = False):
     model.eval()
     torch.cuda.synchronize()
     return model, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def launches_alone(alone: bool):
+    """With ``alone``, every tensor gets a kernel launch of its own (no grouped launches)."""
+    from distzo.kernels import triton_ops
+
+    below = triton_ops.GROUP_BELOW
+    triton_ops.GROUP_BELOW = 0 if alone else below
+    try:
+        yield
+    finally:
+        triton_ops.GROUP_BELOW = below
 
 
 def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):
@@ -324,7 +339,7 @@ def run_one(model, name: str, rows: int, seq: int, bw: float, steps: int, warmup
         def device_us(e):
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
-        r["profiled_kernel_ms_per_step"] = sum(device_us(e) for e in events if e.key == "_step_kernel") / 2e3
+        r["profiled_kernel_ms_per_step"] = sum(device_us(e) for e in events if e.key in ("_step_kernel", "_step_grouped_kernel")) / 2e3
         r["profiled_gpu_busy_ms_per_step"] = sum(device_us(e) for e in events if e.device_type.name != "CPU") / 2e3
         r.update(gpu_gaps(prof, profile_to))
     del opt
@@ -406,7 +421,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
-                    help="model:ROWSxSEQ[:fp32][:lora][:graphs][:rademacher|:packed], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
+                    help="model:ROWSxSEQ[:fp32][:lora][:graphs][:rademacher|:packed][:batched][:alone], e.g. opt-6.7b:16x64 smollm2-135m:16x64:fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 2 for graphs to be captured)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -455,9 +470,10 @@ def main(argv=None) -> int:
             profile_to = args.profile.replace(".txt", f"-{len(results)}.txt") if args.profile and args.profile_all \
                 else (args.profile if first else None)
             kwargs = {k: v for f in step_flags for k, v in STEP_FLAGS[f].items()}
-            r = run_one(model, ":".join((name, *step_flags)), rows, seq, bw, args.steps, args.warmup,
-                        profile_to, optimizer_kwargs=kwargs,
-                        cprofile_to=args.cprofile if first else None)
+            with launches_alone("alone" in step_flags):
+                r = run_one(model, ":".join((name, *step_flags)), rows, seq, bw, args.steps, args.warmup,
+                            profile_to, optimizer_kwargs=kwargs,
+                            cprofile_to=args.cprofile if first else None)
             first = False
             r["build_s"] = build_s
             results.append(r)
