@@ -20,6 +20,8 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
     buffer pass  for comparison, heavy-ball with a stored bf16 momentum buffer (+2 B/param):
                  one pass that reads theta and m, regenerates the step's z, writes m, theta
                  and both shadows (a bench-only kernel; the library stores no buffer)
+  fzoo-profile (``--parts fzoo-profile --profile fzoo.txt``): where the GPU time of the FZOO N=8
+                 step (packed, graphs) goes against the 9B-row forward, by kind of kernel
   offloaded OPT-13B at 1 x 2048
     mezo q=1     2 probes a step (one pair)
     mezo q=2     4 probes a step, measured in one forward: each block still comes up once
@@ -194,6 +196,56 @@ def resident(args) -> dict:
     return out
 
 
+def _by_kind(prof, steps: int) -> dict:
+    """GPU ms per step of a profile, by kind of kernel (by substrings of its name)."""
+    kinds = {"fused": ("_step_",), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "sm90_"),
+             "attention": ("flash", "fmha", "sdpa", "attention"), "copy_cat": ("copy", "cat", "elementwise"),
+             "softmax_loss": ("softmax", "nll", "reduce")}
+    out = dict.fromkeys([*kinds, "other"], 0.0)
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.device_time_total <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, subs in kinds.items() if any(s in name for s in subs)), "other")
+        out[kind] += e.device_time_total / 1e3 / steps
+    out["total"] = sum(out.values())
+    return out
+
+
+def fzoo_profile(args) -> dict:
+    """Where the GPU time of an FZOO N = 8 step goes (packed signs, CUDA graphs) against the plain
+    forward of its 9 x 16 rows: two profiled steps (and forwards), by kind of kernel; the top kernels
+    of each go to ``--profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = build("opt-6.7b")
+    batch = make_batch(16, 64, model.config.vocab_size)
+    stacked = {k: torch.cat([v] * 9) for k, v in batch.items()}
+    opt = ZOOptimizer(model, perturbation="rademacher-packed", algorithm=FZOO(lr=1e-6, probes=8), cuda_graphs=True)
+    for _ in range(args.warmup):
+        opt.step(batch)
+    out, tables = {}, []
+    with torch.inference_mode():
+        model(**stacked)
+    for name, fn in (("fwd_9B", lambda: model(**stacked)), ("fzoo_N8_packed_graphs", lambda: opt.step(batch))):
+        torch.cuda.synchronize()
+        with torch.inference_mode() if name == "fwd_9B" else torch.no_grad():
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    fn()
+                torch.cuda.synchronize()
+        out[name] = _by_kind(prof, 2)
+        tables.append(f"{name}: two calls, by GPU time\n"
+                      + prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+    if args.profile:
+        Path(args.profile).write_text("\n\n".join(tables))
+    opt.flush()
+    del opt, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def offloaded(args) -> dict:
     from bench_offload import model_config
 
@@ -233,12 +285,13 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="resident steps eager (off), with CUDA graphs (on), or both (default: off on)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="with the fzoo-profile part: where its kernel tables go")
     args = ap.parse_args(argv)
     args.graphs = [v == "on" for v in args.graphs]
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__}
     for part in args.parts:
-        result[part] = {"resident": resident, "offloaded": offloaded}[part](args)
+        result[part] = {"resident": resident, "offloaded": offloaded, "fzoo-profile": fzoo_profile}[part](args)
         print(json.dumps({part: result[part]}, indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
