@@ -10,6 +10,9 @@ without Triton). A kernel set provides
     update_and_shadows_of(param, key, record, kind, seeds, scales, threshold=None)
         the same for several seeds in one pass (theta read once; ``scales`` one pair per seed,
         every seed writing the same sides; at most ``MAX_SHADOW_SEEDS`` seeds), a pair per seed;
+    update_and_shadows_grouped(group, record, kind, seeds, scales)
+        ``update_and_shadows_of`` for every tensor of a ``Group`` (small tensors of one dtype,
+        ``groupable``) in one launch, unmasked: a list of pairs per tensor;
     apply_update(param, key, record, kind, threshold=None)
         the update alone (``flush``, offload's catch-up, replay),
 

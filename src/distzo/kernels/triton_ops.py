@@ -20,7 +20,8 @@ float transform differs from the CPU's libm by at most a few 1e-6, see
 exactly: with the same noise word, the same result.
 
 Public functions (the kernel set that ``distzo.kernels.fused_for`` returns):
-``update_and_shadows``, ``apply_update``, plus ``normal``, ``uniform`` and
+``update_and_shadows``, ``update_and_shadows_of``, ``update_and_shadows_grouped`` (one launch
+over a ``Group`` of small tensors), ``apply_update``, plus ``normal``, ``uniform`` and
 ``raw_words`` for parity tests and benchmarks.
 """
 
