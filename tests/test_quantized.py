@@ -24,7 +24,7 @@ from distzo.config import load_config
 from distzo.first_order import FirstOrder
 from distzo.models import (QUANTIZED_BASE_FILE, LoraSettings, ModelConfig, apply_lora, load_model,
                            load_quantized_checkpoint)
-from distzo.offload import ALIGN, OffloadConfig, OffloadEngine, SliceGroup
+from distzo.offload import ALIGN, OffloadConfig, OffloadEngine
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
 from distzo.replay import replay
 
@@ -320,15 +320,6 @@ def test_a_promoted_quantized_block_equals_resident_on_cuda(bnb, tiny_model_dir,
     assert _same_adapters(a, b) and engine.bytes_down == 0
 
 
-def test_sliced_offload_of_quantized_blocks_is_refused(bnb, tiny_model_dir):
-    model = _qlora(tiny_model_dir, "nf4")
-    before = {n: p.data_ptr() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="quantized blocks are not sliced") as err:
-        OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=SliceGroup(group=None, rank=0, size=2))
-    assert "\n" not in str(err.value)
-    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}  # refused before touching anything
-
-
 def test_backprop_through_offloaded_quantized_blocks_is_refused(bnb, tiny_model_dir):
     # The adapters of a quantized block are resident, but a gradient reaching them would flow back
     # through the block's base, which has left the GPU by then.
@@ -484,6 +475,76 @@ def offloaded_run(tiny_model_dir, sst2_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlora-offload") / "run"
     assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--offload", "cpu")) == 0
     return out
+
+
+@pytest.mark.parametrize("axis", ["pert", "data"])
+def test_sliced_offload_of_quantized_blocks_equals_the_single_process_run(bnb, offloaded_run, tiny_model_dir,
+                                                                           sst2_dir, tmp_path, axis):
+    # torchrun, two ranks, --offload cpu: the quantized blocks in one shared host copy that the
+    # first rank fills, each rank uploading half of every block's bytes and gathering the rest; as
+    # close to the single-process offloaded run as the resident torchrun test above is to its run
+    from test_parallel import _torchrun
+
+    out = tmp_path / "ranks"
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
+                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--offload", "cpu",
+                            f"--parallel.{axis}", "2"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "launch.json").read_text())["mesh"][axis] == 2
+    got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(offloaded_run / "trajectory.jsonl").read()
+    assert [r["seeds"] for r in got] == [r["seeds"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grads"] == pytest.approx(b["grads"], abs=1e-3)
+    x, y = load_file(out / ADAPTER), load_file(offloaded_run / ADAPTER)
+    assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
+    assert (out / "checkpoints" / "last" / QUANTIZED_BASE_FILE).is_file()
+    assert not list(Path("/dev/shm").glob("distzo-*"))  # the shared buffers leave nothing behind
+
+
+def test_a_sliced_quantized_block_is_filled_by_the_first_rank_and_gathered(bnb, tiny_model_dir, tmp_path):
+    """Two ranks (torchrun, gloo), each with the quantized model it loaded: both hold the same host
+    bytes of every block, each uploads half of them a step, and the step equals the single-process
+    offloaded one (each rank measures one probe: a forward of R rows instead of 2R)."""
+    from test_parallel import _torchrun
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_SLICED_RANKS.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir),
+                                           out=str(tmp_path)))
+    done = _torchrun("--standalone", "--nproc-per-node", "2", str(script), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, engine = _offloaded(tiny_model_dir, "nf4")
+    want = ZOOptimizer(model, lr=1e-3, eps=1e-2, seed=0, offload=engine).step(_batch(0, model.config.vocab_size))
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    (size,) = {b.flat.numel() for b in engine.blocks}  # the tiny Llama's two blocks are alike
+    for rec in ranks:
+        assert rec["slices"] == 2 and rec["uploads"] >= 2 and rec["block_sizes"] == [size]
+        assert 2 * rec["bytes_up"] == rec["uploads"] * size  # half of every block it uploaded
+        assert rec["losses"][0] == pytest.approx(want.losses[0], abs=1e-5)  # the step's one forward: (L+, L-)
+        assert rec["grads"] == pytest.approx(want.projected_grads, abs=1e-3)
+
+
+_SLICED_RANKS = """
+import hashlib, json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_quantized import _batch, _qlora
+from distzo import parallel
+from distzo.offload import OffloadConfig, OffloadEngine
+from distzo.optimizer import ZOOptimizer
+
+mesh = parallel.init(parallel.ParallelConfig(pert=2, dir=1, data=1, timeout_s=60))
+model = _qlora(Path({model!r}), "nf4")
+engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=parallel.node_slices(mesh))
+digest = hashlib.sha256(b"".join(bytes(b.flat.numpy()) for b in engine.blocks)).hexdigest()
+opt = ZOOptimizer(model, lr=1e-3, eps=1e-2, seed=0, offload=engine, mesh=mesh)
+stats = opt.step(_batch(0, model.config.vocab_size))
+rec = dict(slices=engine.slices.size, bytes_up=engine.bytes_up, uploads=engine.uploads, losses=stats.losses,
+           grads=stats.projected_grads, digest=digest, block_sizes=sorted({{b.flat.numel() for b in engine.blocks}}))
+Path({out!r}, f"rank{{mesh.rank}}.json").write_text(json.dumps(rec))
+mesh.close()
+"""
 
 
 def _steps(out: Path) -> list[tuple]:

@@ -39,8 +39,8 @@ frozen: every tensor the block's forward reads, whatever its dtype, is a byte ra
 uint8 host buffer (``FrozenBlock``), the parameters' codes and the scales held by their
 quantization state alike, and binding a slot rebinds them all. The block's trainable
 parameters (the LoRA adapters) never enter it: they stay on the GPU, so such a block only
-ever goes up, and nothing is written back or re-applied for it. Sliced offload does not
-take quantized blocks yet.
+ever goes up, and nothing is written back or re-applied for it; sliced, each rank uploads its
+slice of those bytes and the gather rebuilds the block.
 """
 
 from __future__ import annotations
@@ -331,9 +331,6 @@ class OffloadEngine:
         self.copies = _Copies(self.device)
         modules = _offloadable_blocks(model)
         self.frozen = any(_quantized(p) for _, m in modules for p in m.parameters())
-        if self.frozen and slices is not None:
-            raise ValueError("offload: quantized blocks are not sliced over a node's GPUs yet; run a quantized "
-                             "offloaded job in one process (without torchrun)")
         # Pageable host memory (pinned=False) is only for measuring what pinning buys.
         self.pinned = self.device.type == "cuda" if pinned is None else pinned
         self._pinned: list[torch.Tensor] = []
@@ -388,23 +385,21 @@ class OffloadEngine:
         for pname, p in params:
             entries.append(_Entry(p, f"{name}.{pname}", offset, p.numel(), p.shape))
             offset += -(-p.numel() // step) * step
-        numel = offset if self.slices is None else -(-offset // self.slices.size) * self.slices.size
-        flat = self._allocate(index, numel, dtypes.pop())
+        flat = self._allocate(index, self._sliceable(offset), dtypes.pop())
         for e in entries:
             view = flat[e.offset : e.offset + e.numel].view(e.shape)
             if self.slices is None or self.slices.rank == 0:
                 _fill(view, e.param, e.name, init, self.device)
             # The source (if any) is freed here: never two copies on the host.
             e.param = _rehome(self._where, e.param, view)
-        if self.slices is not None:
-            self.slices.barrier("loading the shared host copy")  # rank 0 of the node has filled it
-            if self.slices.rank == 0:
-                os.unlink(self._shared_path(index))  # every rank has it mapped; nothing is left behind
+        self._shared_filled(index)
         return HostBlock(index, name, module, entries, flat)
 
     def _frozen_block(self, index: int, name: str, module: nn.Module, init: InitFn | None) -> FrozenBlock:
         """The block's frozen tensors, each at a multiple of ALIGN bytes (as for ``_host_block``), in one
-        uint8 buffer. They are read as they are: a quantized block is built before it is offloaded."""
+        uint8 buffer. They are read as they are: a quantized block is built before it is offloaded.
+        Sliced, every rank holds the quantized model it loaded (a LoRA run is never a skeleton), and
+        the node's first rank fills the shared copy the others then read."""
         tensors, sources, offset = [], [], 0
         for source, holders in _frozen_tensors(module):
             if source.is_meta:
@@ -414,12 +409,26 @@ class OffloadEngine:
             tensors.append(_Bytes(holders, offset, nbytes, source.dtype, source.shape))
             sources.append(source)
             offset += -(-nbytes // ALIGN) * ALIGN
-        flat = self._allocate(index, offset, torch.uint8)
-        for t, source in zip(tensors, sources):
-            t.view(flat).copy_(source)
+        flat = self._allocate(index, self._sliceable(offset), torch.uint8)
+        if self.slices is None or self.slices.rank == 0:
+            for t, source in zip(tensors, sources):
+                t.view(flat).copy_(source)
         block = FrozenBlock(index, name, module, tensors, flat)
         block.bind_host()  # the sources are freed here: never two copies on the host
+        self._shared_filled(index)
         return block
+
+    def _sliceable(self, numel: int) -> int:
+        """``numel`` rounded up so that the node's ranks upload equal slices of the block."""
+        return numel if self.slices is None else -(-numel // self.slices.size) * self.slices.size
+
+    def _shared_filled(self, index: int) -> None:
+        """Sliced: wait until the node's first rank has filled block ``index``'s shared copy, then
+        remove its file (every rank has it mapped, so nothing is left behind)."""
+        if self.slices is not None:
+            self.slices.barrier("loading the shared host copy")
+            if self.slices.rank == 0:
+                os.unlink(self._shared_path(index))
 
     def _allocate(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._allocate_buffer(index, numel, dtype)
@@ -440,16 +449,20 @@ class OffloadEngine:
         return buf
 
     def _share_resident(self, blocks: set[int]) -> None:  # ids of the (re-homed) block parameters
-        """Every parameter outside the blocks and every buffer, as the node's first rank has them."""
+        """Every parameter outside the blocks and every buffer, as the node's first rank has them
+        (a frozen block's tensors are in the shared host copy already: not sent again)."""
         src = torch.distributed.get_global_rank(self.slices.group, 0)
-        tensors = [p.data for _, p in self.model.named_parameters() if id(p) not in blocks]
+        hosted = {b.flat.untyped_storage().data_ptr() for b in self.blocks}
+        tensors = [p.data for _, p in self.model.named_parameters()
+                   if id(p) not in blocks and p.data.untyped_storage().data_ptr() not in hosted]
         for module in self.model.modules():
             for attr, buf in module._buffers.items():
                 if buf is None:
                     continue
                 if buf.is_meta:  # a skeleton's (the others are on the device already)
                     buf = module._buffers[attr] = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
-                tensors.append(buf)
+                if buf.untyped_storage().data_ptr() not in hosted:
+                    tensors.append(buf)
         for t in tensors:
             self.slices.run(lambda: torch.distributed.broadcast(t, src=src, group=self.slices.group, async_op=True),
                             "sharing the resident weights")
