@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,50 +30,66 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
 LR, EPS, WD, STEPS = 1e-3, 1e-3, 0.1, 3
-# Modes per world size: (name, pert, dir, data, q, estimator, model size)
+
+
+class Mode(NamedTuple):
+    """A distributed mode of the tables below: its mesh, its directions and the model it runs."""
+
+    name: str  # "algorithm:mode" for an algorithm other than ZO-SGD
+    pert: int
+    dir: int
+    data: int
+    q: int
+    estimator: str
+    size: str  # "tiny" (float64 Llama) or "larger"
+
+
+# Modes per world size
 MODES = {
     2: [
-        ("data2", 1, 1, 2, 1, "two-sided", "tiny"),
-        ("pert2", 2, 1, 1, 1, "two-sided", "tiny"),
-        ("pert2-one-sided", 2, 1, 1, 1, "one-sided", "tiny"),
-        ("dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
-        ("data2-larger", 1, 1, 2, 1, "two-sided", "larger"),
+        Mode("data2", 1, 1, 2, 1, "two-sided", "tiny"),
+        Mode("pert2", 2, 1, 1, 1, "two-sided", "tiny"),
+        Mode("pert2-one-sided", 2, 1, 1, 1, "one-sided", "tiny"),
+        Mode("dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
+        Mode("data2-larger", 1, 1, 2, 1, "two-sided", "larger"),
     ],
     4: [
-        ("pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
-        ("dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny"),
-        ("pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
-        ("data4", 1, 1, 4, 1, "two-sided", "tiny"),
+        Mode("pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
+        Mode("dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny"),
+        Mode("pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
+        Mode("data4", 1, 1, 4, 1, "two-sided", "tiny"),
     ],
 }
 # Sliced offload (one host copy per node, each rank uploads 1/P of a block): the same modes.
 OFFLOAD_MODES = {
-    2: [("offload-data2", 1, 1, 2, 1, "two-sided", "larger"), ("offload-pert2", 2, 1, 1, 1, "two-sided", "larger"),
-        ("offload-pert2-deferred", 2, 1, 1, 1, "two-sided", "larger")],
-    4: [("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
-        ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
+    2: [Mode("offload-data2", 1, 1, 2, 1, "two-sided", "larger"),
+        Mode("offload-pert2", 2, 1, 1, 1, "two-sided", "larger"),
+        Mode("offload-pert2-deferred", 2, 1, 1, 1, "two-sided", "larger")],
+    4: [Mode("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
+        Mode("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
         # "-late": every gather of a block's slices lands only when the engine waits for it
-        ("offload-dir2xdata2-q2-late", 1, 2, 2, 2, "two-sided", "larger")],
+        Mode("offload-dir2xdata2-q2-late", 1, 2, 2, 2, "two-sided", "larger")],
 }
 # Ranks and reference on ATen's portable (non-SIMD) kernels: other bits than the machine's own.
 PORTABLE_MODES = {
-    4: [("dir2xdata2-q2-larger", 1, 2, 2, 2, "two-sided", "larger"),
-        ("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
-        ("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
+    4: [Mode("dir2xdata2-q2-larger", 1, 2, 2, 2, "two-sided", "larger"),
+        Mode("offload-pert2xdata2", 2, 1, 2, 1, "two-sided", "larger"),
+        Mode("offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger")],
 }
 # The other algorithms on the same axes, named "algorithm:mode": FZOO's one forward of N + 1 = 4
 # probes (split over pert ranks; a second dir rank has no forward to measure), momentum's
 # records of the last steps' seeds, and sparse's masks (thresholds from each rank's own weights,
 # also in sliced offload, where only the node's first rank loaded them).
 ALGORITHM_MODES = {
-    2: [("fzoo:pert2", 2, 1, 1, 1, "one-sided", "tiny"), ("momentum:dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
-        ("fzoo:offload-data2", 1, 1, 2, 1, "one-sided", "larger"),
-        ("sparse:offload-pert2", 2, 1, 1, 1, "two-sided", "larger")],
-    4: [("fzoo:pert2xdir2", 2, 2, 1, 1, "one-sided", "tiny"), ("momentum:pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
-        ("fzoo:pert2xdata2", 2, 1, 2, 1, "one-sided", "tiny"),
-        ("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
-        ("sparse:pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
-        ("momentum-adam:dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny")],
+    2: [Mode("fzoo:pert2", 2, 1, 1, 1, "one-sided", "tiny"), Mode("momentum:dir2-q3", 1, 2, 1, 3, "two-sided", "tiny"),
+        Mode("fzoo:offload-data2", 1, 1, 2, 1, "one-sided", "larger"),
+        Mode("sparse:offload-pert2", 2, 1, 1, 1, "two-sided", "larger")],
+    4: [Mode("fzoo:pert2xdir2", 2, 2, 1, 1, "one-sided", "tiny"),
+        Mode("momentum:pert2xdata2", 2, 1, 2, 1, "two-sided", "tiny"),
+        Mode("fzoo:pert2xdata2", 2, 1, 2, 1, "one-sided", "tiny"),
+        Mode("momentum:offload-dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "larger"),
+        Mode("sparse:pert2xdir2-q2", 2, 2, 1, 2, "two-sided", "tiny"),
+        Mode("momentum-adam:dir2xdata2-q2", 1, 2, 2, 2, "two-sided", "tiny")],
 }
 TABLES = {"modes": MODES, "offload-modes": OFFLOAD_MODES, "portable-kernels": PORTABLE_MODES,
           "algorithm-modes": ALGORITHM_MODES}
@@ -161,7 +178,7 @@ def _algorithm(mode):
     from distzo.algorithms.momentum import Momentum
     from distzo.algorithms.sparse import SparseMeZO
 
-    name, _, _, _, q, est, _ = mode
+    name, q, est = mode.name, mode.q, mode.estimator
     algorithm = name.partition(":")[0] if ":" in name else "mezo"
     if algorithm == "fzoo":
         return FZOO(lr=LR, eps=EPS, weight_decay=WD, probes=3)
@@ -204,8 +221,8 @@ def _reference(mode) -> dict:
 
     from distzo.optimizer import ZOOptimizer, causal_lm_loss
 
-    name, _, _, _, q, est, size = mode
-    model = _model(size)
+    name, q, est = mode.name, mode.q, mode.estimator
+    model = _model(mode.size)
     opt = ZOOptimizer(model, algorithm=_algorithm(mode))
     losses, grads = [], []
     for t in range(STEPS):
@@ -237,12 +254,12 @@ def _assert_matches(rec: dict, ref: dict) -> None:
 def _cases(table: dict) -> dict:
     """parametrize's arguments for every (world, mode) of ``table``, named by the modes."""
     cases = [(world, mode) for world, modes in table.items() for mode in modes]
-    return {"argvalues": cases, "ids": [mode[0] for _, mode in cases]}
+    return {"argvalues": cases, "ids": [mode.name for _, mode in cases]}
 
 
 @pytest.mark.parametrize("world,mode", **_cases(MODES))
 def test_mode_matches_single_process_reference(mode_results, world, mode):
-    ranks = mode_results[mode[0]]
+    ranks = mode_results[mode.name]
     assert len(ranks) == world
     ref = _reference(mode)
     for rec in ranks:
@@ -250,7 +267,7 @@ def test_mode_matches_single_process_reference(mode_results, world, mode):
     first = ranks[0]["weights"]
     for rec in ranks[1:]:  # no weight ever crosses the network, yet the copies agree bit for bit
         assert all(torch.equal(first[k], rec["weights"][k]) for k in first)
-    assert any(not torch.equal(first[k], _model(mode[6]).state_dict()[k]) for k in first)  # they did train
+    assert any(not torch.equal(first[k], _model(mode.size).state_dict()[k]) for k in first)  # they did train
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +280,7 @@ def test_sliced_offload_matches_single_process_reference(offload_results, world,
     # Each rank uploads 1/P of every block and writes back only its own slice of the
     # update into the node's one shared host copy. The final weights are read from that
     # copy, so they match the reference only if every rank's slices landed in it.
-    ranks = offload_results[mode[0]]
+    ranks = offload_results[mode.name]
     ref = _reference(mode)
     for rec in ranks:
         _assert_matches(rec, ref)
@@ -283,7 +300,7 @@ def test_float64_modes_match_on_portable_kernels(portable_results, world, mode):
     # The machine's own kernels and the portable ones round differently, as two CPUs do.
     # Were there a float32 rounding in the float64 path, some machine's bits would cross it
     # and miss the bounds by ~1e-10; on two kernel sets, the suite meets that on every machine.
-    ranks = portable_results[mode[0]]
+    ranks = portable_results[mode.name]
     for rec in ranks:
         _assert_matches(rec, ranks[0]["reference"])  # rank 0's, on the same kernels
 
@@ -295,7 +312,7 @@ def algorithm_results(tmp_path_factory) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("world,mode", **_cases(ALGORITHM_MODES))
 def test_algorithm_mode_matches_single_process_run(algorithm_results, world, mode):
-    ranks = algorithm_results[mode[0]]
+    ranks = algorithm_results[mode.name]
     ref = _reference(mode)
     for rec in ranks:
         _assert_matches(rec, ref)
@@ -310,7 +327,7 @@ def test_each_step_sends_only_scalars(mode_results):
     # One all-reduce per step of a (q, 2 halves, [loss x weight, weight]) float64 vector:
     # 32 bytes per direction whatever the model size.
     for world, modes in MODES.items():
-        for name, _, _, _, q, _, _ in modes:
+        for name, q in ((m.name, m.q) for m in modes):
             for rec in mode_results[name]:
                 assert rec["mesh_bytes"] == [32 * q] * STEPS, name
                 assert rec["dist_bytes"] == [32 * q] * STEPS, name  # counted at torch.distributed's API
@@ -327,7 +344,7 @@ def _run_modes(out: Path, world: int, command: str) -> None:
 
     counts = _count_collectives()
     for mode in TABLES[command][world]:
-        name, pert, dir_, data, q, est, size = mode
+        name, pert, dir_, data, size = mode.name, mode.pert, mode.dir, mode.data, mode.size
         offload = name.partition(":")[2 if ":" in name else 0].startswith("offload-")
         mesh = parallel.init(parallel.ParallelConfig(pert=pert, dir=dir_, data=data, timeout_s=60))
         assert mesh.sizes == {"pert": pert, "dir": dir_, "data": data}

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 POLL_S = 20e-6  # between completion checks: well below a collective's own latency
 
@@ -55,3 +58,30 @@ def failure(rank: int, timeout_s: float, what: str, exc: BaseException) -> Paral
     return ParallelError(
         f"rank {rank}: {what} failed: another rank died or did not answer within {timeout_s:g} s ({detail[:200]})"
     )
+
+
+@dataclass
+class SliceGroup:
+    """The ranks of one node that share one host copy of the blocks (sliced offload)."""
+
+    group: object  # a torch.distributed process group of this node's ranks
+    rank: int
+    size: int
+    shared_dir: str = "/dev/shm"
+    tag: str = "distzo"
+    timeout_s: float = 600.0
+    """A peer that has not joined a gather or barrier by then has died or hung."""
+
+    def run(self, start: Callable[[], object], what: str) -> None:
+        """Start an asynchronous collective and wait for it (both fail as one ParallelError)."""
+        run(start, torch.distributed.get_rank(), self.timeout_s, what)
+
+    def start(self, start: Callable[[], object], what: str):
+        """Start an asynchronous collective: NCCL may report a lost peer here already."""
+        return checked(torch.distributed.get_rank(), self.timeout_s, what, start)
+
+    def wait(self, work, what: str) -> None:
+        wait(work, torch.distributed.get_rank(), self.timeout_s, what)
+
+    def barrier(self, what: str) -> None:
+        self.run(lambda: torch.distributed.barrier(self.group, async_op=True), what)

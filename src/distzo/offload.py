@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distzo import collectives
+from distzo.collectives import SliceGroup
 from distzo.directions import stable_key
 from distzo.records import UpdateRecord
 from distzo.units import UnsupportedModel, layer_stacks
@@ -117,33 +117,6 @@ class OffloadConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
-
-
-@dataclass
-class SliceGroup:
-    """The ranks of one node that share one host copy of the blocks (sliced offload)."""
-
-    group: object  # a torch.distributed process group of this node's ranks
-    rank: int
-    size: int
-    shared_dir: str = "/dev/shm"
-    tag: str = "distzo"
-    timeout_s: float = 600.0
-    """A peer that has not joined a gather or barrier by then has died or hung."""
-
-    def run(self, start: Callable[[], object], what: str) -> None:
-        """Start an asynchronous collective and wait for it (both fail as one ParallelError)."""
-        collectives.run(start, torch.distributed.get_rank(), self.timeout_s, what)
-
-    def start(self, start: Callable[[], object], what: str):
-        """Start an asynchronous collective: NCCL may report a lost peer here already."""
-        return collectives.checked(torch.distributed.get_rank(), self.timeout_s, what, start)
-
-    def wait(self, work, what: str) -> None:
-        collectives.wait(work, torch.distributed.get_rank(), self.timeout_s, what)
-
-    def barrier(self, what: str) -> None:
-        self.run(lambda: torch.distributed.barrier(self.group, async_op=True), what)
 
 
 # ---------------------------------------------------------------- host memory

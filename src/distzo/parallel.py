@@ -33,9 +33,8 @@ import torch
 import torch.distributed as dist
 
 from distzo import collectives
-from distzo.collectives import ParallelError
+from distzo.collectives import ParallelError, SliceGroup
 from distzo.losses import IGNORE_INDEX
-from distzo.offload import SliceGroup
 
 __all__ = ["AXES", "Mesh", "ParallelConfig", "ParallelError", "assemble", "init", "loss_weight", "my_probes",
            "node_slices", "shard_batch", "shard_bounds", "world_size"]
