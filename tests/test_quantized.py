@@ -453,20 +453,27 @@ def test_torchrun_over_a_quantized_base_equals_the_single_process_run(bnb, run, 
     # two ranks, each holding the quantized base: one probe each (pert), or half of each batch (data).
     # float32: a rank's forward of R rows (or R/2) rounds unlike the stacked 2R-row one by ~1e-7 in
     # the loss, which g = dL / 2eps (eps 1e-2) carries as ~1e-5
+    _two_ranks_match(run, _args(tiny_model_dir, sst2_dir, tmp_path / "ranks", "--steps", "4"), axis)
+
+
+def _two_ranks_match(reference: Path, argv: list[str], axis: str) -> Path:
+    """``distzo train argv`` under torchrun on two ranks of ``axis``: the single-process ``reference``'s
+    seeds, its losses and g's within a rank's float32 rounding, its adapter within 1e-5."""
     from test_parallel import _torchrun  # torchrun as the distributed tests start it
 
-    out = tmp_path / "ranks"
-    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
-                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "4", f"--parallel.{axis}", "2"), timeout=300)
+    out = Path(argv[argv.index("--output-dir") + 1])
+    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli", *argv, f"--parallel.{axis}", "2",
+                     timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "launch.json").read_text())["mesh"][axis] == 2
-    got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(run / "trajectory.jsonl").read()
+    got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(reference / "trajectory.jsonl").read()
     assert [r["seeds"] for r in got] == [r["seeds"] for r in want]
     for a, b in zip(got, want, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grads"] == pytest.approx(b["grads"], abs=1e-3)
-    x, y = load_file(out / ADAPTER), load_file(run / ADAPTER)
+    x, y = load_file(out / ADAPTER), load_file(reference / ADAPTER)
     assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -483,21 +490,8 @@ def test_sliced_offload_of_quantized_blocks_equals_the_single_process_run(bnb, o
     # torchrun, two ranks, --offload cpu: the quantized blocks in one shared host copy that the
     # first rank fills, each rank uploading half of every block's bytes and gathering the rest; as
     # close to the single-process offloaded run as the resident torchrun test above is to its run
-    from test_parallel import _torchrun
-
-    out = tmp_path / "ranks"
-    done = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "distzo.cli",
-                     *_args(tiny_model_dir, sst2_dir, out, "--steps", "4", "--offload", "cpu",
-                            f"--parallel.{axis}", "2"), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "launch.json").read_text())["mesh"][axis] == 2
-    got, want = TrajectoryLog(out / "trajectory.jsonl").read(), TrajectoryLog(offloaded_run / "trajectory.jsonl").read()
-    assert [r["seeds"] for r in got] == [r["seeds"] for r in want]
-    for a, b in zip(got, want, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grads"] == pytest.approx(b["grads"], abs=1e-3)
-    x, y = load_file(out / ADAPTER), load_file(offloaded_run / ADAPTER)
-    assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
+    out = _two_ranks_match(offloaded_run, _args(tiny_model_dir, sst2_dir, tmp_path / "ranks", "--steps", "4",
+                                                "--offload", "cpu"), axis)
     assert (out / "checkpoints" / "last" / QUANTIZED_BASE_FILE).is_file()
     assert not list(Path("/dev/shm").glob("distzo-*"))  # the shared buffers leave nothing behind
 
