@@ -705,8 +705,9 @@ class Group:
         start = out = 0
         for p, key, dec in zip(self.params, keys, decay):
             at, rest = divmod(p.data_ptr() - self.base.data_ptr(), size)
-            if rest or at % 16:
-                raise ValueError("a grouped launch's tensors must start 16 elements apart")
+            if rest or at % 16 or not p.is_contiguous() or p.numel() == 0 or p.numel() % 16:
+                raise ValueError("a grouped launch takes contiguous tensors of lengths that are multiples of 16, "
+                                 "starting 16 elements apart")
             for name, value in zip(_ROWS, (start, at, out, p.numel(), _signed(key), int(dec))):
                 rows[name].append(value)
             start += triton.cdiv(p.numel(), _BLOCK)
@@ -736,11 +737,11 @@ def update_and_shadows_grouped(group: Group, record: UpdateRecord | None, kind, 
     args_ = (base, out, group.table, sc.seeds_t, sc.coef_t)
     spec = ("grouped", base.get_device(), base.dtype, out.data_ptr() % 16 == 0, sc.aligned, _WARPS, consts)
     _run(_step_grouped_kernel, _GROUPED_CONSTS, group.programs, spec, args_, consts, base.get_device())
-    shadows, at = [], 0
+    slots, shadows, at = len(seeds) * width, [], 0
     for p in group.params:
         n = p.numel()
-        view = (lambda k, at=at, n=n, p=p: out[at * len(seeds) * width + k * n:][:n].view(p.shape))
-        shadows.append([(view(i * width) if plus else p, view(i * width + int(plus)) if minus else p)
+        mine = out[at * slots : (at + n) * slots].view(slots, *p.shape) if width else None
+        shadows.append([(mine[i * width] if plus else p, mine[i * width + int(plus)] if minus else p)
                         for i in range(len(seeds))])
         at += n
     return shadows
