@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from distzo.durable import fsync_dir, fsync_tree
+from distzo.models import canonical_dtype
 from distzo.records import UpdateRecord, log_fields
 
 COMPLETE = "COMPLETE"
@@ -49,34 +51,6 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_FORMAT = 1
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename or a new entry in ``folder`` durable (a no-op where unsupported)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file and folder under ``folder``.
-
-    Writers such as ``save_pretrained`` leave data in the page cache; publishing the folder
-    by rename before it reaches the disk could, after a power loss, expose empty files
-    under a name that claims to be complete.
-    """
-    root = Path(folder)
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        elif path.is_dir():
-            fsync_dir(path)
-    fsync_dir(root)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -428,7 +402,6 @@ class TrajectoryHeader:
     def __post_init__(self) -> None:
         from distzo.algorithms import check_algorithm
         from distzo.directions import KINDS
-        from distzo.models import canonical_dtype  # imported here: models imports this module
 
         if not self.model:
             raise ValueError("trajectory header needs the base model name")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from distzo.checkpoint import fsync_dir, fsync_tree
+from distzo.durable import fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
