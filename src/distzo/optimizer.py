@@ -365,12 +365,16 @@ class ZOOptimizer:
     def _shadow(self, name: str, param: torch.Tensor, probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
         """theta + a z(s) for each probe (s, a), in the parameter's dtype; theta itself is never
         written (a probe of scale 0 reads it as it is). The pending update is applied first."""
+        return self._outside_graph(lambda: {name: self._shadows(name, param, probes)})[name]
+
+    def _outside_graph(self, build: Callable[[], dict[str, tuple]]) -> dict[str, tuple]:
+        """``build()``'s shadows, kept out of a hybrid forward's autograd graph."""
         if self.first_order is None:  # step() runs under no_grad: nothing records a graph
-            return self._shadows(name, param, probes)
+            return build()
         # a hybrid forward records a graph: ZO weights are never in it, and a probe of scale 0
         # reads theta, detached so that the graph does not reach it
         with torch.no_grad():
-            return tuple(s.detach() for s in self._shadows(name, param, probes))
+            return {name: tuple(s.detach() for s in shadows) for name, shadows in build().items()}
 
     def _shadows(self, name: str, param: torch.Tensor,
                  probes: tuple[algorithms.Probe, ...]) -> tuple[torch.Tensor, ...]:
@@ -437,10 +441,8 @@ class ZOOptimizer:
                 if len(chunk) == 1:
                     out[chunk[0].name] = self._shadow(chunk[0].name, chunk[0].param, probes)
                     continue
-                with torch.no_grad():  # a hybrid forward records a graph: no ZO weight is in it
-                    built = self._grouped_shadows(chunk, self._applying if updating else None, probes)
-                out.update({n: tuple(s.detach() for s in v) for n, v in built.items()}
-                           if self.first_order is not None else built)
+                update = self._applying if updating else None
+                out.update(self._outside_graph(lambda: self._grouped_shadows(chunk, update, probes)))
         return out
 
     def _grouped_shadows(self, params: list[TrainableParam], update: UpdateRecord | None,
