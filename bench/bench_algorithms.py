@@ -20,8 +20,11 @@ Random-init bf16 models (bench_step.build / bench_offload's meta build; no downl
     buffer pass  for comparison, heavy-ball with a stored bf16 momentum buffer (+2 B/param):
                  one pass that reads theta and m, regenerates the step's z, writes m, theta
                  and both shadows (a bench-only kernel; the library stores no buffer)
-  fzoo-profile (``--parts fzoo-profile --profile fzoo.txt``): where the GPU time of the FZOO N=8
-                 step (packed, graphs) goes against the 9B-row forward, by kind of kernel
+  fzoo-profile (``--parts fzoo-profile --profile fzoo.txt [--kind K]``): where the GPU time of the
+                 FZOO N=8 step (packed or --kind signs, graphs) goes against the 9B-row forward,
+                 by kind of kernel
+  fzoo-kinds   FZOO N=8 with graphs, packed and shared signs in alternating pairs, against the
+                 9B-row forward; mezo and momentum h=8 with both; the passes per parameter
   offloaded OPT-13B at 1 x 2048
     mezo q=1     2 probes a step (one pair)
     mezo q=2     4 probes a step, measured in one forward: each block still comes up once
@@ -196,6 +199,36 @@ def resident(args) -> dict:
     return out
 
 
+def fzoo_kinds(args) -> dict:
+    """FZOO N = 8 on OPT-6.7B at 16 x 64 with CUDA graphs, packed against shared signs (every probe's
+    sign of an element from one word), in alternating pairs, against the forward of its 9B rows;
+    ZO-SGD and momentum with shared signs beside the packed ones; the passes per parameter."""
+    model, _ = build("opt-6.7b")
+    batch = make_batch(16, 64, model.config.vocab_size)
+    stacked = {k: torch.cat([v] * 9) for k, v in batch.items()}
+    with torch.inference_mode():
+        fwd9, _ = timed(lambda: model(**stacked), args.steps, args.warmup)
+    out = {"model": "opt-6.7b", "batch": "16x64", "fwd_9B_ms": fwd9}
+    for pair in range(2):
+        for kind in ("rademacher-packed", "rademacher-shared"):
+            ms, peak = _step_ms(model, FZOO(lr=1e-6, probes=8), kind, batch, args.steps, args.warmup, True)
+            out[f"fzoo_N8_{kind}_graphs_ms_{pair}"], out[f"fzoo_N8_{kind}_peak_GB"] = ms, peak
+            out[f"fzoo_{kind}_vs_fwd_9B_{pair}"] = ms / fwd9
+    for kind in ("rademacher-packed", "rademacher-shared"):
+        mezo, _ = _step_ms(model, MeZO(lr=1e-6), kind, batch, args.steps, args.warmup, True)
+        heavy, _ = _step_ms(model, Momentum(beta=0.9, history=8, lr=1e-6), kind, batch, args.steps + 8,
+                            args.warmup + 8, True)
+        out[f"mezo_{kind}_graphs_ms"], out[f"momentum_h8_{kind}_graphs_ms"] = mezo, heavy
+        out[f"pass_ns_per_param_{kind}_1"] = _pass_ns_per_param(model, 1, kind, args.steps)
+        out[f"pass_ns_per_param_{kind}_8"] = _pass_ns_per_param(model, 8, kind, args.steps)  # seeds 1..8: one family
+        out[f"probe_shadows_8_one_pass_ns_per_param_{kind}"] = _probe_shadows_ns_per_param(model, kind, args.steps,
+                                                                                          True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def _by_kind(prof, steps: int) -> dict:
     """GPU ms per step of a profile, by kind of kernel (by substrings of its name)."""
     kinds = {"fused": ("_step_",), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "sm90_"),
@@ -221,13 +254,13 @@ def fzoo_profile(args) -> dict:
     model, _ = build("opt-6.7b")
     batch = make_batch(16, 64, model.config.vocab_size)
     stacked = {k: torch.cat([v] * 9) for k, v in batch.items()}
-    opt = ZOOptimizer(model, perturbation="rademacher-packed", algorithm=FZOO(lr=1e-6, probes=8), cuda_graphs=True)
+    opt = ZOOptimizer(model, perturbation=args.kind, algorithm=FZOO(lr=1e-6, probes=8), cuda_graphs=True)
     for _ in range(args.warmup):
         opt.step(batch)
     out, tables = {}, []
     with torch.inference_mode():
         model(**stacked)
-    for name, fn in (("fwd_9B", lambda: model(**stacked)), ("fzoo_N8_packed_graphs", lambda: opt.step(batch))):
+    for name, fn in (("fwd_9B", lambda: model(**stacked)), (f"fzoo_N8_{args.kind}_graphs", lambda: opt.step(batch))):
         torch.cuda.synchronize()
         with torch.inference_mode() if name == "fwd_9B" else torch.no_grad():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -286,12 +319,14 @@ def main(argv=None) -> int:
                     help="resident steps eager (off), with CUDA graphs (on), or both (default: off on)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="with the fzoo-profile part: where its kernel tables go")
+    ap.add_argument("--kind", default="rademacher-packed", help="the fzoo-profile part's directions")
     args = ap.parse_args(argv)
     args.graphs = [v == "on" for v in args.graphs]
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__}
     for part in args.parts:
-        result[part] = {"resident": resident, "offloaded": offloaded, "fzoo-profile": fzoo_profile}[part](args)
+        result[part] = {"resident": resident, "offloaded": offloaded, "fzoo-profile": fzoo_profile,
+                        "fzoo-kinds": fzoo_kinds}[part](args)
         print(json.dumps({part: result[part]}, indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

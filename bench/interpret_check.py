@@ -95,8 +95,12 @@ def check_many_seeds() -> None:
     """One pass writing the shadows of several seeds equals one pass per seed, bit for bit: the
     update applied once, each seed's shadows from theta after it."""
     record = UpdateRecord(0, (11, 12), (0.7, -1.2), 1e-2, divisor=2, decay=0.1, rounding_seed=77)
-    seeds = (21, 22, 23, 24, 25)
-    for kind in directions.KINDS:
+    # rademacher-shared: seeds of one family (lanes of seed 0's words), and seeds that change family
+    # from one to the next and back (the words drawn again each time)
+    mixed = UpdateRecord(0, (11, 44, 12), (0.7, -1.2, 0.4), 1e-2, divisor=3, decay=0.1, rounding_seed=77)
+    cases = [(kind, record, (21, 22, 23, 24, 25)) for kind in directions.KINDS]
+    cases.append(("rademacher-shared", mixed, (21, 53, 22, 85, 86)))
+    for kind, record, seeds in cases:
         for shape in ((4099,), (64, 48)):  # a length that is a multiple of 16 and one that is not
             for pairs, threshold in itertools.product(
                     (tuple((1e-3 * (i + 1), 0.0) for i in range(len(seeds))),
@@ -183,6 +187,7 @@ def check_optimizer_launches() -> None:
     from distzo.algorithms.mezo import MeZO
 
     for algorithm, settings in ((lambda: FZOO(lr=1e-3, eps=1e-2, probes=6), {"perturbation": "rademacher-packed"}),
+                                (lambda: FZOO(lr=1e-3, eps=1e-2, probes=5), {"perturbation": "rademacher-shared"}),
                                 (lambda: FZOO(lr=1e-3, eps=1e-2, probes=3), {"perturbation": "gaussian"}),
                                 (lambda: MeZO(lr=1e-3, eps=1e-2, directions=3),  # the 3 pairs in one forward
                                  {"perturbation": "rademacher", "merge_forwards": True})):

@@ -46,10 +46,11 @@ def build_grouped(dtype: str, sr: int, update: bool, shadows: bool, block: int, 
 
 
 def build(dtype: str, sr: int, update: bool, shadows: bool, block: int, warps: int, fast: bool = True, q: int = 1,
-          kind: str = "gaussian", seeds: int = 1, minus: bool = True, adam: int = 0):
+          kind: str = "gaussian", seeds: int = 1, minus: bool = True, adam: int = 0, div: int | None = None):
     """A variant as a run launches it on tensors whose length is a multiple of 16: ``seeds`` shadow
-    seeds, each with a plus shadow and (``minus``) a minus shadow."""
-    consts = dict(Q=q, DIV=q, UPDATE=update, DECAY=False, SR=sr, NS=seeds, PLUS=shadows, MINUS=shadows and minus,
+    seeds, each with a plus shadow and (``minus``) a minus shadow; the record's divisor ``div``
+    (MeZO's q by default)."""
+    consts = dict(Q=q, DIV=q if div is None else div, UPDATE=update, DECAY=False, SR=sr, NS=seeds, PLUS=shadows, MINUS=shadows and minus,
                   KIND=K._KINDS[kind], FAST=fast, MASKED=False, NDIV=16, ADAM=adam, BLOCK=block)
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # both pointers and n
     return _compile(K._step_kernel, _step_signature(dtype), consts, warps, aligned)
@@ -84,7 +85,7 @@ def compile_all(block: int, warps: int) -> int:
                           PLUS=plus, MINUS=minus, KIND=K._KINDS[kind], FAST=True, ADAM=groups, BLOCK=block)
             _compile(K._step_grouped_kernel, _grouped_signature(dtype), consts, warps)
             count += 1
-    for what in range(5):
+    for what in range(6):
         sig = {"out_ptr": "*i64" if what == 3 else "*fp32", "n": "i32", "first_block": "i64", "key_lo": "i32",
                "key_hi": "i32", "seed_lo": "i32", "seed_hi": "i32"}
         _compile(K._draw_kernel, sig, dict(WHAT=what, FAST=True, BLOCK=block), warps)
@@ -105,7 +106,7 @@ def report(name: str, kernel) -> None:
         sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
         res = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                              text=True).stdout
-    ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
+    ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
     mix = collections.Counter(i.split(".")[0] for i in ins)
     mem = collections.Counter(i for i in ins if i.startswith(("LDG", "STG")))
     usage = " ".join(re.findall(r"REG:\d+|STACK:\d+", res))
@@ -140,7 +141,10 @@ def main() -> None:
     for kind in ("gaussian", "rademacher", "rademacher-packed"):  # momentum's h = 8 record
         report(f"bf16 update of 8 directions + shadows, {kind}",
                build("bf16", 1, True, True, a.block, a.warps, q=8, kind=kind))
-    for kind in ("rademacher", "rademacher-packed"):  # FZOO's N = 8 probes: one pass, 8 one-sided shadows
+    for kind in ("rademacher", "rademacher-packed", "rademacher-shared"):
+        # FZOO's N = 8 probes: one pass, 8 one-sided shadows (with the previous step's record of 8, or of 1)
+        report(f"bf16 FZOO N=8 record (8 seeds, divisor 1) + 8 seeds' plus shadows, {kind}",
+               build("bf16", 1, True, True, a.block, a.warps, q=8, div=1, kind=kind, seeds=8, minus=False))
         report(f"bf16 update + 8 seeds' plus shadows, {kind}",
                build("bf16", 1, True, True, a.block, a.warps, kind=kind, seeds=8, minus=False))
         report(f"bf16 update + 1 seed's plus shadow, {kind}",

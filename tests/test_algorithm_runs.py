@@ -41,7 +41,8 @@ def _losses_match(got, want) -> None:
 # --------------------------------------------------------------------------- against the references
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "rademacher"), ("opt", "gaussian"), ("opt", "rademacher-packed")])
+@pytest.mark.parametrize("family,kind", [("llama", "rademacher"), ("opt", "gaussian"), ("opt", "rademacher-packed"),
+                                         ("llama", "rademacher-shared")])
 def test_fzoo_matches_its_reference(family, kind):
     model = tiny_model(family, dtype=torch.float64)
     ref = copy.deepcopy(model)
@@ -247,7 +248,7 @@ def _steps(run) -> list[dict]:
 
 
 ALGORITHM_ARGS = {
-    "fzoo": ["--optim.algorithm", "fzoo", "--optim.fzoo.probes", "3", "--optim.perturbation", "rademacher"],
+    "fzoo": ["--optim.algorithm", "fzoo", "--optim.fzoo.probes", "3", "--optim.perturbation", "rademacher-shared"],
     "momentum": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2",
                  "--optim.perturbation", "rademacher-packed"],
     "momentum-adam": ["--optim.algorithm", "momentum", "--optim.momentum.history", "3", "--optim.directions", "2",

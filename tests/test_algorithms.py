@@ -26,6 +26,25 @@ def test_mezo_plans_q_forwards_of_two_probes_along_the_step_seeds(estimator, sec
     assert plan == [Forward((Probe(s, 1e-2), Probe(s, second))) for s in seeds]
 
 
+def test_an_algorithm_takes_the_optimisers_kind_of_directions():
+    """rademacher-shared lays a step's seeds out as one family's lanes; an algorithm built without a
+    kind takes the optimiser's, one built for another kind is refused where the layouts differ."""
+    from distzo.algorithms.fzoo import FZOO
+    from distzo.algorithms.momentum import Momentum
+
+    model = tiny_model("llama")
+    for algo in (FZOO(probes=4, seed=5), Momentum(history=2, directions=2, seed=5)):
+        opt = ZOOptimizer(model, perturbation="rademacher-shared", algorithm=algo)
+        seeds = [p.seed for f in opt.algorithm.plan(3) for p in f.probes if p.scale]
+        assert algo.perturbation == "rademacher-shared" and {directions.family(s) for s in seeds} == {
+            directions.family(directions.step_seed(5, 3, 0))}
+    with pytest.raises(ValueError, match="lays out its seeds for rademacher directions"):
+        ZOOptimizer(model, perturbation="rademacher-shared", algorithm=FZOO(perturbation="rademacher"))
+    plain = FZOO(perturbation="gaussian")
+    ZOOptimizer(model, perturbation="rademacher", algorithm=plain)  # the same seeds for both: accepted
+    assert plain.seeds(2) == FZOO().seeds(2)
+
+
 def test_mezo_finishes_with_the_zo_sgd_record():
     algo = MeZO(lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2, seed=5,
                 schedule=Schedule("linear", total_steps=10))

@@ -97,6 +97,28 @@ def test_packed_signs_take_every_bit_of_a_block():
         assert z[i] == 1 - 2 * ((word >> (i % 32)) & 1), i
 
 
+def test_shared_signs_are_lanes_of_the_familys_words():
+    # a seed's family is its bits above the lowest five, its lane the lowest five; element i takes
+    # bit 31 - lane of word i % 4 of block i // 4 under the family: lane 0 is rademacher's top bit
+    family = 1 << 5  # seed 32: the family of seeds 32 .. 63
+    assert torch.equal(d.draw(family, 2, 0, 64, "rademacher-shared"), d.draw(family, 2, 0, 64, "rademacher"))
+    words = d.raw_words(family, 2, 0, 64)
+    for lane in (0, 1, 7, 31):
+        z = d.draw(family + lane, 2, 0, 64, "rademacher-shared")
+        assert torch.equal(z, 1.0 - 2.0 * ((words >> (31 - lane)) & 1).to(torch.float32)), lane
+    assert d.family(family + 31) == family and d.family(-1) == -32  # two's complement: the same low bits
+
+
+def test_a_steps_shared_directions_are_one_familys_lanes():
+    seeds = [d.step_seed(3, 9, j, "rademacher-shared") for j in range(40)]
+    assert {d.family(s) for s in seeds[:32]} == {d.family(seeds[0])} and d.family(seeds[32]) != d.family(seeds[0])
+    assert [s % 32 for s in seeds] == [j % 32 for j in range(40)]
+    assert d.family(seeds[0]) == d.family(d.step_seed(3, 9, 0))  # the family is the step's seed of direction 0
+    assert d.family(d.step_seed(3, 10, 0, "rademacher-shared")) != d.family(seeds[0])
+    # the other kinds keep one independent seed per direction, as their logs hold them
+    assert [d.step_seed(3, 9, j, "rademacher") for j in range(3)] == [d.step_seed(3, 9, j) for j in range(3)]
+
+
 def test_the_kernels_uniform_identity_holds_for_every_word():
     """The GPU kernel forms u as (1 + (w >> 9) 2^-23) - (1 - 2^-24) from float bits (no conversion):
     equal, bit for bit, to directions' ((w >> 9) * 2 + 1) 2^-24 for every one of the 2^23 values."""
@@ -112,7 +134,7 @@ def test_word_to_uniform_is_exact_and_open():
     assert u.tolist() == [2.0**-24, 2.0**-24, 3 * 2.0**-24, 1 - 2.0**-24]
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "rademacher-packed"])
+@pytest.mark.parametrize("kind", d.KINDS)
 def test_slice_equals_slice_of_whole(kind):
     chunk = d._CHUNK
     whole = d.draw(7, 99, 0, chunk + 4099, kind)
@@ -152,6 +174,11 @@ def test_moments():
     assert set(packed.unique().tolist()) == {-1.0, 1.0} and abs(float(packed.mean())) < 5 / n**0.5
     # neighbours come from one word: no correlation between bits of it
     assert abs(float((packed[1:] * packed[:-1]).mean())) < 5 / n**0.5
+    # the lanes of a family are bits of one word: each fair, no two correlated
+    lanes = torch.stack([d.draw(64 + j, 6, 0, n, "rademacher-shared").double() for j in (0, 1, 17, 31)])
+    assert set(lanes.unique().tolist()) == {-1.0, 1.0} and float(lanes.mean(1).abs().max()) < 5 / n**0.5
+    cross = lanes @ lanes.T / n
+    assert float((cross - torch.eye(4, dtype=torch.float64)).abs().max()) < 5 / n**0.5
 
 
 def test_same_in_another_process():

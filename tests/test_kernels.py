@@ -78,7 +78,7 @@ def test_normals_match_cpu(ops, seed, key, start, count):
     z = ops.normal(seed, key, start, count, "gaussian", device="cuda").cpu()
     ref = directions.draw(seed, key, start, count, "gaussian")
     assert float((z - ref).abs().max()) <= 1e-5
-    for kind in ("rademacher", "rademacher-packed"):
+    for kind in ("rademacher", "rademacher-packed", "rademacher-shared"):
         r = ops.normal(seed, key, start, count, kind, device="cuda").cpu()
         assert torch.equal(r, directions.draw(seed, key, start, count, kind)), kind
 
@@ -110,18 +110,20 @@ UPDATE_CASES = [  # (q, weight decay, kind, shape)
     (3, 0.1, "rademacher-packed", (300, 77)),  # runs of 16 signs across rows and program ends
     (1, 0.0, "rademacher-packed", (4099,)),
     (1, 0.1, "gaussian", (4099,)),  # 1-D: no decay
+    (3, 0.1, "rademacher-shared", (300, 77)),  # three lanes of one family
+    (1, 0.0, "rademacher-shared", (4099,)),
 ]
 
 
-def _update_args(q):
-    seeds = [directions.step_seed(5, 11, j) for j in range(q)]
+def _update_args(q, kind="gaussian"):
+    seeds = [directions.step_seed(5, 11, j, kind) for j in range(q)]
     grads = [37.5, -12.25, 3.0][:q]
     return seeds, grads
 
 
 @pytest.mark.parametrize("q,wd,kind,shape", UPDATE_CASES)
 def test_apply_update_fp32(ops, q, wd, kind, shape):
-    seeds, grads = _update_args(q)
+    seeds, grads = _update_args(q, kind)
     ref = _param(shape, torch.float32)
     got = ref.cuda()
     update.apply_update_(ref, KEY, zo_sgd(0, seeds, grads, 1e-3, wd), kind)
@@ -133,7 +135,7 @@ def test_apply_update_fp32(ops, q, wd, kind, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q,wd,kind,shape", UPDATE_CASES)
 def test_apply_update_half_precision(ops, dtype, q, wd, kind, shape):
-    seeds, grads = _update_args(q)
+    seeds, grads = _update_args(q, kind)
     start = _param(shape, dtype)
     ref = start.clone()
     got = start.cuda()
@@ -244,15 +246,24 @@ def test_packed_signs_in_the_fused_pass(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher-packed"])
+@pytest.mark.parametrize("kind,families", [("gaussian", 5), ("rademacher-packed", 5), ("rademacher-shared", 1),
+                                           ("rademacher-shared", 3)])
 @pytest.mark.parametrize("two_sided", [False, True])
 @pytest.mark.parametrize("shape", [(300, 77), (64, 512)])  # a length that is not a multiple of 16, and one that is
-def test_shadows_of_many_seeds_in_one_pass_equal_one_pass_per_seed(ops, dtype, kind, two_sided, shape):
+def test_shadows_of_many_seeds_in_one_pass_equal_one_pass_per_seed(ops, dtype, kind, families, two_sided, shape):
     """One launch writing N seeds' shadows (FZOO's probes, ZO-SGD's directions in one forward) gives
-    the bits of N launches of one seed, the update applied once; a masked pass too."""
-    seeds = tuple(directions.step_seed(5, 12, j) for j in range(5))
+    the bits of N launches of one seed, the update applied once; a masked pass too. rademacher-shared:
+    the seeds (and the update's) one family's lanes, whose words the pass draws once, or seeds that
+    change family and come back to one (the words drawn again)."""
+    if families == 3:
+        one, two, three = (directions.step_seed(5, 12 + f, 0, kind) for f in range(3))
+        seeds, update = (one, two + 1, one + 2, three + 3, three + 4), _update_args(2)
+    else:
+        seeds = tuple(directions.step_seed(5, 12, j, kind) for j in range(5))
+        update = _update_args(2, kind)
+    assert len({directions.family(s) for s in seeds}) == families
     pairs = tuple((1e-3 * (j + 1), -1e-3 if two_sided else 0.0) for j in range(len(seeds)))
-    pending = zo_sgd(0, *_update_args(2), 1e-3, 0.1)
+    pending = zo_sgd(0, *update, 1e-3, 0.1)
     start = _param(shape, dtype, seed=3).cuda()
     for threshold in (None, 0.02):
         many, one = start.clone(), start.clone()
@@ -435,27 +446,28 @@ def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
     assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
 
 
-@pytest.mark.parametrize("name", ["fzoo", "momentum", "momentum-adam"])
+@pytest.mark.parametrize("name", ["fzoo", "fzoo-shared", "momentum", "momentum-adam"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, dtype):
     # records with many seeds and divisor 1 (and the adam rule's) run through the fused kernel and
-    # replay through it
+    # replay through it; fzoo-shared's probes are the lanes of one family
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.momentum import Momentum
 
-    algorithm = FZOO(lr=1e-3, eps=1e-2, weight_decay=0.1, probes=4) if name == "fzoo" else \
+    algorithm = FZOO(lr=1e-3, eps=1e-2, weight_decay=0.1, probes=4) if name.startswith("fzoo") else \
         Momentum(beta=0.9, history=4, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2,
                  rule="adam" if name == "momentum-adam" else "heavy-ball")
+    kind = "rademacher-shared" if name == "fzoo-shared" else "gaussian"
     name = name.split("-")[0]
     base = tiny_model("llama", dtype=dtype)
     trained = copy.deepcopy(base).cuda()
-    opt = ZOOptimizer(trained, algorithm=algorithm)
+    opt = ZOOptimizer(trained, algorithm=algorithm, perturbation=kind)
     assert opt._fused is not None
     stats = [opt.step(tiny_batch(seed=t)) for t in range(6)]
     opt.flush()
     log = TrajectoryLog(tmp_path / "trajectory.jsonl")
     header = log.start(TrajectoryHeader(model="tiny", weight_decay=0.1, dtype=str(dtype).removeprefix("torch."),
-                                        algorithm=name))
+                                        algorithm=name, perturbation=kind))
     for s in stats:
         log.append_update(s.update, s.loss, skipped=s.skipped, **s.log)
     log.close()

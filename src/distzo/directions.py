@@ -20,6 +20,14 @@ bit of each word (0 -> +1, 1 -> -1).
 1 -> -1). The distribution is the same as rademacher's; the signs are others, and one
 Philox call serves 128 elements instead of 4, which is what a GPU pass that regenerates
 several directions per element is bound by.
+
+``rademacher-shared`` directions let the probes of one step share each Philox draw. A seed
+is a *family* (its bits above the lowest five) and a *lane* (its lowest five bits): element
+``i`` gets bit ``31 - lane`` of word ``i % 4`` of block ``i // 4`` under the family's seed
+(0 -> +1, 1 -> -1), so lane 0 is rademacher under the family seed, and the 32 lanes of a
+family are 32 independent fair signs per element from one word. ``step_seed`` puts the first
+32 directions of a step in one family, so a pass that draws all of a step's probes (FZOO's
+N, MeZO's q) computes one Philox block per four elements for all of them.
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["gaussian", "rademacher", "rademacher-packed"]
-KINDS = ("gaussian", "rademacher", "rademacher-packed")
+Kind = Literal["gaussian", "rademacher", "rademacher-packed", "rademacher-shared"]
+KINDS = ("gaussian", "rademacher", "rademacher-packed", "rademacher-shared")
 PACKED = 128  # elements per Philox block in the rademacher-packed kind (4 words x 32 bits)
+LANES = 32  # directions of one family in the rademacher-shared kind (the bits of a word)
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -50,9 +59,19 @@ def stable_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def step_seed(run_seed: int, step: int, direction: int) -> int:
-    """The 64-bit seed of direction ``direction`` at optimiser step ``step``."""
-    return stable_key(f"distzo/{run_seed}/{step}/{direction}")
+def step_seed(run_seed: int, step: int, direction: int, kind: str = "gaussian") -> int:
+    """The 64-bit seed of direction ``direction`` at optimiser step ``step``. rademacher-shared
+    directions 32 f .. 32 f + 31 of a step are the lanes of one family (the seed of direction 32 f,
+    its lowest five bits cleared); every other kind keeps one independent seed per direction."""
+    if kind != "rademacher-shared":
+        return stable_key(f"distzo/{run_seed}/{step}/{direction}")
+    family = stable_key(f"distzo/{run_seed}/{step}/{direction - direction % LANES}")
+    return family - family % LANES + direction % LANES
+
+
+def family(seed: int) -> int:
+    """The Philox seed a rademacher-shared direction draws from: ``seed`` without its lane bits."""
+    return seed - seed % LANES
 
 
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
@@ -138,6 +157,9 @@ def _draw_chunk(seed: int, key: int, start: int, count: int, kind: Kind) -> torc
     first, last = start // 4, (start + count + 3) // 4
     if kind == "gaussian":
         values = _gaussian_from_blocks(_words(seed, key, first, last))
+    elif kind == "rademacher-shared":  # bit 31 - lane of the family's word
+        bits = (_blocks(family(seed), key, first, last) >> (LANES - 1 - seed % LANES)) & 1
+        values = 1.0 - 2.0 * bits.to(torch.float32)
     else:
         values = 1.0 - 2.0 * (_blocks(seed, key, first, last) >> 31).to(torch.float32)
     offset = start - first * 4

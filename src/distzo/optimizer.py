@@ -133,6 +133,7 @@ class ZOOptimizer:
         if isinstance(algorithm, str):
             algorithm = algorithms.make(algorithm, lr=lr, eps=eps, weight_decay=weight_decay, directions=directions,
                                         estimator=estimator, seed=seed, schedule=schedule)
+        algorithms.adopt(algorithm, perturbation)
         self.algorithm = algorithm
         _check_mesh(algorithm, mesh)
         self.model = model

@@ -124,6 +124,18 @@ def _registry() -> dict[str, type]:
     return {cls.name: cls for cls in (MeZO, FZOO, Momentum, SparseMeZO)}
 
 
+def adopt(algorithm: Algorithm, kind: str) -> None:
+    """Lay out ``algorithm``'s seeds for the optimiser's kind of z (one built without a kind takes
+    it). rademacher-shared puts a step's directions in one family (``directions.step_seed``), so
+    an algorithm built for another kind would draw the right z from needlessly many families."""
+    own = getattr(algorithm, "perturbation", kind)
+    if own is None:
+        algorithm.perturbation = kind
+    elif own != kind and "rademacher-shared" in (own, kind):
+        raise ValueError(f"the algorithm lays out its seeds for {own} directions and the optimiser draws {kind}: "
+                         f"build it with perturbation={kind!r} (or leave perturbation unset)")
+
+
 def build(optim, seed: int, steps: int) -> Algorithm:
     """The algorithm an ``OptimConfig`` names, with the common settings and its own (optim.<name>.*)."""
     from distzo.algorithms.eps import EpsRule
@@ -133,7 +145,7 @@ def build(optim, seed: int, steps: int) -> Algorithm:
     own = asdict(getattr(optim, optim.algorithm)) if hasattr(optim, optim.algorithm) else {}
     return make(optim.algorithm, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay,
                 directions=optim.directions, estimator=optim.estimator, seed=seed,
-                schedule=optim.schedule_for(steps), eps_rule=eps_rule, **own)
+                schedule=optim.schedule_for(steps), eps_rule=eps_rule, perturbation=optim.perturbation, **own)
 
 
 _REGISTRY = _registry()

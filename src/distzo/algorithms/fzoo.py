@@ -8,7 +8,8 @@ normalised by the spread of their losses.
 (L_i - L0) / sigma is scale-free, so the step is a normalised-SGD step whose size the
 learning rate sets alone: large where the losses barely move, small where they spread.
 The paper uses Rademacher directions (``--optim.perturbation rademacher``, or
-``rademacher-packed``: the same distribution, 128 signs per random draw). No state; the
+``rademacher-shared``: the same distribution, every probe's sign of an element from one random
+word, the cheapest on a GPU; or ``rademacher-packed``, 128 signs per draw). No state; the
 engines hold N + 1 shadows of a unit at a time (lean offloaded units: one).
 """
 
@@ -45,18 +46,20 @@ class FZOO:
 
     def __init__(self, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  schedule: Schedule | None = None, eps_rule: EpsRule | None = None, probes: int = 8,
-                 directions: int = 1, estimator: str = "one-sided"):
+                 directions: int = 1, estimator: str = "one-sided", perturbation: str | None = None):
         # FZOO is one-sided with its own probe count: MeZO's settings for these do not apply
         if directions != 1:
             raise ValueError(f"fzoo measures optim.fzoo.probes directions a step, not optim.directions ({directions})")
         validate(lr, eps, weight_decay, 1, "one-sided")
         self.own = FZOOConfig(probes)
+        # the kind of z, which lays out the seeds (directions.step_seed); None: the optimiser's
+        self.perturbation = perturbation
         self.lr, self.eps, self.weight_decay, self.seed = lr, eps, weight_decay, seed
         self.schedule = schedule or Schedule()
         self.eps_rule = eps_rule or EpsRule(eps, Schedule())
 
     def seeds(self, step: int) -> list[int]:
-        return [directions.step_seed(self.seed, step, i) for i in range(self.own.probes)]
+        return [directions.step_seed(self.seed, step, i, self.perturbation or "gaussian") for i in range(self.own.probes)]
 
     def plan(self, step: int) -> list[Forward]:
         seeds, eps = self.seeds(step), self.eps_rule.at(step)

@@ -47,8 +47,11 @@ class MeZO:
 
     def __init__(self, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, directions: int = 1,
                  estimator: estimator.Estimator = "two-sided", seed: int = 0, schedule: Schedule | None = None,
-                 eps_rule: EpsRule | None = None, transform: str = "plain", clip: float = 1.0):
+                 eps_rule: EpsRule | None = None, transform: str = "plain", clip: float = 1.0,
+                 perturbation: str | None = None):
         validate(lr, eps, weight_decay, directions, estimator)
+        # the kind of z, which lays out the seeds (directions.step_seed); None: the optimiser's
+        self.perturbation = perturbation
         self.own = MeZOConfig(transform, clip)
         self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
         self.num_directions, self.estimator, self.seed = directions, estimator, seed
@@ -56,7 +59,7 @@ class MeZO:
         self.eps_rule = eps_rule or EpsRule(eps, Schedule())
 
     def seeds(self, step: int) -> list[int]:
-        return [directions.step_seed(self.seed, step, j) for j in range(self.num_directions)]
+        return [directions.step_seed(self.seed, step, j, self.perturbation or "gaussian") for j in range(self.num_directions)]
 
     def plan(self, step: int) -> list[Forward]:
         scales = estimator.half_scales(self.eps_rule.at(step), self.estimator)

@@ -108,6 +108,15 @@ class Momentum:
         """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
         return self.mezo.schedule
 
+    @property
+    def perturbation(self) -> str | None:
+        """The kind of z the seeds are laid out for (``MeZO.perturbation``)."""
+        return self.mezo.perturbation
+
+    @perturbation.setter
+    def perturbation(self, kind: str | None) -> None:
+        self.mezo.perturbation = kind
+
     def plan(self, step: int) -> list[Forward]:
         return self.mezo.plan(step)
 

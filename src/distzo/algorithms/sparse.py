@@ -78,6 +78,15 @@ class SparseMeZO:
         """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
         return self.mezo.schedule
 
+    @property
+    def perturbation(self) -> str | None:
+        """The kind of z the seeds are laid out for (``MeZO.perturbation``)."""
+        return self.mezo.perturbation
+
+    @perturbation.setter
+    def perturbation(self, kind: str | None) -> None:
+        self.mezo.perturbation = kind
+
     def thresholds(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, float]:
         if self.masks is None:
             # (sparsity 0 masks nothing: a threshold of the largest |theta_0| would still freeze a weight

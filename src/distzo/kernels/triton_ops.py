@@ -63,7 +63,8 @@ _MASK32 = 0xFFFFFFFF
 
 _SR_NONE, _SR_BF16, _SR_GENERIC = 0, 1, 2
 # the KIND constexpr of the kernels: how a Philox block becomes z (directions.py)
-_KINDS = {"gaussian": 0, "rademacher": 1, "rademacher-packed": 2}
+_KINDS = {"gaussian": 0, "rademacher": 1, "rademacher-packed": 2, "rademacher-shared": 3}
+_FAMILY = tl.constexpr(0xFFFFFFE0)  # a rademacher-shared seed's low word without its lane (directions.family)
 
 
 # --------------------------------------------------------------------------- device code
@@ -196,12 +197,34 @@ def _packed_masks(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _lane_masks(w0, w1, w2, w3, seed_lo, BLOCK: tl.constexpr):
+    """rademacher-shared signs of a seed from its family's words: bit 31 - lane of each word."""
+    lane = seed_lo & 31
+    return _interleave((w0 << lane) & 0x80000000, (w1 << lane) & 0x80000000, (w2 << lane) & 0x80000000,
+                       (w3 << lane) & 0x80000000, BLOCK)
+
+
+@triton.jit
+def _family_words(blk, key_lo, key_hi, seed_lo, seed_hi, fam_lo, fam_hi, w0, w1, w2, w3):
+    """The words of seed (seed_lo, seed_hi)'s family with the family's halves: w0 .. w3 as they are
+    when they are already that family's (fam_lo, fam_hi), so the probes of one step, the lanes of one
+    family, share one Philox block per four elements. The test is uniform over the program."""
+    lo = seed_lo & _FAMILY
+    if (lo != fam_lo) | (seed_hi != fam_hi):
+        w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, lo, seed_hi)
+    return lo, seed_hi, w0, w1, w2, w3
+
+
+@triton.jit
 def _sign_masks(blk, base, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, KIND: tl.constexpr):
     """The sign kinds' z as masks of the float sign bit (uint32, element order): a product g z with
     z = +-1 is g with that bit flipped, exactly what g * z rounds to, at one logic op instead of a
     conversion and a multiply."""
     if KIND == 2:
         return _packed_masks(base, key_lo, key_hi, seed_lo, seed_hi, BLOCK)
+    elif KIND == 3:
+        w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo & _FAMILY, seed_hi)
+        return _lane_masks(w0, w1, w2, w3, seed_lo, BLOCK)
     else:
         w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, seed_lo, seed_hi)
         return _interleave(w0 & 0x80000000, w1 & 0x80000000, w2 & 0x80000000, w3 & 0x80000000, BLOCK)
@@ -312,7 +335,15 @@ def _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, FIRST: tl.constex
     for j in tl.static_range(FIRST, FIRST + COUNT):
         slo, shi = _seed_halves(useeds_ptr, j)
         g = tl.load(coef_ptr + j)
-        acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
+        if KIND == 3:  # one family's directions share its words
+            if j == FIRST:
+                flo, fhi = slo & _FAMILY, shi
+                w0, w1, w2, w3 = _block_words(blk, klo, khi, flo, fhi)
+            else:
+                flo, fhi, w0, w1, w2, w3 = _family_words(blk, klo, khi, slo, shi, flo, fhi, w0, w1, w2, w3)
+            acc += _flip(g, _lane_masks(w0, w1, w2, w3, slo, BLOCK))
+        else:
+            acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
     return acc
 
 
@@ -436,7 +467,15 @@ def _step_block(
         length = tl.zeros([], tl.int64) + n  # the shadows' offsets in 64 bits: NS * n may pass 2^31
         for i in tl.static_range(NS):
             ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1 + i)
-            z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
+            if KIND == 3:  # the probes of one family share its words
+                if i == 0:
+                    flo, fhi = ds_lo & _FAMILY, ds_hi
+                    w0, w1, w2, w3 = _block_words(blk, klo, khi, flo, fhi)
+                else:
+                    flo, fhi, w0, w1, w2, w3 = _family_words(blk, klo, khi, ds_lo, ds_hi, flo, fhi, w0, w1, w2, w3)
+                z = _lane_masks(w0, w1, w2, w3, ds_lo, BLOCK)
+            else:
+                z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
             if PLUS:
                 plus = (x + _scaled(tl.load(coef_ptr + Q + 2 + 2 * i), z, KIND)).to(theta.dtype)
                 if MASKED:  # x is theta after the update (update.perturbed)
@@ -456,8 +495,8 @@ def _draw_kernel(
     WHAT: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Elements [4 first_block, 4 first_block + n) as z (WHAT 0 gaussian, 1 rademacher,
-    4 rademacher-packed: then 4 first_block is a multiple of 128), uniforms (2) or raw words as
-    int64 (3)."""
+    4 rademacher-packed: then 4 first_block is a multiple of 128, 5 rademacher-shared), uniforms (2)
+    or raw words as int64 (3)."""
     pid = tl.program_id(0).to(tl.int64)
     base = pid * BLOCK
     offs = tl.arange(0, BLOCK)
@@ -471,6 +510,8 @@ def _draw_kernel(
         out = _direction(blk, first_block.to(tl.int64) * 4 + base, klo, khi, slo, shi, BLOCK, 2, FAST)
     elif WHAT < 2:
         out = _direction(blk, base, klo, khi, slo, shi, BLOCK, WHAT, FAST)
+    elif WHAT == 5:
+        out = _direction(blk, base, klo, khi, slo, shi, BLOCK, 3, FAST)
     else:
         w0, w1, w2, w3 = _block_words(blk, klo, khi, slo, shi)
         if WHAT == 2:
@@ -872,7 +913,7 @@ def _draw(what: int, seed: int, key: int, start: int, count: int, device, dtype)
 
 def normal(seed: int, key: int, start: int, count: int, kind="gaussian", device="cuda") -> torch.Tensor:
     """``directions.draw`` on the device: z for elements [start, start + count), float32."""
-    return _draw((0, 1, 4)[_kind(kind)], seed, key, start, count, device, torch.float32)
+    return _draw((0, 1, 4, 5)[_kind(kind)], seed, key, start, count, device, torch.float32)
 
 
 def uniform(seed: int, key: int, start: int, count: int, device="cuda") -> torch.Tensor:
