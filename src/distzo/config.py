@@ -52,7 +52,8 @@ class OptimConfig:
     """q: directions (pairs of perturbed forwards) per step."""
     perturbation: str = "gaussian"
     """gaussian | rademacher | rademacher-packed (the same signs' distribution, 128 per random draw: a cheaper GPU
-    pass where several directions are regenerated, as momentum and fzoo do)"""
+    pass where several directions are regenerated, as momentum does) | rademacher-shared (the same distribution,
+    a step's probes sharing each random word: the cheapest GPU pass for fzoo and q > 1)"""
     estimator: str = "two-sided"
     """two-sided | one-sided"""
     schedule: str = "constant"

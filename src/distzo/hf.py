@@ -72,7 +72,7 @@ class ZOArguments:
     directions: int = 1
     """Random directions per step (q); the update averages their projected gradients."""
     perturbation: str = "gaussian"
-    """gaussian | rademacher | rademacher-packed: the distribution of z (docs/directions.md)."""
+    """gaussian | rademacher | rademacher-packed | rademacher-shared: the distribution of z (docs/directions.md)."""
     estimator: str = "two-sided"
     """two-sided (L(theta+eps z) - L(theta-eps z)) | one-sided (L(theta+eps z) - L(theta))."""
     weight_decay: float | None = None
