@@ -137,3 +137,24 @@ def validate(lr, eps, weight_decay, q, est) -> None:
     if not (isinstance(q, int) and q >= 1):
         raise ValueError(f"directions must be an integer >= 1, got {q}")
     estimator.check_estimator(est)
+
+
+class OnMeZO:
+    """An algorithm built on MeZO's probes and estimate (``self.mezo``): the settings a caller
+    reads from any algorithm, read through to it."""
+
+    mezo: MeZO
+
+    @property
+    def schedule(self):
+        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
+        return self.mezo.schedule
+
+    @property
+    def perturbation(self) -> str | None:
+        """The kind of z the seeds are laid out for (``MeZO.perturbation``)."""
+        return self.mezo.perturbation
+
+    @perturbation.setter
+    def perturbation(self, kind: str | None) -> None:
+        self.mezo.perturbation = kind

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from distzo.algorithms import Finished, Forward
-from distzo.algorithms.mezo import MeZO
+from distzo.algorithms.mezo import MeZO, OnMeZO
 from distzo.records import UpdateRecord, sr_seed
 
 
@@ -94,7 +94,7 @@ def weights(beta: float, n: int) -> list[float]:
     return [(1.0 - beta) * beta**a / norm for a in range(n)]
 
 
-class Momentum:
+class Momentum(OnMeZO):
     name = "momentum"
 
     def __init__(self, beta: float = 0.9, history: int = 8, rule: str = "heavy-ball", beta2: float = 0.99,
@@ -102,20 +102,6 @@ class Momentum:
         self.own = MomentumConfig(beta, history, rule, beta2, delta)
         self.mezo = MeZO(**mezo)  # the per-step estimate and its settings
         self.past: deque[tuple[int, list[float]]] = deque(maxlen=history)  # (step, g's) of applied updates
-
-    @property
-    def schedule(self):
-        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
-        return self.mezo.schedule
-
-    @property
-    def perturbation(self) -> str | None:
-        """The kind of z the seeds are laid out for (``MeZO.perturbation``)."""
-        return self.mezo.perturbation
-
-    @perturbation.setter
-    def perturbation(self, kind: str | None) -> None:
-        self.mezo.perturbation = kind
 
     def plan(self, step: int) -> list[Forward]:
         return self.mezo.plan(step)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from distzo.algorithms import Finished, Forward
-from distzo.algorithms.mezo import MeZO
+from distzo.algorithms.mezo import MeZO, OnMeZO
 from distzo.records import MASK_FIELD
 
 
@@ -63,7 +63,7 @@ def masked(weights: torch.Tensor) -> bool:
     return weights.ndim >= 2
 
 
-class SparseMeZO:
+class SparseMeZO(OnMeZO):
     name = "sparse"
 
     def __init__(self, sparsity: float = 0.75, **mezo: Any):
@@ -72,20 +72,6 @@ class SparseMeZO:
         self.masks: dict[str, float] | None = None
         """name -> threshold, read from the weights the first time a step asks (step 0)."""
         self._unlogged = False  # computed here and not yet in a trajectory line
-
-    @property
-    def schedule(self):
-        """The lr schedule (what a caller reports the lr by: the HF Trainer's scheduler)."""
-        return self.mezo.schedule
-
-    @property
-    def perturbation(self) -> str | None:
-        """The kind of z the seeds are laid out for (``MeZO.perturbation``)."""
-        return self.mezo.perturbation
-
-    @perturbation.setter
-    def perturbation(self, kind: str | None) -> None:
-        self.mezo.perturbation = kind
 
     def thresholds(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, float]:
         if self.masks is None:
