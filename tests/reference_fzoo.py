@@ -24,7 +24,7 @@ def fzoo_step(model, batch, step, *, lr, eps, probes, weight_decay=0.0, run_seed
     base = _loss(model, batch, loss_fn)
     losses, zs = [], []
     for i in range(probes):
-        seed = step_seed(run_seed, step, i, kind)
+        seed = step_seed(run_seed, step, i, kind, probes)
         z = {n: direction_like(p, seed, stable_key(n), kind).to(p.dtype) for n, p in _named(model)}
         for n, p in _named(model):
             p.data.add_(z[n], alpha=eps)

@@ -32,7 +32,7 @@ def mezo_step(model, batch, step, *, lr, eps, weight_decay=0.0, run_seed=0, kind
     model.eval()
     plus, minus, grads, zs = [], [], [], []
     for j in range(q):
-        seed = step_seed(run_seed, step, j, kind)
+        seed = step_seed(run_seed, step, j, kind, q)
         z = {n: direction_like(p, seed, stable_key(n), kind).to(p.dtype) for n, p in _named(model)}
         for n, p in _named(model):
             p.data.add_(z[n], alpha=eps)

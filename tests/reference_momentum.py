@@ -32,7 +32,7 @@ class MomentumReference:
         self.model.eval()
         losses, d = [], {n: torch.zeros_like(p) for n, p in _named(self.model)}
         for j in range(self.q):
-            seed = step_seed(self.run_seed, t, j, self.kind)
+            seed = step_seed(self.run_seed, t, j, self.kind, self.q)
             z = {n: direction_like(p, seed, stable_key(n), self.kind).to(p.dtype) for n, p in _named(self.model)}
             for n, p in _named(self.model):
                 p.data.add_(z[n], alpha=self.eps)

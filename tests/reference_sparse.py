@@ -41,7 +41,7 @@ class SparseReference:
         m = self.masks()  # theta_t: the probes and the update of step t share one mask
         losses, d = [], {n: torch.zeros_like(p) for n, p in _named(self.model)}
         for j in range(self.q):
-            seed = step_seed(self.run_seed, t, j, self.kind)
+            seed = step_seed(self.run_seed, t, j, self.kind, self.q)
             z = {n: direction_like(p, seed, stable_key(n), self.kind).to(p.dtype) for n, p in _named(self.model)}
             for n, p in _named(self.model):
                 p.data.add_(m[n] * z[n], alpha=self.eps)

@@ -27,22 +27,38 @@ def test_mezo_plans_q_forwards_of_two_probes_along_the_step_seeds(estimator, sec
 
 
 def test_an_algorithm_takes_the_optimisers_kind_of_directions():
-    """rademacher-shared lays a step's seeds out as one family's lanes; an algorithm built without a
+    """rademacher-shared lays a run's seeds out as families of 32 lanes; an algorithm built without a
     kind takes the optimiser's, one built for another kind is refused where the layouts differ."""
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.momentum import Momentum
 
     model = tiny_model("llama")
-    for algo in (FZOO(probes=4, seed=5), Momentum(history=2, directions=2, seed=5)):
+    for algo, count in ((FZOO(probes=4, seed=5), 4), (Momentum(history=2, directions=2, seed=5), 2)):
         opt = ZOOptimizer(model, perturbation="rademacher-shared", algorithm=algo)
-        seeds = [p.seed for f in opt.algorithm.plan(3) for p in f.probes if p.scale]
-        assert algo.perturbation == "rademacher-shared" and {directions.family(s) for s in seeds} == {
-            directions.family(directions.step_seed(5, 3, 0))}
+        seeds = list(dict.fromkeys(p.seed for f in opt.algorithm.plan(3) for p in f.probes if p.scale))
+        assert algo.perturbation == "rademacher-shared"
+        assert seeds == directions.step_seeds(5, 3, count, "rademacher-shared")
+        assert len({directions.family(s) for s in seeds}) == 1
     with pytest.raises(ValueError, match="lays out its seeds for rademacher directions"):
         ZOOptimizer(model, perturbation="rademacher-shared", algorithm=FZOO(perturbation="rademacher"))
     plain = FZOO(perturbation="gaussian")
     ZOOptimizer(model, perturbation="rademacher", algorithm=plain)  # the same seeds for both: accepted
     assert plain.seeds(2) == FZOO().seeds(2)
+
+
+def test_a_shared_momentum_window_spans_at_most_two_families():
+    """Momentum's record holds the seeds of its last h steps: with rademacher-shared they are
+    consecutive lanes, one family (two where the window crosses a family's end), which the fused
+    pass draws once each, where any other layout has h."""
+    from distzo.algorithms.momentum import Momentum
+
+    algo = Momentum(history=8, seed=5, perturbation="rademacher-shared")
+    spans = []
+    for t in range(40):
+        record = algo.finish(t, [[1.0, 0.5]]).update
+        assert record.seeds == tuple(s for a in range(min(t + 1, 8)) for s in algo.mezo.seeds(t - a))
+        spans.append(len({directions.family(s) for s in record.seeds}))
+    assert spans == [1] * 32 + [2] * 7 + [1]
 
 
 def test_mezo_finishes_with_the_zo_sgd_record():

@@ -109,14 +109,19 @@ def test_shared_signs_are_lanes_of_the_familys_words():
     assert d.family(family + 31) == family and d.family(-1) == -32  # two's complement: the same low bits
 
 
-def test_a_steps_shared_directions_are_one_familys_lanes():
-    seeds = [d.step_seed(3, 9, j, "rademacher-shared") for j in range(40)]
-    assert {d.family(s) for s in seeds[:32]} == {d.family(seeds[0])} and d.family(seeds[32]) != d.family(seeds[0])
-    assert [s % 32 for s in seeds] == [j % 32 for j in range(40)]
-    assert d.family(seeds[0]) == d.family(d.step_seed(3, 9, 0))  # the family is the step's seed of direction 0
-    assert d.family(d.step_seed(3, 10, 0, "rademacher-shared")) != d.family(seeds[0])
-    # the other kinds keep one independent seed per direction, as their logs hold them
-    assert [d.step_seed(3, 9, j, "rademacher") for j in range(3)] == [d.step_seed(3, 9, j) for j in range(3)]
+def test_shared_directions_are_the_runs_directions_in_families_of_32_lanes():
+    """Direction n = step q + j of a run is lane n mod 32 of family n div 32: no lane of a family twice,
+    a step's probes and consecutive steps in one family."""
+    seeds = [s for t in range(40) for s in d.step_seeds(3, t, 3, "rademacher-shared")]
+    families = [d.family(s) for s in seeds]
+    assert len(set(seeds)) == 120 and [s % 32 for s in seeds] == [n % 32 for n in range(120)]
+    assert families == [families[32 * (n // 32)] for n in range(120)] and len(set(families)) == 4
+    assert d.step_seeds(3, 7, 3, "rademacher-shared") == [d.step_seed(3, 7, j, "rademacher-shared", 3) for j in range(3)]
+    assert d.family(d.step_seed(4, 0, 0, "rademacher-shared")) != families[0]  # another run, another family
+    with pytest.raises(ValueError, match="direction 3 of a step of 3"):
+        d.step_seed(3, 0, 3, "rademacher-shared", 3)
+    # the other kinds keep one independent seed per (step, direction), as their logs hold them
+    assert d.step_seeds(3, 9, 3, "rademacher") == [d.step_seed(3, 9, j) for j in range(3)]
 
 
 def test_the_kernels_uniform_identity_holds_for_every_word():

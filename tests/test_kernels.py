@@ -116,7 +116,7 @@ UPDATE_CASES = [  # (q, weight decay, kind, shape)
 
 
 def _update_args(q, kind="gaussian"):
-    seeds = [directions.step_seed(5, 11, j, kind) for j in range(q)]
+    seeds = directions.step_seeds(5, 11, q, kind)
     grads = [37.5, -12.25, 3.0][:q]
     return seeds, grads
 
@@ -256,11 +256,11 @@ def test_shadows_of_many_seeds_in_one_pass_equal_one_pass_per_seed(ops, dtype, k
     the seeds (and the update's) one family's lanes, whose words the pass draws once, or seeds that
     change family and come back to one (the words drawn again)."""
     if families == 3:
-        one, two, three = (directions.step_seed(5, 12 + f, 0, kind) for f in range(3))
+        one, two, three = (directions.step_seed(5, 12 + f, 0, kind, per_step=32) for f in range(3))
         seeds, update = (one, two + 1, one + 2, three + 3, three + 4), _update_args(2)
-    else:
-        seeds = tuple(directions.step_seed(5, 12, j, kind) for j in range(5))
-        update = _update_args(2, kind)
+    else:  # rademacher-shared: the update's two seeds and the five probes' lanes of one family
+        lanes = directions.step_seeds(5, 16, 7, kind)
+        seeds, update = tuple(lanes[2:]), (lanes[:2], [37.5, -12.25])
     assert len({directions.family(s) for s in seeds}) == families
     pairs = tuple((1e-3 * (j + 1), -1e-3 if two_sided else 0.0) for j in range(len(seeds)))
     pending = zo_sgd(0, *update, 1e-3, 0.1)
@@ -446,18 +446,20 @@ def test_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, dtype):
     assert changed and all(torch.equal(a, b) for a, b in zip(trained.parameters(), rebuilt.parameters()))
 
 
-@pytest.mark.parametrize("name", ["fzoo", "fzoo-shared", "momentum", "momentum-adam"])
+@pytest.mark.parametrize("name,kind", [("fzoo", "gaussian"), ("fzoo", "rademacher-shared"), ("momentum", "gaussian"),
+                                       ("momentum", "rademacher-shared"), ("momentum-adam", "gaussian"),
+                                       ("momentum-adam", "rademacher-shared")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, dtype):
+def test_algorithm_run_on_cuda_replays_on_cuda_bit_for_bit(tmp_path, name, kind, dtype):
     # records with many seeds and divisor 1 (and the adam rule's) run through the fused kernel and
-    # replay through it; fzoo-shared's probes are the lanes of one family
+    # replay through it; with rademacher-shared, a step's probes and a momentum window are lanes of
+    # one family
     from distzo.algorithms.fzoo import FZOO
     from distzo.algorithms.momentum import Momentum
 
     algorithm = FZOO(lr=1e-3, eps=1e-2, weight_decay=0.1, probes=4) if name.startswith("fzoo") else \
         Momentum(beta=0.9, history=4, lr=1e-3, eps=1e-2, weight_decay=0.1, directions=2,
                  rule="adam" if name == "momentum-adam" else "heavy-ball")
-    kind = "rademacher-shared" if name == "fzoo-shared" else "gaussian"
     name = name.split("-")[0]
     base = tiny_model("llama", dtype=dtype)
     trained = copy.deepcopy(base).cuda()

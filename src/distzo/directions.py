@@ -25,9 +25,10 @@ several directions per element is bound by.
 is a *family* (its bits above the lowest five) and a *lane* (its lowest five bits): element
 ``i`` gets bit ``31 - lane`` of word ``i % 4`` of block ``i // 4`` under the family's seed
 (0 -> +1, 1 -> -1), so lane 0 is rademacher under the family seed, and the 32 lanes of a
-family are 32 independent fair signs per element from one word. ``step_seed`` puts the first
-32 directions of a step in one family, so a pass that draws all of a step's probes (FZOO's
-N, MeZO's q) computes one Philox block per four elements for all of them.
+family are 32 independent fair signs per element from one word. ``step_seed`` numbers a run's
+directions in order (step by step, q a step) and makes each run of 32 the lanes of one family,
+so a pass that draws a step's probes (FZOO's N, MeZO's q) or the steps of a momentum window
+computes one Philox block per four elements for all of them (two where a family ends inside).
 """
 
 from __future__ import annotations
@@ -59,14 +60,25 @@ def stable_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def step_seed(run_seed: int, step: int, direction: int, kind: str = "gaussian") -> int:
-    """The 64-bit seed of direction ``direction`` at optimiser step ``step``. rademacher-shared
-    directions 32 f .. 32 f + 31 of a step are the lanes of one family (the seed of direction 32 f,
-    its lowest five bits cleared); every other kind keeps one independent seed per direction."""
+def step_seed(run_seed: int, step: int, direction: int, kind: str = "gaussian", per_step: int = 1) -> int:
+    """The 64-bit seed of direction ``direction`` of the ``per_step`` directions of optimiser step
+    ``step``. Every kind but rademacher-shared has one independent seed per (step, direction).
+    rademacher-shared numbers the run's directions n = step * per_step + direction and gives n lane
+    n mod 32 of family n div 32 (a key of its own with the lowest five bits cleared): no two
+    directions of a run share a lane of a family, and consecutive ones share the family."""
     if kind != "rademacher-shared":
         return stable_key(f"distzo/{run_seed}/{step}/{direction}")
-    family = stable_key(f"distzo/{run_seed}/{step}/{direction - direction % LANES}")
-    return family - family % LANES + direction % LANES
+    if not 0 <= direction < per_step:
+        raise ValueError(f"direction {direction} of a step of {per_step}: rademacher-shared numbers a run's "
+                         "directions by their step's count")
+    n = step * per_step + direction
+    family = stable_key(f"distzo/{run_seed}/shared/{n // LANES}")
+    return family - family % LANES + n % LANES
+
+
+def step_seeds(run_seed: int, step: int, count: int, kind: str = "gaussian") -> list[int]:
+    """The seeds of the ``count`` directions of step ``step`` (``step_seed``)."""
+    return [step_seed(run_seed, step, j, kind, count) for j in range(count)]
 
 
 def family(seed: int) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from distzo import directions
 from distzo.records import UpdateRecord
 from distzo.schedules import Schedule
 
@@ -124,9 +125,15 @@ def _registry() -> dict[str, type]:
     return {cls.name: cls for cls in (MeZO, FZOO, Momentum, SparseMeZO)}
 
 
+def step_seeds(algorithm: Algorithm, step: int, count: int) -> list[int]:
+    """The seeds of step ``step``'s ``count`` directions in the layout of the algorithm's kind of z
+    (``perturbation``; None until ``adopt``: gaussian's, which every kind but rademacher-shared shares)."""
+    return directions.step_seeds(algorithm.seed, step, count, algorithm.perturbation or "gaussian")
+
+
 def adopt(algorithm: Algorithm, kind: str) -> None:
     """Lay out ``algorithm``'s seeds for the optimiser's kind of z (one built without a kind takes
-    it). rademacher-shared puts a step's directions in one family (``directions.step_seed``), so
+    it). rademacher-shared puts consecutive directions in one family (``directions.step_seed``), so
     an algorithm built for another kind would draw the right z from needlessly many families."""
     own = getattr(algorithm, "perturbation", kind)
     if own is None:
@@ -134,6 +141,20 @@ def adopt(algorithm: Algorithm, kind: str) -> None:
     elif own != kind and "rademacher-shared" in (own, kind):
         raise ValueError(f"the algorithm lays out its seeds for {own} directions and the optimiser draws {kind}: "
                          f"build it with perturbation={kind!r} (or leave perturbation unset)")
+
+
+def check_seeds(algorithm: Algorithm, line: Mapping[str, Any] | None) -> None:
+    """Refuse to continue a run whose last logged step (``line``; None: none yet) did not measure
+    the directions ``algorithm`` plans for that step, as a log written under another seed layout
+    would not: the state rebuilt from the log would pair its g's with other z's."""
+    if line is None:
+        return
+    step = int(line["step"])
+    planned = {p.seed for forward in algorithm.plan(step) for p in forward.probes}
+    if not planned <= {int(s) for s in line["seeds"]}:
+        kind = getattr(algorithm, "perturbation", None) or "gaussian"
+        raise ValueError(f"step {step} of the run's log measured other directions than this distzo lays out for "
+                         f"its {kind} directions; continue the run with the distzo version that wrote it")
 
 
 def build(optim, seed: int, steps: int) -> Algorithm:

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from distzo import directions
-from distzo.algorithms import Finished, Forward, Probe
+from distzo.algorithms import Finished, Forward, Probe, step_seeds
 from distzo.algorithms.eps import EpsRule
 from distzo.algorithms.mezo import _eps_settings, validate
 from distzo.records import UpdateRecord, sr_seed
@@ -59,7 +58,7 @@ class FZOO:
         self.eps_rule = eps_rule or EpsRule(eps, Schedule())
 
     def seeds(self, step: int) -> list[int]:
-        return [directions.step_seed(self.seed, step, i, self.perturbation or "gaussian") for i in range(self.own.probes)]
+        return step_seeds(self, step, self.own.probes)
 
     def plan(self, step: int) -> list[Forward]:
         seeds, eps = self.seeds(step), self.eps_rule.at(step)

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from distzo import directions, estimator
-from distzo.algorithms import Finished, Forward, Probe
+from distzo import estimator
+from distzo.algorithms import Finished, Forward, Probe, step_seeds
 from distzo.algorithms.eps import EpsRule
 from distzo.records import zo_sgd
 from distzo.schedules import Schedule
@@ -59,7 +59,7 @@ class MeZO:
         self.eps_rule = eps_rule or EpsRule(eps, Schedule())
 
     def seeds(self, step: int) -> list[int]:
-        return [directions.step_seed(self.seed, step, j, self.perturbation or "gaussian") for j in range(self.num_directions)]
+        return step_seeds(self, step, self.num_directions)
 
     def plan(self, step: int) -> list[Forward]:
         scales = estimator.half_scales(self.eps_rule.at(step), self.estimator)
