@@ -279,3 +279,25 @@ def test_train_resume_and_replay_rebuild_every_step(name, tiny_model_dir, sst2_d
     rebuilt = tmp_path / "rebuilt"
     assert main(["replay", str(tiny_model_dir), str(whole / "trajectory.jsonl"), "--output", str(rebuilt)]) == 0
     assert _same(rebuilt, whole / "checkpoints" / "last")
+
+
+def test_a_resume_refuses_a_log_of_another_seed_layout(tiny_model_dir, sst2_dir, tmp_path, monkeypatch, capsys):
+    """A run whose log measured other directions than this distzo lays out for its steps (a log
+    written by a distzo that laid its seeds out otherwise) is refused in one line, its files
+    untouched: its momentum would pair the logged g's with directions it would not regenerate."""
+    from distzo import directions
+
+    run = tmp_path / "run"
+    _train(tiny_model_dir, sst2_dir, run, "--steps", "3", "--optim.algorithm", "momentum",
+           "--optim.momentum.history", "3", "--optim.perturbation", "rademacher-shared")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    layout = directions.step_seed
+    monkeypatch.setattr(directions, "step_seed", lambda run_seed, step, d, kind="gaussian", per_step=1:
+                        layout(run_seed + 1, step, d, kind, per_step))
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output-dir", str(run), "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 2 of the run's log measured other directions" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(directions, "step_seed", layout)  # the layout that wrote it continues it
+    assert main(["train", "--resume", "--output-dir", str(run), "--steps", "6"]) == 0

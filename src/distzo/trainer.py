@@ -263,6 +263,7 @@ class Trainer:
         elif cfg.resume:  # the log rebuilt the weights; it rebuilds the algorithm's state too
             self.opt.load_state_dict({**self.opt.state_dict(), "step": self.state["step"]})
             self.opt.algorithm.restore(records)
+        algorithms.check_seeds(self.opt.algorithm, self._tail)
         self._signal: int | None = None
         self._evaluating = False
         self._eval_seconds = 0.0  # spent evaluating in this process, for the log line and results.json
