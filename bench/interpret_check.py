@@ -44,14 +44,17 @@ def check_draws() -> None:
 
 def check_fused_pass() -> None:
     record = UpdateRecord(0, (11, 12, 13), (0.7, -1.2, 0.3), 1e-2, divisor=3, decay=0.1, rounding_seed=77)
-    for kind in directions.KINDS:
+    # rademacher-shared: shadow seed 21 is a lane of the update's family (its words carried from the
+    # update to the shadows), 85 of another
+    cases = [(kind, 21) for kind in directions.KINDS] + [("rademacher-shared", 85)]
+    for kind, seed in cases:
         for shape in ((4099,), (64, 48), (3, 1000)):
             start = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
             got, want = start.clone(), start.clone()
-            plus, minus = ops.update_and_shadows(got, KEY, record, kind, 21, (1e-3, -1e-3))
+            plus, minus = ops.update_and_shadows(got, KEY, record, kind, seed, (1e-3, -1e-3))
             apply_update_(want, KEY, record, kind)
             assert float((got - want).abs().max()) <= 1e-6 * float(start.abs().max()), (kind, shape)
-            z = directions.draw(21, KEY, 0, got.numel(), kind).view(shape)
+            z = directions.draw(seed, KEY, 0, got.numel(), kind).view(shape)
             for shadow, scale in ((plus, 1e-3), (minus, -1e-3)):
                 ref = perturbed(got, z, scale)
                 if kind == "gaussian":
@@ -98,8 +101,9 @@ def check_many_seeds() -> None:
     # rademacher-shared: seeds of one family (lanes of seed 0's words), and seeds that change family
     # from one to the next and back (the words drawn again each time)
     mixed = UpdateRecord(0, (11, 44, 12), (0.7, -1.2, 0.4), 1e-2, divisor=3, decay=0.1, rounding_seed=77)
+    ends_elsewhere = UpdateRecord(0, (11, 44), (0.7, -1.2), 1e-2, divisor=2, decay=0.1, rounding_seed=77)
     cases = [(kind, record, (21, 22, 23, 24, 25)) for kind in directions.KINDS]
-    cases.append(("rademacher-shared", mixed, (21, 53, 22, 85, 86)))
+    cases += [("rademacher-shared", mixed, (21, 53, 22, 85, 86)), ("rademacher-shared", ends_elsewhere, (21, 22))]
     for kind, record, seeds in cases:
         for shape in ((4099,), (64, 48)):  # a length that is a multiple of 16 and one that is not
             for pairs, threshold in itertools.product(

@@ -138,7 +138,7 @@ def main() -> None:
            build("bf16", 1, True, True, a.block, a.warps, q=8, kind="rademacher-packed", adam=8))
     for kind in ("rademacher", "rademacher-packed"):
         report(f"bf16 update + shadows, {kind}", build("bf16", 1, True, True, a.block, a.warps, kind=kind))
-    for kind in ("gaussian", "rademacher", "rademacher-packed"):  # momentum's h = 8 record
+    for kind in ("gaussian", "rademacher", "rademacher-packed", "rademacher-shared"):  # momentum's h = 8 record
         report(f"bf16 update of 8 directions + shadows, {kind}",
                build("bf16", 1, True, True, a.block, a.warps, q=8, kind=kind))
     for kind in ("rademacher", "rademacher-packed", "rademacher-shared"):

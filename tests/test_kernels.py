@@ -231,16 +231,27 @@ def test_update_and_shadows_match_torch_path(ops, dtype, with_update):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_signs_in_the_fused_pass(ops, dtype):
+@pytest.mark.parametrize("kind,same_family", [("rademacher-packed", False), ("rademacher-shared", False),
+                                              ("rademacher-shared", True)])
+def test_sign_kinds_in_the_fused_pass(ops, dtype, kind, same_family):
     """rademacher-packed z inside the step kernel (16-bit runs of one word per thread, program
-    starts at multiples of 128): the shadows are exactly theta' + s z of the CPU's z."""
-    shape, seed = (300, 77), directions.step_seed(5, 12, 0)
-    seeds, grads = _update_args(2)
-    got = _param(shape, dtype, seed=2).cuda()
+    starts at multiples of 128), and rademacher-shared z whether the shadow's family is the update's
+    (its words carried from the update to the shadows) or not: theta' is the CPU's update (to its
+    rounding) and the shadows are exactly theta' + s z of the CPU's z."""
+    seeds, grads = directions.step_seeds(5, 11, 2, kind), [37.5, -12.25]  # shared: lanes 22, 23 of family 0
+    seed = directions.step_seeds(5, 12, 2, kind)[0] if same_family else directions.step_seed(5, 40, 0)
+    assert (directions.family(seed) == directions.family(seeds[-1])) is same_family
+    start = _param((300, 77), dtype, seed=2)
+    got, want = start.cuda(), start.clone()
     pending = zo_sgd(0, seeds, grads, 1e-3, 0.1)
-    plus, minus = ops.update_and_shadows(got, KEY, pending, "rademacher-packed", seed, (1e-3, -1e-3))
+    plus, minus = ops.update_and_shadows(got, KEY, pending, kind, seed, (1e-3, -1e-3))
+    update.apply_update_(want, KEY, pending, kind)
     theta = got.cpu()
-    z = directions.direction_like(theta, seed, KEY, "rademacher-packed")
+    if dtype == torch.float32:
+        assert float((theta - want).abs().max()) <= 1e-6 * float(start.abs().max())
+    else:
+        assert float((theta != start).float().mean()) > 0.5 and float((theta != want).float().mean()) <= FLIP_RATE[dtype]
+    z = directions.direction_like(theta, seed, KEY, kind)
     assert torch.equal(plus.cpu(), update.perturbed(theta, z, 1e-3))
     assert torch.equal(minus.cpu(), update.perturbed(theta, z, -1e-3))
 

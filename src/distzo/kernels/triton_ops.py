@@ -64,6 +64,11 @@ _MASK32 = 0xFFFFFFFF
 _SR_NONE, _SR_BF16, _SR_GENERIC = 0, 1, 2
 # the KIND constexpr of the kernels: how a Philox block becomes z (directions.py)
 _KINDS = {"gaussian": 0, "rademacher": 1, "rademacher-packed": 2, "rademacher-shared": 3}
+# rademacher-shared: a pass writing the shadows of more seeds than this draws their families afresh
+# instead of carrying the update's words on. Compiled for sm_90 (bench/kernel_sass.py), carrying
+# them through FZOO's 8 shadows takes 128 registers a thread against 80; momentum's record with its
+# two shadows takes 96 carrying them against 255 without.
+_CARRY_SHADOWS = tl.constexpr(2)
 _FAMILY = tl.constexpr(0xFFFFFFE0)  # a rademacher-shared seed's low word without its lane (directions.family)
 
 
@@ -205,14 +210,24 @@ def _lane_masks(w0, w1, w2, w3, seed_lo, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _family_words(blk, key_lo, key_hi, seed_lo, seed_hi, fam_lo, fam_hi, w0, w1, w2, w3):
-    """The words of seed (seed_lo, seed_hi)'s family with the family's halves: w0 .. w3 as they are
-    when they are already that family's (fam_lo, fam_hi), so the probes of one step, the lanes of one
-    family, share one Philox block per four elements. The test is uniform over the program."""
+def _no_family(blk):
+    """A family state (the family's two halves, its four words) of a family no seed has (a low word
+    with a lane bit set), so that the first seed a pass draws draws its family's words."""
+    zero = (blk & 0).to(tl.uint32)
+    return tl.full([], 1, tl.uint32), tl.full([], 0, tl.uint32), zero, zero, zero, zero
+
+
+@triton.jit
+def _shared_masks(blk, key_lo, key_hi, seed_lo, seed_hi, fam, BLOCK: tl.constexpr):
+    """(rademacher-shared signs of a seed, the family state ``fam`` moved to its family). The words
+    are drawn only when the seed's family is not ``fam``'s, so consecutive lanes of one family (a
+    step's probes, a momentum window, a step's update and its next probes) share one Philox block
+    per four elements. The test is uniform over the program."""
+    fam_lo, fam_hi, w0, w1, w2, w3 = fam
     lo = seed_lo & _FAMILY
     if (lo != fam_lo) | (seed_hi != fam_hi):
         w0, w1, w2, w3 = _block_words(blk, key_lo, key_hi, lo, seed_hi)
-    return lo, seed_hi, w0, w1, w2, w3
+    return _lane_masks(w0, w1, w2, w3, seed_lo, BLOCK), (lo, seed_hi, w0, w1, w2, w3)
 
 
 @triton.jit
@@ -328,38 +343,36 @@ def _seed_halves(seeds_ptr, i):
 
 
 @triton.jit
-def _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, FIRST: tl.constexpr, COUNT: tl.constexpr,
+def _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, fam, FIRST: tl.constexpr, COUNT: tl.constexpr,
                     BLOCK: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr):
-    """sum_j c_j z(s_j) over the record's directions j in [FIRST, FIRST + COUNT), in order."""
+    """(sum_j c_j z(s_j) over the record's directions j in [FIRST, FIRST + COUNT), in order; the
+    rademacher-shared family state after them, from ``fam`` before)."""
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(FIRST, FIRST + COUNT):
         slo, shi = _seed_halves(useeds_ptr, j)
         g = tl.load(coef_ptr + j)
-        if KIND == 3:  # one family's directions share its words
-            if j == FIRST:
-                flo, fhi = slo & _FAMILY, shi
-                w0, w1, w2, w3 = _block_words(blk, klo, khi, flo, fhi)
-            else:
-                flo, fhi, w0, w1, w2, w3 = _family_words(blk, klo, khi, slo, shi, flo, fhi, w0, w1, w2, w3)
-            acc += _flip(g, _lane_masks(w0, w1, w2, w3, slo, BLOCK))
+        if KIND == 3:
+            masks, fam = _shared_masks(blk, klo, khi, slo, shi, fam, BLOCK)
+            acc += _flip(g, masks)
         else:
             acc += _scaled(g, _factor(blk, base, klo, khi, slo, shi, BLOCK, KIND, FAST), KIND)
-    return acc
+    return acc, fam
 
 
 @triton.jit
-def _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+def _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, fam, Q: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
                BLOCK: tl.constexpr, KIND: tl.constexpr, FAST: tl.constexpr):
-    """m / (sqrt(v) + delta) over G groups of Q / G directions, as update._adam_step orders it:
+    """(m / (sqrt(v) + delta) over G groups of Q / G directions, as update._adam_step orders it:
     d_g = sum of the group's c_j z_j, m += w1_g d_g, v += w2_g d_g^2 (the pairs at coef W + 2g,
-    delta at W + 2G), with a correctly rounded square root and division."""
+    delta at W + 2G), with a correctly rounded square root and division; the family state after)."""
     m = tl.zeros([BLOCK], tl.float32)
     v = tl.zeros([BLOCK], tl.float32)
     for gi in tl.static_range(G):
-        d = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, gi * (Q // G), Q // G, BLOCK, KIND, FAST)
+        d, fam = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, fam, gi * (Q // G), Q // G, BLOCK,
+                                 KIND, FAST)
         m += tl.load(coef_ptr + W + 2 * gi) * d
         v += tl.load(coef_ptr + W + 2 * gi + 1) * d * d
-    return tl.div_rn(m, tl.sqrt_rn(v) + tl.load(coef_ptr + W + 2 * G))
+    return tl.div_rn(m, tl.sqrt_rn(v) + tl.load(coef_ptr + W + 2 * G)), fam
 
 
 @triton.jit
@@ -440,13 +453,15 @@ def _step_block(
     blk = (base >> 2) + _block_index(BLOCK)
     theta = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
     x = theta.to(tl.float32)
+    fam = _no_family(blk)  # rademacher-shared: the update and the shadows draw a family's words once
     if UPDATE:
         if ADAM == 0:
-            acc = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, 0, Q, BLOCK, KIND, FAST)
+            acc, fam = _sum_directions(blk, base, klo, khi, useeds_ptr, coef_ptr, fam, 0, Q, BLOCK, KIND, FAST)
             if DIV > 1:  # the record's divisor, as a separate correctly rounded division (MeZO's order)
                 acc = tl.div_rn(acc, tl.full([BLOCK], DIV, tl.float32))
         else:
-            acc = _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, Q, ADAM, Q + 2 + 2 * NS, BLOCK, KIND, FAST)
+            acc, fam = _adam_step(blk, base, klo, khi, useeds_ptr, coef_ptr, fam, Q, ADAM, Q + 2 + 2 * NS, BLOCK,
+                                  KIND, FAST)
         if DECAY:
             acc = tl.where(decays, acc + tl.load(coef_ptr + Q + 1) * x, acc)
         if MASKED:  # x is theta before the update; a zero step keeps theta's bits (update.apply_update_)
@@ -465,15 +480,12 @@ def _step_block(
         x = theta.to(tl.float32)
     if PLUS or MINUS:
         length = tl.zeros([], tl.int64) + n  # the shadows' offsets in 64 bits: NS * n may pass 2^31
+        if NS > _CARRY_SHADOWS:
+            fam = _no_family(blk)
         for i in tl.static_range(NS):
             ds_lo, ds_hi = _seed_halves(useeds_ptr, Q + 1 + i)
-            if KIND == 3:  # the probes of one family share its words
-                if i == 0:
-                    flo, fhi = ds_lo & _FAMILY, ds_hi
-                    w0, w1, w2, w3 = _block_words(blk, klo, khi, flo, fhi)
-                else:
-                    flo, fhi, w0, w1, w2, w3 = _family_words(blk, klo, khi, ds_lo, ds_hi, flo, fhi, w0, w1, w2, w3)
-                z = _lane_masks(w0, w1, w2, w3, ds_lo, BLOCK)
+            if KIND == 3:
+                z, fam = _shared_masks(blk, klo, khi, ds_lo, ds_hi, fam, BLOCK)
             else:
                 z = _factor(blk, base, klo, khi, ds_lo, ds_hi, BLOCK, KIND, FAST)
             if PLUS:
