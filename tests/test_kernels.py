@@ -238,7 +238,7 @@ def test_sign_kinds_in_the_fused_pass(ops, dtype, kind, same_family):
     starts at multiples of 128), and rademacher-shared z whether the shadow's family is the update's
     (its words carried from the update to the shadows) or not: theta' is the CPU's update (to its
     rounding) and the shadows are exactly theta' + s z of the CPU's z."""
-    seeds, grads = directions.step_seeds(5, 11, 2, kind), [37.5, -12.25]  # shared: lanes 22, 23 of family 0
+    seeds, grads = _update_args(2, kind)  # shared: lanes 22, 23 of family 0
     seed = directions.step_seeds(5, 12, 2, kind)[0] if same_family else directions.step_seed(5, 40, 0)
     assert (directions.family(seed) == directions.family(seeds[-1])) is same_family
     start = _param((300, 77), dtype, seed=2)

@@ -125,10 +125,15 @@ def _registry() -> dict[str, type]:
     return {cls.name: cls for cls in (MeZO, FZOO, Momentum, SparseMeZO)}
 
 
+def kind_of(algorithm: Algorithm) -> str:
+    """The kind of z the algorithm lays its seeds out for (``perturbation``; None until ``adopt``:
+    gaussian's layout, which every kind but rademacher-shared shares)."""
+    return getattr(algorithm, "perturbation", None) or "gaussian"
+
+
 def step_seeds(algorithm: Algorithm, step: int, count: int) -> list[int]:
-    """The seeds of step ``step``'s ``count`` directions in the layout of the algorithm's kind of z
-    (``perturbation``; None until ``adopt``: gaussian's, which every kind but rademacher-shared shares)."""
-    return directions.step_seeds(algorithm.seed, step, count, algorithm.perturbation or "gaussian")
+    """The seeds of step ``step``'s ``count`` directions in the layout of the algorithm's kind of z."""
+    return directions.step_seeds(algorithm.seed, step, count, kind_of(algorithm))
 
 
 def adopt(algorithm: Algorithm, kind: str) -> None:
@@ -152,9 +157,8 @@ def check_seeds(algorithm: Algorithm, line: Mapping[str, Any] | None) -> None:
     step = int(line["step"])
     planned = {p.seed for forward in algorithm.plan(step) for p in forward.probes}
     if not planned <= {int(s) for s in line["seeds"]}:
-        kind = getattr(algorithm, "perturbation", None) or "gaussian"
         raise ValueError(f"step {step} of the run's log measured other directions than this distzo lays out for "
-                         f"its {kind} directions; continue the run with the distzo version that wrote it")
+                         f"its {kind_of(algorithm)} directions; continue the run with the distzo version that wrote it")
 
 
 def build(optim, seed: int, steps: int) -> Algorithm:
