@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import timed_ms  # noqa: E402
 
 BYTES, WARPS = 2048, 4  # the fastest of 3 x 3 sizes and warp counts on an H200
 OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -72,19 +76,8 @@ def dequantize_4bit_(codes, absmax, blocksize: int, quant_type: str, out):
     return out
 
 
-def _median_ms(fn, steps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _median_ms(fn) -> float:
+    return timed_ms(fn, torch.device("cuda"), 20, 3)["median_ms"]
 
 
 def main(argv=None) -> int:
