@@ -23,7 +23,7 @@ from distzo.cli import main
 from distzo.config import load_config
 from distzo.first_order import FirstOrder
 from distzo.models import (QUANTIZED_BASE_FILE, LoraSettings, ModelConfig, apply_lora, load_model,
-                           load_quantized_checkpoint)
+                           load_quantized_checkpoint, move_quantized, resolve_device)
 from distzo.offload import ALIGN, OffloadConfig, OffloadEngine
 from distzo.optimizer import ZOOptimizer, causal_lm_loss
 from distzo.replay import replay
@@ -151,7 +151,7 @@ def _resident_and_streamed_on_cuda(model_dir: Path, quantize: str):
     """Optimisers over one CPU-quantized base, resident on the GPU and streamed through it."""
     offloaded = _qlora(model_dir, quantize)
     engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
-    return (ZOOptimizer(_on_cuda(_qlora(model_dir, quantize)), lr=5e-2, eps=1e-2, seed=0),
+    return (ZOOptimizer(move_quantized(_qlora(model_dir, quantize), torch.device("cuda")), lr=5e-2, eps=1e-2, seed=0),
             ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine), engine)
 
 
@@ -161,18 +161,6 @@ def _same_adapters(a: ZOOptimizer, b: ZOOptimizer) -> bool:
     adapters = {n: p.detach().cpu() for n, p in a.model.named_parameters() if p.requires_grad}
     return bool(adapters) and all(torch.equal(p.detach().cpu(), adapters[n])
                                   for n, p in b.model.named_parameters() if p.requires_grad)
-
-
-def _on_cuda(model):
-    """A CPU-quantized model on the GPU. ``Module.to`` leaves an int8 weight's codes and row scales
-    (``Int8Params.CB``/``SCB``, bitsandbytes 0.50) on the host, so they are moved here."""
-    model = model.to("cuda")
-    for m in model.modules():
-        weight = getattr(m, "weight", None)
-        for name in ("CB", "SCB"):
-            if isinstance(getattr(weight, name, None), torch.Tensor):
-                setattr(weight, name, getattr(weight, name).to("cuda"))
-    return model
 
 
 def _quantized_layers(model, bnb) -> list:
@@ -228,6 +216,54 @@ def _wide_model_dir(tiny_model_dir: Path, folder: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_how_the_cpu_and_the_gpu_quantize_a_base(bnb, tiny_model_dir, tmp_path, quantize):
+    # The same scales everywhere. NF4: the same codes, which is why a GPU-quantized NF4 base may be rebuilt
+    # on the CPU. FP4: the same values, but zero's sign may differ; int8: ties rounded either way, one step
+    # apart. Those two are rebuilt where the run quantized them (ModelConfig.quantize_on).
+    folder = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
+    on_cpu, _ = load_model(ModelConfig(name=str(folder), device="cpu", quantize=quantize))
+    on_gpu, _ = load_model(ModelConfig(name=str(folder), device="cuda", quantize=quantize))
+    pairs = list(zip(_quantized_layers(on_cpu, bnb), _quantized_layers(on_gpu, bnb), strict=True))
+    assert pairs
+    for a, b in pairs:
+        (codes, *scales), (gpu_codes, *gpu_scales) = _stored(a), [t.cpu() for t in _stored(b)]
+        assert all(torch.equal(x, y) for x, y in zip(scales, gpu_scales, strict=True))
+        if quantize == "nf4":
+            assert torch.equal(codes, gpu_codes)
+        elif quantize == "fp4":  # == takes -0.0 for 0.0
+            values = [bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).cpu() for m in (a, b)]
+            assert torch.equal(*values)
+        else:
+            assert int((codes.int() - gpu_codes.int()).abs().max()) <= 1
+    if quantize == "nf4":
+        assert BaseIdentity.of(on_cpu) == BaseIdentity.of(on_gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", ["fp4", "int8"])
+def test_a_base_quantized_on_the_cpu_is_rebuilt_on_the_gpu_bit_for_bit(bnb, tiny_model_dir, tmp_path, quantize):
+    # what replay and resume do with an offloaded run's base: quantize it on the CPU as the run did, then move it
+    folder = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
+    on_cpu, _ = load_model(ModelConfig(name=str(folder), device="cpu", quantize=quantize))
+    moved, _ = load_model(ModelConfig(name=str(folder), device="cuda", quantize=quantize, quantize_on="cpu"))
+    pairs = list(zip(_quantized_layers(on_cpu, bnb), _quantized_layers(moved, bnb), strict=True))
+    assert pairs
+    for a, b in pairs:
+        assert all(y.is_cuda and torch.equal(x, y.cpu()) for x, y in zip(_stored(a), _stored(b), strict=True))
+    assert BaseIdentity.of(on_cpu) == BaseIdentity.of(moved)
+
+
+def _stored(layer) -> list[torch.Tensor]:
+    """What quantizing a bitsandbytes layer stored: its codes and their scales."""
+    if getattr(layer.weight, "quant_state", None) is not None:
+        return _read_by(layer)
+    return [layer.weight.data, layer.weight.SCB]  # int8: the row scales are on the weight until a forward
 
 
 def _aligned(nbytes: int) -> int:
@@ -361,7 +397,8 @@ def test_train_writes_the_adapter_and_the_base_recipe(bnb, run, tiny_model_dir):
 
     header = TrajectoryLog(run / "trajectory.jsonl").header()
     assert header.extra["quantize"] == {"method": "bitsandbytes", "type": "nf4", "compute_dtype": "float32",
-                                        "double_quant": False, "storage": "uint8"}
+                                        "double_quant": False, "storage": "uint8",
+                                        "quantized_on": resolve_device("auto").type}
     assert header.environment["bitsandbytes"] == bnb.__version__
     last = run / "checkpoints" / "last"
     assert not (last / "model.safetensors").exists()  # no lossy merge into 4 bits
@@ -569,9 +606,11 @@ def test_offloaded_replay_rebuilds_the_adapter_bit_for_bit(bnb, offloaded_run, t
 
 
 def _rewrite_header(run: Path, dest: Path, **quantize) -> Path:
+    """``run``'s log with its quantization record changed as ``quantize`` says (None: the field dropped)."""
     lines = (run / "trajectory.jsonl").read_text().splitlines(keepends=True)
     first = json.loads(lines[0])
-    first["header"]["extra"]["quantize"] |= quantize
+    record = first["header"]["extra"]["quantize"] | quantize
+    first["header"]["extra"]["quantize"] = {k: v for k, v in record.items() if v is not None}
     dest.write_text(json.dumps(first) + "\n" + "".join(lines[1:]))
     return dest
 
@@ -595,9 +634,60 @@ def test_replay_builds_the_base_the_log_records(bnb, run, tiny_model_dir, tmp_pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_resume_cannot_change_the_quantization(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):
-    import shutil
+def test_a_log_that_does_not_say_where_its_base_was_quantized_replays(bnb, run, tiny_model_dir, tmp_path):
+    # an older distzo's record: the base is rebuilt where replay loads it, as that distzo did
+    older = _rewrite_header(run, tmp_path / "older.jsonl", quantized_on=None)
+    rebuilt = replay(str(tiny_model_dir), older, tmp_path / "rebuilt").output
+    assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", run / ADAPTER)
+    assert "quantized_on" not in json.loads((rebuilt / QUANTIZED_BASE_FILE).read_text())["quantization"]
 
+
+def test_an_older_run_resumes(bnb, run, tiny_model_dir, sst2_dir, tmp_path):
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    for folder in (older, newer):
+        shutil.copytree(run, folder)
+    _rewrite_header(run, older / "trajectory.jsonl", quantized_on=None)
+    config = older / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "quantize_on:" not in line))
+    for folder in (older, newer):
+        assert main(_args(tiny_model_dir, sst2_dir, folder, "--steps", "6", "--resume")) == 0
+    assert _losses(older) == _losses(newer) and len(_losses(older)) == 6
+    assert "quantized_on" not in TrajectoryLog(older / "trajectory.jsonl").header().extra["quantize"]
+
+
+def test_an_nf4_base_quantized_on_a_gpu_replays_anywhere(bnb, run, tiny_model_dir, tmp_path):
+    # bitsandbytes' CPU and GPU kernels give NF4 the same bits: without a GPU it is rebuilt on the CPU
+    on_gpu = _rewrite_header(run, tmp_path / "gpu.jsonl", quantized_on="cuda")
+    rebuilt = replay(str(tiny_model_dir), on_gpu, tmp_path / "rebuilt").output
+    assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", run / ADAPTER)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_an_fp4_base_quantized_on_a_gpu_is_not_rebuilt_without_one(bnb, run, tiny_model_dir, tmp_path, capsys):
+    # FP4 and int8 get other bits from the CPU kernels: one line, nothing written
+    on_gpu = _rewrite_header(run, tmp_path / "gpu.jsonl", type="fp4", quantized_on="cuda")
+    err = _refused(capsys, ["replay", str(tiny_model_dir), str(on_gpu), "--output", str(tmp_path / "out")])
+    assert "quantized to fp4 on a GPU" in err and "needs a CUDA device" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="int8 on a GPU"):
+        load_model(ModelConfig(name=str(tiny_model_dir), device="cpu", quantize="int8", quantize_on="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", ["fp4", "int8"])
+def test_an_offloaded_run_replays_on_its_gpu_bit_for_bit(bnb, tiny_model_dir, sst2_dir, tmp_path, quantize):
+    # its base was quantized on the CPU, where replay on the GPU quantizes it again (bitsandbytes' GPU
+    # kernels would give fp4 and int8 other bits, and the fingerprint would refuse the base)
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "3", "--quantize", quantize, "--offload", "cpu")) == 0
+    assert TrajectoryLog(out / "trajectory.jsonl").header().extra["quantize"]["quantized_on"] == "cpu"
+    rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt", device="cuda").output
+    assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", out / ADAPTER)
+
+
+def test_resume_cannot_change_the_quantization(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     err = _refused(capsys, _args(tiny_model_dir, sst2_dir, copy, "--steps", "6", "--resume", "--quantize", "fp4"))

@@ -53,6 +53,9 @@ _DTYPES = {
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 # bitsandbytes formats a base can be quantized to at load: 4-bit NormalFloat, 4-bit float, LLM.int8().
 QUANT_TYPES = ("nf4", "fp4", "int8")
+# Where bitsandbytes can quantize a base. Its CPU and CUDA kernels give NF4 the same bits, but FP4 other
+# signs of zero and LLM.int8() other roundings of ties: a base is rebuilt where it was first quantized.
+QUANT_DEVICES = ("cpu", "cuda")
 QUANT_INSTALL = "pip install 'distzo[quant]'"
 # Written into a quantized run's checkpoints: the adapter alone does not say how its base was built.
 QUANTIZED_BASE_FILE = "quantized_base.json"
@@ -110,6 +113,10 @@ class ModelConfig:
     """Quantize the base's linear layers at load with bitsandbytes: nf4 | fp4 (4-bit) | int8; None = not
     quantized. The rest of the model and the compute stay in `dtype`. Only LoRA adapters can train on a
     quantized base (use_lora); needs pip install 'distzo[quant]'."""
+    quantize_on: str | None = None
+    """Where bitsandbytes quantizes the base: cpu | cuda; None = on the device the model loads to (an
+    offloaded run's: the CPU). Resume and replay set it from the run's record: bitsandbytes' CPU and GPU
+    kernels round fp4 and int8 differently, so the base is rebuilt where the run built it."""
 
     def __post_init__(self) -> None:
         if not self.name or not str(self.name).strip():
@@ -120,6 +127,9 @@ class ModelConfig:
             if self.quantize not in QUANT_TYPES:
                 raise ValueError(f"model.quantize must be one of {', '.join(QUANT_TYPES)} (or none), "
                                  f"got '{self.quantize}'")
+        if self.quantize_on is not None and self.quantize_on not in QUANT_DEVICES:
+            raise ValueError(f"model.quantize_on must be one of {', '.join(QUANT_DEVICES)} (or none), "
+                             f"got '{self.quantize_on}'")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -445,9 +455,11 @@ def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 # --------------------------------------------------------------------------- quantized base
 
 
-def quantization_settings(quantize: str, dtype: str) -> dict[str, Any]:
-    """Everything that decides the bits and the arithmetic of a base quantized as ``quantize``, as
-    the trajectory header records it: replay rebuilds the base from this, and resume compares it.
+def quantization_settings(quantize: str, dtype: str, on: str | None) -> dict[str, Any]:
+    """Everything that decides the bits and the arithmetic of a base quantized as ``quantize`` on the
+    device type ``on`` (``"cpu"`` or ``"cuda"``), as the trajectory header records it: replay rebuilds
+    the base from this, and resume compares it. ``on`` None: a record of an older distzo, which did not
+    say where (it quantized where the model loaded).
 
     The 4-bit formats compute in ``dtype`` (the dtype of everything left unquantized). Double
     quantization (of the scales too) is off: it saves about 0.4 bits per parameter and costs one
@@ -457,22 +469,25 @@ def quantization_settings(quantize: str, dtype: str) -> dict[str, Any]:
     if quantize not in QUANT_TYPES:
         raise ValueError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANT_TYPES)}")
     if quantize == "int8":
-        return {"method": "bitsandbytes", "type": "int8", "threshold": 6.0}
-    return {"method": "bitsandbytes", "type": quantize, "compute_dtype": canonical_dtype(dtype),
-            "double_quant": False, "storage": "uint8"}
+        settings = {"method": "bitsandbytes", "type": "int8", "threshold": 6.0}
+    else:
+        settings = {"method": "bitsandbytes", "type": quantize, "compute_dtype": canonical_dtype(dtype),
+                    "double_quant": False, "storage": "uint8"}
+    return settings if on is None else {**settings, "quantized_on": on}
 
 
-def recorded_quantize(settings: Any, dtype: str, where: str) -> str:
-    """The ``quantize`` type that rebuilds a base recorded (by ``quantization_settings``) as
-    ``settings`` in ``dtype``. A ValueError naming ``where`` (what holds the record) if the record
-    is unknown or this distzo would build that type otherwise."""
+def recorded_quantize(settings: Any, dtype: str, where: str) -> tuple[str, str | None]:
+    """The ``quantize`` type and ``quantize_on`` device that rebuild a base recorded (by
+    ``quantization_settings``) as ``settings`` in ``dtype``. A ValueError naming ``where`` (what holds
+    the record) if the record is unknown or this distzo would build that type otherwise."""
     if not isinstance(settings, dict) or settings.get("type") not in QUANT_TYPES:
         raise ValueError(f"{where} records an unknown quantization {settings!r}")
-    built = quantization_settings(settings["type"], dtype)
+    on = settings.get("quantized_on")
+    built = quantization_settings(settings["type"], dtype, on if on in QUANT_DEVICES else None)
     if settings != built:
         raise ValueError(f"{where} records a base quantized with settings {settings}, which this distzo does not "
                          f"build (it builds {built}); use the distzo that wrote it")
-    return settings["type"]
+    return settings["type"], on
 
 
 def bnb_config(settings: dict[str, Any]):
@@ -501,12 +516,13 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
     """The base with its linear layers quantized by bitsandbytes while loading, the rest in ``dtype``.
 
     bitsandbytes quantizes weights on the device they are loaded to, so the whole model is
-    placed there by ``device_map``. A GGUF file is first dequantized into a temporary Hugging
+    placed there by ``device_map``: ``device``, or ``cfg.quantize_on``'s and then moved. A GGUF file is first dequantized into a temporary Hugging
     Face folder (float32, as for the packaged default) in the cache, which then loads like any other.
     """
     if device.type == "cuda" and device.index is None:  # the rank's own GPU, not whichever "cuda" maps to
         device = torch.device("cuda", torch.cuda.current_device())
-    extra = {"quantization_config": bnb_config(quantization_settings(cfg.quantize, cfg.dtype)),
+    target, device = device, _quantizing_device(cfg, device)
+    extra = {"quantization_config": bnb_config(quantization_settings(cfg.quantize, cfg.dtype, device.type)),
              "device_map": {"": str(device)}}
     if source.kind == "hub":
         model, tokenizer = _load_from_hub(cfg, dtype, **extra)
@@ -517,7 +533,43 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
     _keep_4bit_layout(model)
     if cfg.quantize == "int8":
         _quiet_int8_cast_notice()
+    if target.type != device.type:
+        model = move_quantized(model, target)
     return model, tokenizer
+
+
+def _quantizing_device(cfg: ModelConfig, device: torch.device) -> torch.device:
+    """Where bitsandbytes quantizes ``cfg``'s base for a model loaded to ``device``: there, unless
+    ``cfg.quantize_on`` says otherwise. A GPU-quantized base is rebuilt on the CPU only in NF4, whose bits
+    the two kernels agree on (tests/test_quantized.py checks it on a GPU); FP4 and int8 need a GPU."""
+    on = cfg.quantize_on or device.type
+    if on == device.type:
+        return device
+    if on == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if cfg.quantize == "nf4":
+        return device
+    raise ValueError(f"the base was quantized to {cfg.quantize} on a GPU, and bitsandbytes' CPU kernels round "
+                     f"{cfg.quantize} differently: rebuilding it needs a CUDA device (this machine has none)")
+
+
+def move_quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with its bitsandbytes weights quantized elsewhere moved to ``device``, bits unchanged.
+
+    Through ``nn.Module.to``: transformers' own ``to`` refuses quantized models. It moves each weight's
+    data in place, so the row scales an LLM.int8() weight keeps beside its codes (``Int8Params.CB``/``SCB``,
+    bitsandbytes 0.50) would stay behind on the old device: they are moved here.
+    """
+    torch.nn.Module.to(model, device)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        for name in ("CB", "SCB"):
+            value = getattr(weight, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(weight, name, value.to(device))
+    return model
 
 
 def _load_gguf_quantized(gguf: Path, cfg: ModelConfig, dtype: torch.dtype, extra: dict[str, Any]):
@@ -570,7 +622,7 @@ def checkpoint_files(cfg: ModelConfig) -> dict[str, str]:
         return {}
     from distzo.environment import bitsandbytes_version  # imports transformers: not at module import
 
-    settings = quantization_settings(cfg.quantize, cfg.dtype)
+    settings = quantization_settings(cfg.quantize, cfg.dtype, cfg.quantize_on)
     record = {
         "base_model": cfg.name,
         "revision": cfg.revision,
@@ -605,11 +657,11 @@ def load_quantized_checkpoint(location: str, device: str = "auto", dtype: str | 
         name, quantization, trained_dtype = recipe["base_model"], recipe["quantization"], recipe["dtype"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"could not read the base recipe '{recipe_file}': {_flat_message(exc)}") from exc
-    quantize = recorded_quantize(quantization, trained_dtype, f"'{recipe_file}'")
+    quantize, quantize_on = recorded_quantize(quantization, trained_dtype, f"'{recipe_file}'")
     if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise ValueError(f"'{folder}' holds no adapter ({ADAPTER_DIR}/adapter_config.json): not a complete checkpoint")
     base, tokenizer = load_model(ModelConfig(name=name, revision=recipe.get("revision"), device=device,
-                                             dtype=dtype or trained_dtype, quantize=quantize))
+                                             dtype=dtype or trained_dtype, quantize=quantize, quantize_on=quantize_on))
     try:
         model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
     except _BROKEN_FILE as exc:

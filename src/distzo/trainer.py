@@ -112,7 +112,7 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
     if cfg.use_lora:
         extra["lora"] = asdict(cfg.lora)
     if cfg.model.quantize is not None:  # replay rebuilds the quantized base from this record
-        extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype)
+        extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype, cfg.model.quantize_on)
     if cfg.optim.first_order:  # so replay can tell that the log alone does not rebuild the run
         extra["first_order"] = {"patterns": cfg.optim.first_order, "lr": cfg.optim.first_order_lr,
                                 "weight_decay": cfg.optim.first_order_weight_decay}
@@ -224,6 +224,8 @@ class Trainer:
             self.lock.probe()  # a second writer is refused before a model is loaded
         self._check_folder(self._folder)
         self.log = TrajectoryLog(self.out / rundir.LOG_FILE)
+        if cfg.model.quantize is not None:  # where bitsandbytes makes the base's bits: settled once, recorded
+            self.cfg = cfg = replace(cfg, model=replace(cfg.model, quantize_on=self._quantize_on(cfg)))
         self.changes = self._resume_changes() if cfg.resume else {}
         self.task = get_task(cfg.task.name)
         self.data = load_task(cfg.task)
@@ -291,6 +293,15 @@ class Trainer:
             )
         if folder.kind == "empty":
             rundir.require_writable(self.out)
+
+    def _quantize_on(self, cfg: TrainConfig) -> str | None:
+        """Where the base is quantized: where the resumed run's log says (None in an older log, which did
+        not say), else as asked, else where the model loads (an offloaded one: into host memory)."""
+        if cfg.resume and self._folder.has_log:
+            recorded = self.log.header().extra.get("quantize")
+            if isinstance(recorded, dict):
+                return cfg.model.quantize_on or recorded.get("quantized_on")
+        return cfg.model.quantize_on or ("cpu" if cfg.offload.enabled else resolve_device(cfg.model.device).type)
 
     def _resume_changes(self) -> dict[str, list]:
         """The settings this resume changes, checked against the run's own config.yaml."""
