@@ -9,8 +9,8 @@ The base is OPT-175B-shaped (hidden 12288, 96 layers, ffn 49152, 96 heads, vocab
 never held in bf16: the model is built on the meta device (``distzo.offload.build_on_meta``), then
 one decoder layer at a time each ``nn.Linear`` gets a bf16 weight drawn N(0, 0.02) on the GPU
 (``distzo.offload.random_init``, seeded by the parameter's name), which a ``bitsandbytes``
-``Params4bit`` quantizes there (nf4, blocksize 64, no double quantization, uint8 storage: the
-settings of ``distzo.models.quantization_settings``) into a ``bnb.nn.Linear4bit`` with compute
+``Params4bit`` quantizes there (nf4, blocksize 64, uint8 storage, double quantization only with
+``--double-quant``: the settings of ``distzo.models.quantization_settings``) into a ``bnb.nn.Linear4bit`` with compute
 dtype bf16; the bf16 copy is freed before the next layer. Biases, norms, the embeddings and the
 (tied) head are bf16 on the GPU. If the GPU fills up while building, the layers built so far
 minus four (room for activations) are kept and the run goes on with those; ``--layers N`` builds
@@ -129,17 +129,19 @@ class Materializer:
         self.where[id(new)] = slots
 
 
-def quantized_linear(linear: nn.Linear, name: str, device: torch.device, init, quant_type: str) -> nn.Module:
-    """``linear`` (on meta) as a bnb Linear4bit quantized on ``device`` from a random bf16 weight."""
+def quantized_linear(linear: nn.Linear, name: str, device: torch.device, init, quant_type: str,
+                     double_quant: bool = False) -> nn.Module:
+    """``linear`` (on meta) as a bnb Linear4bit quantized on ``device`` from a random bf16 weight
+    (with ``double_quant``, its scales quantized too)."""
     import bitsandbytes as bnb
 
     with torch.device("meta"):
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=False, quant_type=quant_type,
+                              compute_dtype=torch.bfloat16, compress_statistics=double_quant, quant_type=quant_type,
                               quant_storage=torch.uint8)
     weight = torch.empty(linear.out_features, linear.in_features, dtype=torch.bfloat16, device=device)
     init(f"{name}.weight", weight)
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, compress_statistics=False,
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, compress_statistics=double_quant,
                                  quant_type=quant_type, quant_storage=torch.uint8, module=q).to(device)
     del weight  # the bf16 copy: Params4bit now holds the packed codes and its quant_state the scales
     if linear.bias is not None:
@@ -162,7 +164,7 @@ def quantized_bytes(module: nn.Module) -> int:
     return total
 
 
-def build(cfg, device: torch.device, quant_type: str, rec: Recorder):
+def build(cfg, device: torch.device, quant_type: str, rec: Recorder, double_quant: bool = False):
     """The NF4 model, one layer at a time; on an error mid-way, the layers that fit (minus four)."""
     from distzo.offload import build_on_meta, random_init
     from distzo.units import layer_stacks
@@ -192,7 +194,7 @@ def build(cfg, device: torch.device, quant_type: str, rec: Recorder):
                 for attr, sub in list(child.named_children()):
                     if isinstance(sub, nn.Linear):
                         full = ".".join(x for x in (prefix, name, attr) if x)
-                        setattr(child, attr, quantized_linear(sub, full, device, init, quant_type))
+                        setattr(child, attr, quantized_linear(sub, full, device, init, quant_type, double_quant))
             mat.module(layer, prefix)  # the layer norms
             sync(device)
         except Exception as e:  # out of memory above all: keep what fits
@@ -424,7 +426,7 @@ def offloaded_nf4(cfg, device: torch.device, args, rec: Recorder):
     """The NF4 model built on the GPU as above, with LoRA, its decoder blocks then moved to pinned host memory."""
     from distzo.offload import OffloadConfig, OffloadEngine
 
-    model, info = build(cfg, device, args.quant_type, rec)
+    model, info = build(cfg, device, args.quant_type, rec, args.double_quant)
     rec.put("build_nf4", info)
     model = add_lora(model, args.lora_r)
     engine = OffloadEngine(model, device, OffloadConfig("cpu"))
@@ -496,6 +498,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (10)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (3)")
     ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    ap.add_argument("--double-quant", action="store_true", help="quantize the 4-bit scales too (model.double_quant)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--batch-streams", action="store_true",
@@ -518,8 +521,9 @@ def main(argv=None) -> int:
     from distzo.units import layer_stacks
 
     cfg = opt_config(shape, args.layers)
-    model, info = build(cfg, device, args.quant_type, rec)
-    rec.put("build", {"model": "tiny OPT" if tiny else "OPT-175B shape", "quant_type": args.quant_type, **info})
+    model, info = build(cfg, device, args.quant_type, rec, args.double_quant)
+    rec.put("build", {"model": "tiny OPT" if tiny else "OPT-175B shape", "quant_type": args.quant_type,
+                      "double_quant": args.double_quant, **info})
 
     def peft_and_optimizer():
         nonlocal model

@@ -37,9 +37,10 @@ def bnb():
     return pytest.importorskip("bitsandbytes")
 
 
-def _qlora(model_dir: Path, quantize: str):
-    """The tiny Llama quantized at load, with adapters seeded as the trainer seeds them."""
-    model, _ = load_model(ModelConfig(name=str(model_dir), device="cpu", quantize=quantize))
+def _qlora(model_dir: Path, quantize: str, **model):
+    """The tiny Llama quantized at load (``model``: more ModelConfig fields), with adapters seeded as the
+    trainer seeds them."""
+    model, _ = load_model(ModelConfig(name=str(model_dir), device="cpu", quantize=quantize, **model))
     torch.manual_seed(0)
     model = apply_lora(model, LoraSettings(r=2, alpha=4))
     return model
@@ -58,11 +59,14 @@ def _frozen(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("batch_streams", [False, True])  # True: the base's products once over both streams
-@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_matches_reference_over_the_adapters(bnb, tiny_model_dir, quantize, batch_streams):
-    engine, ref = _qlora(tiny_model_dir, quantize), _qlora(tiny_model_dir, quantize)
+@pytest.mark.parametrize("quantize,double_quant", [("nf4", False), ("fp4", False), ("int8", False), ("nf4", True)])
+def test_matches_reference_over_the_adapters(bnb, tiny_model_dir, quantize, double_quant, batch_streams):
+    engine = _qlora(tiny_model_dir, quantize, double_quant=double_quant)
+    ref = _qlora(tiny_model_dir, quantize, double_quant=double_quant)
     frozen = _frozen(engine)
     assert all(p.dtype in (torch.uint8, torch.int8) for n, p in frozen.items() if "q_proj.base_layer" in n)
+    state = dict(engine.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert getattr(getattr(state, "quant_state", None), "nested", False) == double_quant  # 8-bit scales
     opt = ZOOptimizer(engine, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
     assert bool(opt._stream.batched) == batch_streams
     vocab = engine.config.vocab_size
@@ -104,9 +108,9 @@ def test_the_fingerprint_sees_the_quantization_scales(bnb, tiny_model_dir, tmp_p
 # --------------------------------------------------------------------------- offloaded quantized blocks
 
 
-def _offloaded(model_dir: Path, quantize: str, **cfg):
+def _offloaded(model_dir: Path, quantize: str, double_quant: bool = False, **cfg):
     """``_qlora``'s model with its decoder blocks in host memory (on the CPU: the slots are host memory too)."""
-    model = _qlora(model_dir, quantize)
+    model = _qlora(model_dir, quantize, double_quant=double_quant)
     return model, OffloadEngine(model, "cpu", OffloadConfig("cpu", **cfg))
 
 
@@ -120,10 +124,13 @@ def _steps_agree(a: ZOOptimizer, b: ZOOptimizer, t: int, vocab: int) -> bool:
     return (x.losses_plus, x.losses_other, x.projected_grads) == (y.losses_plus, y.losses_other, y.projected_grads)
 
 
-@pytest.mark.parametrize("quantize,batch_streams", [("nf4", False), ("fp4", False), ("int8", False), ("nf4", True)])
-def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_dir, quantize, batch_streams):
-    resident = _qlora(tiny_model_dir, quantize)
-    offloaded, engine = _offloaded(tiny_model_dir, quantize)
+@pytest.mark.parametrize("quantize,batch_streams,double_quant", [("nf4", False, False), ("fp4", False, False),
+                                                               ("int8", False, False), ("nf4", True, False),
+                                                               ("fp4", False, True)])
+def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_dir, quantize, batch_streams,
+                                                                double_quant):
+    resident = _qlora(tiny_model_dir, quantize, double_quant=double_quant)
+    offloaded, engine = _offloaded(tiny_model_dir, quantize, double_quant)
     frozen = _frozen(resident)
     a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
     b = ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine, batch_streams=batch_streams)
@@ -138,20 +145,21 @@ def test_offloaded_quantized_blocks_equal_resident_bit_for_bit(bnb, tiny_model_d
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, quantize):
+@pytest.mark.parametrize("quantize,double_quant", [("nf4", False), ("fp4", False), ("int8", False), ("nf4", True)])
+def test_offloaded_quantized_blocks_equal_resident_on_cuda(bnb, tiny_model_dir, quantize, double_quant):
     # The same CPU-quantized base, resident on the GPU against streamed through it: the forward must
     # read the uploaded codes and scales (on the CPU a slot and the host hold the same values anyway).
-    a, b, engine = _resident_and_streamed_on_cuda(tiny_model_dir, quantize)
+    a, b, engine = _resident_and_streamed_on_cuda(tiny_model_dir, quantize, double_quant)
     assert all(_steps_agree(a, b, t, a.model.config.vocab_size) for t in range(20))
     assert _same_adapters(a, b) and engine.bytes_up > 0 and engine.bytes_down == 0
 
 
-def _resident_and_streamed_on_cuda(model_dir: Path, quantize: str):
+def _resident_and_streamed_on_cuda(model_dir: Path, quantize: str, double_quant: bool = False):
     """Optimisers over one CPU-quantized base, resident on the GPU and streamed through it."""
-    offloaded = _qlora(model_dir, quantize)
+    offloaded = _qlora(model_dir, quantize, double_quant=double_quant)
     engine = OffloadEngine(offloaded, "cuda", OffloadConfig("cpu"))
-    return (ZOOptimizer(move_quantized(_qlora(model_dir, quantize), torch.device("cuda")), lr=5e-2, eps=1e-2, seed=0),
+    resident = move_quantized(_qlora(model_dir, quantize, double_quant=double_quant), torch.device("cuda"))
+    return (ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0),
             ZOOptimizer(offloaded, lr=5e-2, eps=1e-2, seed=0, offload=engine), engine)
 
 
@@ -628,7 +636,7 @@ def test_replay_builds_the_base_the_log_records(bnb, run, tiny_model_dir, tmp_pa
     fp4 = _rewrite_header(run, tmp_path / "fp4.jsonl", type="fp4")
     err = _refused(capsys, ["replay", str(tiny_model_dir), str(fp4), "--output", str(tmp_path / "a")])
     assert "is not the base model of this log's run" in err
-    odd = _rewrite_header(run, tmp_path / "odd.jsonl", double_quant=True)
+    odd = _rewrite_header(run, tmp_path / "odd.jsonl", storage="bfloat16")
     err = _refused(capsys, ["replay", str(tiny_model_dir), str(odd), "--output", str(tmp_path / "b")])
     assert "which this distzo does not build" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -685,6 +693,25 @@ def test_an_offloaded_run_replays_on_its_gpu_bit_for_bit(bnb, tiny_model_dir, ss
     assert TrajectoryLog(out / "trajectory.jsonl").header().extra["quantize"]["quantized_on"] == "cpu"
     rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt", device="cuda").output
     assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", out / ADAPTER)
+
+
+def test_double_quantization_through_the_entry_point(bnb, tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "dq"
+    assert main(_args(tiny_model_dir, sst2_dir, out, "--steps", "3", "--double-quant", "true")) == 0
+    record = TrajectoryLog(out / "trajectory.jsonl").header().extra["quantize"]
+    assert record["double_quant"] is True
+    recipe = json.loads((out / "checkpoints" / "last" / QUANTIZED_BASE_FILE).read_text())
+    assert recipe["quantization"] == record and recipe["quantization_config"]["bnb_4bit_use_double_quant"] is True
+    rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt").output
+    assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", out / ADAPTER)
+
+
+@pytest.mark.parametrize("quantize", ["int8", None])
+def test_double_quantization_of_what_is_not_4_bit_is_one_line(tiny_model_dir, tmp_path, capsys, quantize):
+    extra = ["--lora", "--double-quant", "true"] + (["--quantize", quantize] if quantize else [])
+    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", *extra))
+    assert "model.double_quant applies to the 4-bit formats" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_cannot_change_the_quantization(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):

@@ -33,6 +33,7 @@ ALIASES = {
     "model": "model.name",
     "dtype": "model.dtype",
     "quantize": "model.quantize",
+    "double-quant": "model.double_quant",
     "device": "model.device",
     "task": "task.name",
     "data": "task.data_path",

@@ -113,6 +113,9 @@ class ModelConfig:
     """Quantize the base's linear layers at load with bitsandbytes: nf4 | fp4 (4-bit) | int8; None = not
     quantized. The rest of the model and the compute stay in `dtype`. Only LoRA adapters can train on a
     quantized base (use_lora); needs pip install 'distzo[quant]'."""
+    double_quant: bool = False
+    """nf4 and fp4: quantize the block-wise scales too (QLoRA's double quantization: 8-bit scales in
+    blocks of 256, about 0.37 bits per parameter less, one more lossy layer); off by default."""
     quantize_on: str | None = None
     """Where bitsandbytes quantizes the base: cpu | cuda; None = on the device the model loads to (an
     offloaded run's: the CPU). Resume and replay set it from the run's record: bitsandbytes' CPU and GPU
@@ -127,6 +130,9 @@ class ModelConfig:
             if self.quantize not in QUANT_TYPES:
                 raise ValueError(f"model.quantize must be one of {', '.join(QUANT_TYPES)} (or none), "
                                  f"got '{self.quantize}'")
+        if self.double_quant and self.quantize not in ("nf4", "fp4"):
+            raise ValueError(f"model.double_quant applies to the 4-bit formats (model.quantize nf4 or fp4), "
+                             f"not to {self.quantize or 'an unquantized base'}")
         if self.quantize_on is not None and self.quantize_on not in QUANT_DEVICES:
             raise ValueError(f"model.quantize_on must be one of {', '.join(QUANT_DEVICES)} (or none), "
                              f"got '{self.quantize_on}'")
@@ -455,39 +461,42 @@ def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 # --------------------------------------------------------------------------- quantized base
 
 
-def quantization_settings(quantize: str, dtype: str, on: str | None) -> dict[str, Any]:
+def quantization_settings(quantize: str, dtype: str, on: str | None, double_quant: bool = False) -> dict[str, Any]:
     """Everything that decides the bits and the arithmetic of a base quantized as ``quantize`` on the
     device type ``on`` (``"cpu"`` or ``"cuda"``), as the trajectory header records it: replay rebuilds
     the base from this, and resume compares it. ``on`` None: a record of an older distzo, which did not
     say where (it quantized where the model loaded).
 
-    The 4-bit formats compute in ``dtype`` (the dtype of everything left unquantized). Double
-    quantization (of the scales too) is off: it saves about 0.4 bits per parameter and costs one
-    more lossy layer. LLM.int8() keeps input columns above its threshold in 16 bits (bitsandbytes'
-    default, 6.0) and computes the rest in int8.
+    The 4-bit formats compute in ``dtype`` (the dtype of everything left unquantized), their scales
+    quantized too with ``double_quant``. LLM.int8() keeps input columns above its threshold in 16 bits
+    (bitsandbytes' default, 6.0) and computes the rest in int8.
     """
     if quantize not in QUANT_TYPES:
         raise ValueError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANT_TYPES)}")
+    if quantize == "int8" and double_quant:
+        raise ValueError("double quantization applies to the 4-bit formats, not to int8")
     if quantize == "int8":
         settings = {"method": "bitsandbytes", "type": "int8", "threshold": 6.0}
     else:
         settings = {"method": "bitsandbytes", "type": quantize, "compute_dtype": canonical_dtype(dtype),
-                    "double_quant": False, "storage": "uint8"}
+                    "double_quant": bool(double_quant), "storage": "uint8"}
     return settings if on is None else {**settings, "quantized_on": on}
 
 
-def recorded_quantize(settings: Any, dtype: str, where: str) -> tuple[str, str | None]:
-    """The ``quantize`` type and ``quantize_on`` device that rebuild a base recorded (by
-    ``quantization_settings``) as ``settings`` in ``dtype``. A ValueError naming ``where`` (what holds
-    the record) if the record is unknown or this distzo would build that type otherwise."""
+def recorded_quantize(settings: Any, dtype: str, where: str) -> dict[str, Any]:
+    """The ``ModelConfig`` fields (``quantize``, ``double_quant``, ``quantize_on``) that rebuild a base
+    recorded (by ``quantization_settings``) as ``settings`` in ``dtype``. A ValueError naming ``where``
+    (what holds the record) if the record is unknown or this distzo would build that type otherwise."""
     if not isinstance(settings, dict) or settings.get("type") not in QUANT_TYPES:
         raise ValueError(f"{where} records an unknown quantization {settings!r}")
     on = settings.get("quantized_on")
-    built = quantization_settings(settings["type"], dtype, on if on in QUANT_DEVICES else None)
+    fields = {"quantize": settings["type"], "double_quant": settings.get("double_quant") is True,
+              "quantize_on": on if on in QUANT_DEVICES else None}
+    built = quantization_settings(settings["type"], dtype, fields["quantize_on"], fields["double_quant"])
     if settings != built:
         raise ValueError(f"{where} records a base quantized with settings {settings}, which this distzo does not "
                          f"build (it builds {built}); use the distzo that wrote it")
-    return settings["type"], on
+    return fields
 
 
 def bnb_config(settings: dict[str, Any]):
@@ -522,7 +531,8 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
     if device.type == "cuda" and device.index is None:  # the rank's own GPU, not whichever "cuda" maps to
         device = torch.device("cuda", torch.cuda.current_device())
     target, device = device, _quantizing_device(cfg, device)
-    extra = {"quantization_config": bnb_config(quantization_settings(cfg.quantize, cfg.dtype, device.type)),
+    settings = quantization_settings(cfg.quantize, cfg.dtype, device.type, cfg.double_quant)
+    extra = {"quantization_config": bnb_config(settings),
              "device_map": {"": str(device)}}
     if source.kind == "hub":
         model, tokenizer = _load_from_hub(cfg, dtype, **extra)
@@ -622,7 +632,7 @@ def checkpoint_files(cfg: ModelConfig) -> dict[str, str]:
         return {}
     from distzo.environment import bitsandbytes_version  # imports transformers: not at module import
 
-    settings = quantization_settings(cfg.quantize, cfg.dtype, cfg.quantize_on)
+    settings = quantization_settings(cfg.quantize, cfg.dtype, cfg.quantize_on, cfg.double_quant)
     record = {
         "base_model": cfg.name,
         "revision": cfg.revision,
@@ -657,11 +667,11 @@ def load_quantized_checkpoint(location: str, device: str = "auto", dtype: str | 
         name, quantization, trained_dtype = recipe["base_model"], recipe["quantization"], recipe["dtype"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"could not read the base recipe '{recipe_file}': {_flat_message(exc)}") from exc
-    quantize, quantize_on = recorded_quantize(quantization, trained_dtype, f"'{recipe_file}'")
+    rebuild = recorded_quantize(quantization, trained_dtype, f"'{recipe_file}'")
     if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise ValueError(f"'{folder}' holds no adapter ({ADAPTER_DIR}/adapter_config.json): not a complete checkpoint")
     base, tokenizer = load_model(ModelConfig(name=name, revision=recipe.get("revision"), device=device,
-                                             dtype=dtype or trained_dtype, quantize=quantize, quantize_on=quantize_on))
+                                             dtype=dtype or trained_dtype, **rebuild))
     try:
         model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
     except _BROKEN_FILE as exc:

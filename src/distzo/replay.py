@@ -94,10 +94,9 @@ def replay(base: str, log_path: str | os.PathLike, output: str | os.PathLike, up
 def base_config(base: str, header: TrajectoryHeader, device: str = "auto") -> ModelConfig:
     """How to load the logged run's base: its dtype, revision and quantization, as the header records them."""
     quantized = header.extra.get("quantize")
-    # where the run quantized it: bitsandbytes' CPU and GPU kernels give some formats other bits
-    quantize, on = (None, None) if quantized is None else recorded_quantize(quantized, header.dtype, "the log's header")
-    return ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"),
-                       quantize=quantize, quantize_on=on)
+    # as the run quantized it, and where: bitsandbytes' CPU and GPU kernels give some formats other bits
+    rebuild = {} if quantized is None else recorded_quantize(quantized, header.dtype, "the log's header")
+    return ModelConfig(name=base, dtype=header.dtype, device=device, revision=header.extra.get("revision"), **rebuild)
 
 
 def load_base(base: str, header: TrajectoryHeader, device: str = "auto"):

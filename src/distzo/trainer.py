@@ -112,7 +112,8 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
     if cfg.use_lora:
         extra["lora"] = asdict(cfg.lora)
     if cfg.model.quantize is not None:  # replay rebuilds the quantized base from this record
-        extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype, cfg.model.quantize_on)
+        extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype, cfg.model.quantize_on,
+                                                  cfg.model.double_quant)
     if cfg.optim.first_order:  # so replay can tell that the log alone does not rebuild the run
         extra["first_order"] = {"patterns": cfg.optim.first_order, "lr": cfg.optim.first_order_lr,
                                 "weight_decay": cfg.optim.first_order_weight_decay}
