@@ -492,6 +492,20 @@ def test_config_checks_the_world_size(monkeypatch):
         parallel.init(parallel.ParallelConfig(pert=2))
 
 
+def test_a_rank_without_a_gpu_of_its_own_is_one_clear_error(monkeypatch):
+    # two ranks started on a one-GPU node: CUDA would say "invalid device ordinal" from inside set_device
+    from distzo import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device was reached"))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(parallel.ParallelError, match=r"local rank 1 has no GPU of its own: this node has 1; "
+                                                      r"start one process per GPU \(torchrun --nproc-per-node 1\)"):
+        parallel.init(parallel.ParallelConfig(pert=2), "auto")
+
+
 # ---------------------------------------------------------------- the real entry point
 
 

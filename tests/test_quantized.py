@@ -573,7 +573,7 @@ from distzo import parallel
 from distzo.offload import OffloadConfig, OffloadEngine
 from distzo.optimizer import ZOOptimizer
 
-mesh = parallel.init(parallel.ParallelConfig(pert=2, dir=1, data=1, timeout_s=60))
+mesh = parallel.init(parallel.ParallelConfig(pert=2, dir=1, data=1, timeout_s=60), "cpu")  # gloo, on any machine
 model = _qlora(Path({model!r}), "nf4")
 engine = OffloadEngine(model, "cpu", OffloadConfig("cpu"), slices=parallel.node_slices(mesh))
 digest = hashlib.sha256(b"".join(bytes(b.flat.numpy()) for b in engine.blocks)).hexdigest()

@@ -167,7 +167,10 @@ def _device(name: str) -> torch.device:
     wants_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
     if not wants_cuda:
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= gpus:  # CUDA's own word for it is "invalid device ordinal", from deep inside set_device
+        raise ParallelError(f"local rank {local} has no GPU of its own: this node has {gpus}; start one process "
+                            f"per GPU (torchrun --nproc-per-node {gpus}), or run the ranks on the CPU (--device cpu)")
     torch.cuda.set_device(local)  # so "cuda" (the model's device) means this rank's GPU
     return torch.device("cuda", local)
 
