@@ -525,8 +525,9 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
     """The base with its linear layers quantized by bitsandbytes while loading, the rest in ``dtype``.
 
     bitsandbytes quantizes weights on the device they are loaded to, so the whole model is
-    placed there by ``device_map``: ``device``, or ``cfg.quantize_on``'s and then moved. A GGUF file is first dequantized into a temporary Hugging
-    Face folder (float32, as for the packaged default) in the cache, which then loads like any other.
+    placed there by ``device_map``: ``device``, or ``cfg.quantize_on``'s device and then moved to
+    ``device``. A GGUF file is first dequantized into a temporary Hugging Face folder (float32, as for
+    the packaged default) in the cache, which then loads like any other.
     """
     if device.type == "cuda" and device.index is None:  # the rank's own GPU, not whichever "cuda" maps to
         device = torch.device("cuda", torch.cuda.current_device())
