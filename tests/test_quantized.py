@@ -413,11 +413,13 @@ def test_train_writes_the_adapter_and_the_base_recipe(bnb, run, tiny_model_dir):
     recipe = json.loads((last / QUANTIZED_BASE_FILE).read_text())
     assert recipe["base_model"] == str(tiny_model_dir) and recipe["quantization"] == header.extra["quantize"]
     assert recipe["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    assert "library_name: peft" in (last / "README.md").read_text()
+    card = (last / "README.md").read_text()
+    assert "library_name: peft" in card and f"quantize='nf4', quantize_on='{resolve_device('auto').type}')" in card
     assert len(set(_losses(run))) == 4  # the adapters moved
 
     # what the model card says to do: the base rebuilt as recorded, the adapter over it
-    base, _ = load_model(ModelConfig(recipe["base_model"], dtype=recipe["dtype"], quantize="nf4"))
+    base, _ = load_model(ModelConfig(recipe["base_model"], dtype=recipe["dtype"], quantize="nf4",
+                                     quantize_on=recipe["quantization"]["quantized_on"]))
     loaded = PeftModel.from_pretrained(base, last / "adapter")
     saved = load_file(run / ADAPTER)
     weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
@@ -702,6 +704,7 @@ def test_double_quantization_through_the_entry_point(bnb, tiny_model_dir, sst2_d
     assert record["double_quant"] is True
     recipe = json.loads((out / "checkpoints" / "last" / QUANTIZED_BASE_FILE).read_text())
     assert recipe["quantization"] == record and recipe["quantization_config"]["bnb_4bit_use_double_quant"] is True
+    assert "double_quant=True" in (out / "checkpoints" / "last" / "README.md").read_text()
     rebuilt = replay(str(tiny_model_dir), out / "trajectory.jsonl", tmp_path / "rebuilt").output
     assert _same_tensors(rebuilt / "adapter" / "adapter_model.safetensors", out / ADAPTER)
 

@@ -75,11 +75,13 @@ def _loading_quantized(cfg: TrainConfig) -> str:
     """The base rebuilt quantized as in training (distzo's loader reads every kind of base the run
     may have had: Hub id, folder, GGUF file, the packaged default), then the adapter over it."""
     m = cfg.model
-    revision = f", revision={m.revision!r}" if m.revision else ""
+    # where it was quantized too: bitsandbytes' CPU and GPU kernels give fp4 and int8 other bits
+    fields = {"double_quant": m.double_quant or None, "quantize_on": m.quantize_on, "revision": m.revision}
+    more = "".join(f", {name}={value!r}" for name, value in fields.items() if value)
     return (f"The base model is quantized ({m.quantize}, bitsandbytes) and frozen; this folder holds the LoRA "
             f"adapter (`adapter/`) and how the base was built (`{QUANTIZED_BASE_FILE}`), not a merged model.\n\n"
             "```python\nfrom peft import PeftModel\nfrom distzo.models import ModelConfig, load_model\n\n"
-            f"base, tokenizer = load_model(ModelConfig({m.name!r}, dtype={m.dtype!r}, quantize={m.quantize!r}{revision}))\n"
+            f"base, tokenizer = load_model(ModelConfig({m.name!r}, dtype={m.dtype!r}, quantize={m.quantize!r}{more}))\n"
             f'model = PeftModel.from_pretrained(base, "{_location(cfg)}/adapter")\n```\n\n'
             # distzo eval reads a local folder (a Hub copy is downloaded first)
             f"`distzo eval --model path/to/this/folder --task {cfg.task.name}` does both and scores it.")
