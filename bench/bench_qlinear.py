@@ -185,11 +185,12 @@ def _nf4_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K: 
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16), mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, w first, table loads, BLOCK_K): on an H200 the fastest of four
-# sweeps (the second: 11.0 ms a layer at M = 1024), the fastest without the swap, and 128-wide K steps
-# (none faster; 256 x 128 with 3 stages needs more shared memory than the card has)
+# (BLOCK_M, BLOCK_N, warps, stages, w first, table loads, BLOCK_K), from four sweeps on an H200 at
+# M = 1024: the fastest (the second, 11.0 ms a layer), the fastest two without the swap, table loads
+# and 128-wide K steps (none faster; 256 x 128 with 3 stages needs more shared memory than the card has)
 TILES = [(128, 128, 4, 4, False, False, 64), (256, 128, 8, 3, True, False, 64), (128, 128, 8, 3, True, False, 128),
-         (256, 128, 8, 2, True, False, 128), (256, 64, 4, 3, True, False, 128), (128, 256, 8, 2, True, False, 128)]
+         (256, 128, 8, 2, True, False, 128), (256, 64, 4, 3, True, False, 128), (128, 256, 8, 2, True, False, 128),
+         (256, 128, 8, 3, False, False, 64), (256, 128, 8, 3, True, True, 64)]
 
 
 def nf4_matmul(x, codes, absmax, table, n: int, tile=TILES[0]):
