@@ -468,13 +468,11 @@ def quantization_settings(quantize: str, dtype: str, on: str | None, double_quan
     say where (it quantized where the model loaded).
 
     The 4-bit formats compute in ``dtype`` (the dtype of everything left unquantized), their scales
-    quantized too with ``double_quant``. LLM.int8() keeps input columns above its threshold in 16 bits
+    quantized too with ``double_quant`` (which ModelConfig allows for them alone). LLM.int8() keeps input columns above its threshold in 16 bits
     (bitsandbytes' default, 6.0) and computes the rest in int8.
     """
     if quantize not in QUANT_TYPES:
         raise ValueError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANT_TYPES)}")
-    if quantize == "int8" and double_quant:
-        raise ValueError("double quantization applies to the 4-bit formats, not to int8")
     if quantize == "int8":
         settings = {"method": "bitsandbytes", "type": "int8", "threshold": 6.0}
     else:
