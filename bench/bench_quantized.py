@@ -10,8 +10,8 @@ never held in bf16: the model is built on the meta device (``distzo.offload.buil
 one decoder layer at a time each ``nn.Linear`` gets a bf16 weight drawn N(0, 0.02) on the GPU
 (``distzo.offload.random_init``, seeded by the parameter's name), which a ``bitsandbytes``
 ``Params4bit`` quantizes there (nf4, blocksize 64, uint8 storage, double quantization only with
-``--double-quant``: the settings of ``distzo.models.quantization_settings``) into a ``bnb.nn.Linear4bit`` with compute
-dtype bf16; the bf16 copy is freed before the next layer. Biases, norms, the embeddings and the
+``--double-quant``: the settings of ``distzo.models.quantization_settings``) into a
+``bnb.nn.Linear4bit`` with compute dtype bf16; the bf16 copy is freed before the next layer. Biases, norms, the embeddings and the
 (tied) head are bf16 on the GPU. If the GPU fills up while building, the layers built so far
 minus four (room for activations) are kept and the run goes on with those; ``--layers N`` builds
 N layers (the per-layer figures extrapolate a shorter run to 96).
