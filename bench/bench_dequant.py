@@ -19,7 +19,6 @@ dequantization is left to take out by a faster kernel (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import timed_ms  # noqa: E402
+from _harness import Recorder, environment, timed_ms  # noqa: E402
 
 BYTES, WARPS = 2048, 4  # the fastest of 3 x 3 sizes and warp counts on an H200
 OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -88,7 +87,9 @@ def main(argv=None) -> int:
     d, f = 12288, 49152
     shapes = [(d, d)] * 4 + [(f, d), (d, f)]
     torch.manual_seed(0)
-    out = {"device": torch.cuda.get_device_name(), "shapes": shapes}
+    rec = Recorder(args.out, environment(torch.device("cuda"), sys.argv[1:] if argv is None else argv,
+                                         "bench_dequant.py", ("triton", "bitsandbytes")))
+    rec.put("setup", {"shapes": shapes})
     bnb = ops._dequantize_4bit_impl
     for qt in ("nf4", "fp4"):
         weights = []
@@ -121,21 +122,17 @@ def main(argv=None) -> int:
                 del a, b
             equal[str(dtype)] = bool(ok)
         t_bnb, t_ours = _median_ms(theirs), _median_ms(ours)
-        out[qt] = {"bitsandbytes_ms": t_bnb, "triton_ms": t_ours, "speedup": t_bnb / t_ours,
-                   "bitsandbytes_TBps": moved / t_bnb / 1e9, "triton_TBps": moved / t_ours / 1e9,
-                   "bits_equal": equal, "GB_moved": moved / 1e9}
-        print(json.dumps({qt: out[qt]}), flush=True)
+        rec.put(qt, {"bitsandbytes_ms": t_bnb, "triton_ms": t_ours, "speedup": t_bnb / t_ours,
+                     "bitsandbytes_TBps": moved / t_bnb / 1e9, "triton_TBps": moved / t_ours / 1e9,
+                     "bits_equal": equal, "GB_moved": moved / 1e9})
         if qt == "nf4":
             x = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
             y = torch.empty_like(x)
             t_copy = _median_ms(lambda: y.copy_(x))
-            out["copy_TBps"] = moved / t_copy / 1e9  # read moved/2, write moved/2
+            rec.put("copy", {"TBps": moved / t_copy / 1e9})  # read moved/2, write moved/2
             del x, y
         del weights, outs
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
     return 0
 
 

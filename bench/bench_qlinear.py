@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import timed_ms  # noqa: E402
+from _harness import Recorder, environment, guarded, timed_ms  # noqa: E402
 
 D, FFN, LAYERS = 12288, 49152, 8
 SHAPES = [(D, D)] * 4 + [(FFN, D), (D, FFN)]  # (out, in) as nn.Linear holds them
@@ -224,27 +224,22 @@ def check(device: str, shapes=((96, 256, 384), (64, 128, 256))) -> float:
     return worst
 
 
-def triton_fused(m: int, layers) -> dict:
+def tile_name(tile) -> str:
+    return ("x".join(map(str, tile[:4])) + ("_w_first" if tile[4] else "") + ("_table_loads" if tile[5] else "")
+            + f"_k{tile[6]}")
+
+
+def triton_fused(x, layers, tile) -> float:
     import bitsandbytes.functional as F
 
-    x = _inputs(m)
     table = F.get_4bit_type("nf4", device="cuda").to(torch.float32)
-    out = {}
-    for tile in TILES:
-        try:
-            ms = _median(lambda: [nf4_matmul(x[st.shape[1]], q, st.absmax, table, st.shape[0], tile)
-                                  for i in range(LAYERS) for q, st in layers[i % 2]]) / LAYERS
-        except Exception as e:  # a tile the card has no room for: say so, time the others
-            ms = f"failed: {type(e).__name__}: {e}"[:200]
-        out["x".join(map(str, tile[:4])) + ("_w_first" if tile[4] else "") + ("_table_loads" if tile[5] else "")
-            + f"_k{tile[6]}"] = ms
-    return out
+    return _median(lambda: [nf4_matmul(x[st.shape[1]], q, st.absmax, table, st.shape[0], tile)
+                            for i in range(LAYERS) for q, st in layers[i % 2]]) / LAYERS
 
 
-def bnb_fused(m: int, layers) -> float:
+def bnb_fused(x, layers) -> float:
     from bitsandbytes.backends.cuda import ops
 
-    x = _inputs(m)
     return _median(lambda: [ops._gemm_4bit_kernel_impl(x[st.shape[1]], q.view(-1, 1), st.shape, st.absmax, 64, "nf4",
                                                        None, None, None, None)
                             for i in range(LAYERS) for q, st in layers[i % 2]]) / LAYERS
@@ -260,31 +255,23 @@ def main(argv=None) -> int:
         print(json.dumps({"fused_vs_dequant_then_gemm_rel_err": check("cuda" if torch.cuda.is_available() else "cpu")}))
         return 0
     torch.manual_seed(0)
-    result_check = check("cuda")
+    rec = Recorder(args.out, environment(torch.device("cuda"), sys.argv[1:] if argv is None else argv,
+                                         "bench_qlinear.py", ("triton", "bitsandbytes")))
+    rec.put("setup", {"layers": LAYERS, "per": "layer", "fused_vs_dequant_then_gemm_rel_err": check("cuda")})
     flops = 2 * sum(n * k for n, k in SHAPES)
     layers = _nf4_layers()
-    result: dict = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "per": "layer",
-                    "fused_vs_dequant_then_gemm_rel_err": result_check}
-    print(json.dumps(result), flush=True)
     for m in args.rows:
-        row = nf4_parts(m, layers)
-        row["gemm_TFLOPs"] = flops * m / row["gemm_ms"] / 1e9
+        parts = nf4_parts(m, layers)
+        rec.put(f"{m}_parts", {**parts, "gemm_TFLOPs": flops * m / parts["gemm_ms"] / 1e9})
+        # each of these may fail on some card (no kernel, no room for a tile): recorded, the others still timed
         for group in (64, 128):
-            try:
-                row[f"tinygemm_g{group}_ms"] = tinygemm(m, group)
-            except Exception as e:  # a torch without the kernel for this card: say so, time the rest
-                row[f"tinygemm_g{group}_ms"] = f"failed: {type(e).__name__}: {e}"[:200]
-        try:
-            row["bnb_fused_ms"] = bnb_fused(m, layers)
-        except Exception as e:  # its dispatch keeps it from these shapes on some cards: say so
-            row["bnb_fused_ms"] = f"failed: {type(e).__name__}: {e}"[:200]
-        row["triton_fused_ms"] = triton_fused(m, layers)
-        result[str(m)] = row
-        print(json.dumps({m: row}), flush=True)
+            guarded(rec, f"{m}_tinygemm_g{group}", lambda group=group: {"ms": tinygemm(m, group)})
+        x = _inputs(m)
+        guarded(rec, f"{m}_bnb_fused", lambda: {"ms": bnb_fused(x, layers)})
+        for tile in TILES:
+            guarded(rec, f"{m}_triton_{tile_name(tile)}", lambda tile=tile: {"ms": triton_fused(x, layers, tile)})
+        del x
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
     return 0
 
 
