@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from distzo.durable import fsync_dir, fsync_tree
+from distzo.linear4bit import fast_nf4_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -540,6 +541,7 @@ def _load_quantized(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, d
     else:
         model, tokenizer = _load_local(source.location, cfg, dtype, **extra)
     _keep_4bit_layout(model)
+    fast_nf4_forward(model)
     if cfg.quantize == "int8":
         _quiet_int8_cast_notice()
     if target.type != device.type:

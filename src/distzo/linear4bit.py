@@ -1,0 +1,127 @@
+"""The forward of an NF4 base's linear layers on a GPU: bitsandbytes' arithmetic, a faster dequantization.
+
+Past a few rows, bitsandbytes computes a 4-bit layer on CUDA by dequantizing the whole weight into a
+fresh tensor and calling ``F.linear``; a ZO step's batches (2 x batch x sequence rows) always take that
+path. ``fast_nf4_forward`` keeps the path and swaps its dequantization for ``distzo.kernels.dequant``'s,
+which writes the same bits in 0.61x the time: the layer's output is bitsandbytes' own, bit for bit, and an
+OPT-175B-shaped NF4 step is 0.9x as long (docs/benchmarks.md). Every other case (the CPU, FP4, gradients
+through the layer, the few-row shapes bitsandbytes gives its fused kernel, a bitsandbytes whose dispatch
+this module does not know) runs bitsandbytes' forward unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def fast_nf4_forward(model: torch.nn.Module) -> None:
+    """Give ``model``'s NF4 layers the forward below, per layer: only this model is affected. A partial,
+    not a bound method, so that the model still deep-copies and pickles."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "quant_type", None) == "nf4" and hasattr(module, "compute_dtype"):
+            module.forward = functools.partial(_forward, module)
+
+
+@contextlib.contextmanager
+def bitsandbytes_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Within: ``model``'s NF4 layers run bitsandbytes' own forward (its dequantization); after, this
+    module's again. For comparing the two."""
+    layers = [m for m in model.modules() if _has_fast_forward(m)]
+    forwards = [m.__dict__.pop("forward") for m in layers]
+    try:
+        yield
+    finally:
+        for module, forward in zip(layers, forwards, strict=True):
+            module.forward = forward
+
+
+def _has_fast_forward(module: torch.nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _forward and forward.args == (module,)
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # bitsandbytes' Linear4bit.forward, its CPU repacking left out (distzo switches it off on its models)
+    if (args or kwargs or x.device.type != "cuda" or not self.compute_type_is_set
+            or self.weight.quant_state is None):
+        return type(self).forward(self, x, *args, **kwargs)
+    state = self.weight.quant_state
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = self.bias
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)
+        bias = bias.to(self.compute_dtype)
+    out = _dequantize_then_linear(x, self.weight, state, bias)
+    if out is None:
+        import bitsandbytes as bnb
+
+        out = bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=state)
+    return out.to(inp_dtype)
+
+
+def _dequantize_then_linear(x, weight, state, bias) -> torch.Tensor | None:
+    """bitsandbytes' dequantize-then-``F.linear`` with distzo's dequantization, where bitsandbytes would take
+    that path; None where it would not."""
+    n, k = state.shape
+    rows = x.numel() // max(x.shape[-1], 1)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or x.shape[-1] != k or rows == 0 or x.dtype not in _OUTPUT_DTYPES:
+        return None
+    if not _bitsandbytes_dequantizes(x, rows, n, k, state.blocksize):
+        return None
+    from distzo.kernels.dequant import dequantize_4bit
+
+    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    dequantize_4bit(weight.data, _absmax(state), state.blocksize, _nf4_table(x.device), w)
+    return F.linear(x, w, bias)
+
+
+_OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _bitsandbytes_dequantizes(x: torch.Tensor, rows: int, n: int, k: int, blocksize: int) -> bool:
+    """Whether bitsandbytes' CUDA dispatch (0.50: ``backends/cuda/ops.py``'s ``gemm_4bit``) dequantizes
+    and calls ``F.linear`` for this shape, by its own rule; False where that rule is not found."""
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except ImportError:
+        return False
+    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
+    use_custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
+    if max_rows is None or use_custom is None:
+        return False
+    if rows > max_rows or k % blocksize:
+        return True
+    return not use_custom(x.device.index, x.dtype, rows, n, k)
+
+
+def _absmax(state) -> torch.Tensor:
+    """The float32 scales, double quantization's undone as bitsandbytes' ``dequantize_4bit`` undoes it."""
+    if not state.nested:
+        return state.absmax
+    from bitsandbytes.functional import dequantize_blockwise
+
+    absmax = dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    if device not in _TABLES:
+        from bitsandbytes.functional import get_4bit_type
+
+        _TABLES[device] = get_4bit_type("nf4", device=device).to(torch.float32)
+    return _TABLES[device]

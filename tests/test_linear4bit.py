@@ -1,0 +1,113 @@
+"""An NF4 base's forward on the GPU: bitsandbytes' own, bit for bit, with distzo's dequantization."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distzo.linear4bit import (_absmax, _dequantize_then_linear, _has_fast_forward, bitsandbytes_forward,
+                               fast_nf4_forward)
+from distzo.models import ModelConfig, load_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def bnb():
+    return pytest.importorskip("bitsandbytes")
+
+
+def _4bit_layers(model, bnb) -> list:
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+def test_only_the_nf4_layers_of_a_quantized_base_take_the_forward(bnb, tiny_model_dir, quantize):
+    model, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu", quantize=quantize))
+    layers = _4bit_layers(model, bnb)
+    assert layers and all(_has_fast_forward(m) == (quantize == "nf4") for m in layers)
+
+
+def test_on_the_cpu_the_forward_is_bitsandbytes_own(bnb, tiny_model_dir):
+    model, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu", quantize="nf4", dtype="float32"))
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        with bitsandbytes_forward(model):
+            assert not any(_has_fast_forward(m) for m in _4bit_layers(model, bnb))
+            theirs = model(input_ids=ids).logits
+    assert torch.equal(ours, theirs) and all(_has_fast_forward(m) for m in _4bit_layers(model, bnb))
+
+
+def test_a_model_with_the_forward_still_deep_copies(bnb, tiny_model_dir):
+    model, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu", quantize="nf4"))
+    twin = copy.deepcopy(model)
+    layers = _4bit_layers(twin, bnb)
+    assert layers and all(_has_fast_forward(m) for m in layers)  # bound to the copy, not the original
+
+
+def _quantized(bnb, shape, blocksize: int, nested: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    return bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("blocksize,nested", [(64, False), (128, False), (64, True)])
+@pytest.mark.parametrize("shape", [(512, 768), (300, 700), (33, 65)])  # whole programs; a tail; an odd count
+@pytest.mark.parametrize("aligned", [True, False])  # False: codes that do not start on a 4-byte word
+def test_the_dequantization_is_bitsandbytes_bit_for_bit(bnb, dtype, blocksize, nested, shape, aligned):
+    from distzo.kernels.dequant import dequantize_4bit
+    from distzo.linear4bit import _nf4_table
+
+    codes, state = _quantized(bnb, shape, blocksize, nested)
+    if not aligned:
+        shifted = torch.empty(codes.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
+        codes = shifted.copy_(codes.view(-1)).view(codes.shape)
+        assert codes.data_ptr() % 4
+    state.dtype = dtype
+    theirs = bnb.functional.dequantize_4bit(codes, state)
+    ours = dequantize_4bit(codes, _absmax(state), blocksize, _nf4_table(codes.device),
+                           torch.empty(shape, dtype=dtype, device="cuda"))
+    assert theirs.dtype == dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+def _layer(bnb, k: int, n: int, nested: bool):
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=nested)
+    torch.nn.init.normal_(layer.bias, std=0.1)
+    return layer.to("cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 1024, 2048])  # bitsandbytes' fused kernel below some rows; ours past them
+def test_a_layer_on_the_gpu_computes_bitsandbytes_bits(bnb, nested, rows):
+    layer = _layer(bnb, 768, 2304, nested)
+    x = torch.randn(2, rows // 2 or 1, 768, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs = layer(x)  # bitsandbytes' forward (and the compute dtype settled, as in a first forward)
+        fast_nf4_forward(layer)
+        assert _has_fast_forward(layer)
+        ours = layer(x)
+        taken = _dequantize_then_linear(x, layer.weight, layer.weight.quant_state, layer.bias) is not None
+    assert torch.equal(ours, theirs)
+    if rows > 1536:  # past bitsandbytes 0.50's fused-kernel range, every shape is dequantized then multiplied
+        assert taken
+
+
+@pytest.mark.gpu
+@cuda
+def test_gradients_through_the_layer_keep_bitsandbytes_path(bnb):
+    layer = _layer(bnb, 256, 512, False)
+    fast_nf4_forward(layer)
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert _dequantize_then_linear(x, layer.weight, layer.weight.quant_state, layer.bias) is None
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
