@@ -166,6 +166,7 @@ def quantized_bytes(module: nn.Module) -> int:
 
 def build(cfg, device: torch.device, quant_type: str, rec: Recorder, double_quant: bool = False):
     """The NF4 model, one layer at a time; on an error mid-way, the layers that fit (minus four)."""
+    from distzo.linear4bit import fast_nf4_forward
     from distzo.offload import build_on_meta, random_init
     from distzo.units import layer_stacks
 
@@ -211,6 +212,7 @@ def build(cfg, device: torch.device, quant_type: str, rec: Recorder, double_quan
     layers = len(stack)
     per_layer = quantized_bytes(stack[0])
     model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets; PEFT picks its 4-bit LoRA layer by it
+    fast_nf4_forward(model)  # as distzo's models.load_model gives an NF4 base (FP4 keeps bitsandbytes' forward)
     alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     info = {"layers": layers, "layers_requested": requested, "build_error": error,
             "build_s": round(time.perf_counter() - t0, 2),
@@ -259,6 +261,8 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
             bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
 
     deq = timed_ms(dequantize_all, device, steps, warmup)
+    ours = timed_ms(lambda: [_distzo_dequantize(m) for m in quantized], device, steps, warmup) \
+        if device.type == "cuda" and all(m.weight.quant_state.quant_type == "nf4" for m in quantized) else None
     total = 0.0
     shapes = []
     for m in quantized:
@@ -268,7 +272,17 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
         shapes.append(list(w.shape))
         del w, x
     return {"dequant_ms_per_layer": deq["median_ms"], "gemm_ms_per_layer": total, "tokens": tokens,
+            "distzo_dequant_ms_per_layer": ours["median_ms"] if ours else None,
             "linears": len(quantized), "weight_shapes": shapes}
+
+
+def _distzo_dequantize(m: nn.Module) -> torch.Tensor:
+    from distzo.kernels.dequant import dequantize_4bit
+    from distzo.linear4bit import _absmax, _nf4_table
+
+    state = m.weight.quant_state
+    out = torch.empty(tuple(state.shape), dtype=torch.bfloat16, device=m.weight.device)
+    return dequantize_4bit(m.weight.data, _absmax(state), state.blocksize, _nf4_table(out.device), out)
 
 
 def _device_us(e) -> float:
@@ -370,6 +384,8 @@ def profile_step(model, opt, batch: dict, device: torch.device, layers: int) -> 
 
 def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layers: int, rec: Recorder,
               stack_layer: nn.Module, batched=None) -> None:
+    from distzo.linear4bit import bitsandbytes_forward
+
     vocab = model.config.vocab_size
     key = f"{rows}x{seq}"
     batch = batch_of(rows, seq, vocab, device)
@@ -390,6 +406,12 @@ def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layer
 
     zo = guarded(rec, f"zo_step_{key}", step)
     zo_batched = guarded(rec, f"zo_step_batched_{key}", lambda: step(batched)) if batched is not None else None
+    if batched is not None and args.quant_type == "nf4":
+        with bitsandbytes_forward(model):  # the same step with bitsandbytes' own dequantization
+            theirs = guarded(rec, f"zo_step_batched_bitsandbytes_dequant_{key}", lambda: step(batched))
+        if zo_batched and theirs:
+            rec.put(f"dequant_{key}", {"batched_step_over_bitsandbytes_dequant":
+                                       zo_batched["median_ms"] / theirs["median_ms"]})
     fwd = guarded(rec, f"fwd_2B_{key}", lambda: {**head, **timed_ms(lambda: forward_loss(model, double), device,
                                                                    args.steps, args.warmup)})
 
