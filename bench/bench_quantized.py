@@ -488,6 +488,8 @@ def offloaded_steps(model, engine, spec: str, device: torch.device, args) -> dic
 
 
 def offload_main(args, device: torch.device, batches: list[str], rec: Recorder) -> int:
+    from distzo.linear4bit import bitsandbytes_forward
+
     cfg = opt_config(TINY if args.tiny else OPT_66B, args.layers)
     results = {}
     for kind, make in (("nf4", lambda: offloaded_nf4(cfg, device, args, rec)),
@@ -500,6 +502,10 @@ def offload_main(args, device: torch.device, batches: list[str], rec: Recorder) 
             results[(kind, spec)] = guarded(rec, f"offload_step_{kind}_{spec}",
                                             lambda: offloaded_steps(holder["model"], holder["engine"], spec,
                                                                     device, args))
+            if kind == "nf4" and args.quant_type == "nf4":
+                with bitsandbytes_forward(holder["model"]):  # the same blocks with bitsandbytes' dequantization
+                    guarded(rec, f"offload_step_nf4_bitsandbytes_dequant_{spec}",
+                            lambda: offloaded_steps(holder["model"], holder["engine"], spec, device, args))
         holder["engine"].close()  # unpins the host blocks before the next model's
         holder.clear()
         release()
