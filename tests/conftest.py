@@ -59,6 +59,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def wide_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama's tokenizer over a wider model (hidden 256): layers wide enough that alignment
+    padding is noise and every 4-bit row is whole quantization blocks. Read-only."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def sst2_dir(tmp_path_factory) -> Path:
     """A local SST-2 copy in the hub's schema, written in the tiny model's vocabulary:

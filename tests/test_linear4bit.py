@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from distzo.linear4bit import (_absmax, _dequantize_then_linear, _has_fast_forward, bitsandbytes_forward,
                                fast_nf4_forward)
-from distzo.models import ModelConfig, load_model
+from distzo.models import LoraSettings, ModelConfig, apply_lora, load_model
+from distzo.optimizer import ZOOptimizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -111,3 +113,44 @@ def test_gradients_through_the_layer_keep_bitsandbytes_path(bnb):
     assert _dequantize_then_linear(x, layer.weight, layer.weight.quant_state, layer.bias) is None
     layer(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _batch(step: int, vocab: int, rows: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(3, vocab, (rows, seq), generator=g).cuda()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("batch_streams", [False, True])
+def test_a_qlora_run_on_the_gpu_is_bitsandbytes_own_bit_for_bit(bnb, wide_model_dir, monkeypatch, batch_streams):
+    """20 ZO steps over an NF4 base at 32 x 64 = 2,048 rows a forward, past bitsandbytes' fused-kernel
+    range (so distzo's dequantization computes every base layer), against the same steps with
+    bitsandbytes' forward: the same losses and adapters, bit for bit."""
+    import distzo.linear4bit as linear4bit
+
+    taken = []  # per base-layer call: whether distzo's dequantization computed it
+
+    def counted(*args, dequantize_then_linear=linear4bit._dequantize_then_linear):
+        out = dequantize_then_linear(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(linear4bit, "_dequantize_then_linear", counted)
+    runs = []
+    for ours in (True, False):
+        model, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cuda", quantize="nf4", dtype="bfloat16"))
+        torch.manual_seed(0)
+        model = apply_lora(model, LoraSettings(r=2, alpha=4))
+        opt = ZOOptimizer(model, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
+        with contextlib.nullcontext() if ours else bitsandbytes_forward(model):
+            losses = [opt.step(_batch(t, model.config.vocab_size, 32, 64)).loss for t in range(20)]
+        opt.flush()
+        runs.append((losses, {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}))
+        if ours:
+            assert taken and all(taken)
+            taken.clear()
+    (losses, adapters), (their_losses, their_adapters) = runs
+    assert taken == [] and losses == their_losses and len(set(losses)) > 1
+    assert adapters.keys() == their_adapters.keys() and all(torch.equal(adapters[n], their_adapters[n]) for n in adapters)

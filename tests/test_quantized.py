@@ -212,30 +212,15 @@ def test_offloading_keeps_the_base_fingerprint(bnb, tiny_model_dir, quantize):
     assert BaseIdentity.of(model) == BaseIdentity.of(_qlora(tiny_model_dir, quantize))
 
 
-def _wide_model_dir(tiny_model_dir: Path, folder: Path) -> Path:
-    """The tiny Llama's tokenizer over a wider model: layers wide enough that alignment padding is noise."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_how_the_cpu_and_the_gpu_quantize_a_base(bnb, tiny_model_dir, tmp_path, quantize):
+def test_how_the_cpu_and_the_gpu_quantize_a_base(bnb, wide_model_dir, quantize):
     # The same scales everywhere. NF4: the same codes, which is why a GPU-quantized NF4 base may be rebuilt
     # on the CPU. FP4: the same values, but zero's sign may differ; int8: ties rounded either way, one step
     # apart. Those two are rebuilt where the run quantized them (ModelConfig.quantize_on).
-    folder = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
-    on_cpu, _ = load_model(ModelConfig(name=str(folder), device="cpu", quantize=quantize))
-    on_gpu, _ = load_model(ModelConfig(name=str(folder), device="cuda", quantize=quantize))
+    on_cpu, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cpu", quantize=quantize))
+    on_gpu, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cuda", quantize=quantize))
     pairs = list(zip(_quantized_layers(on_cpu, bnb), _quantized_layers(on_gpu, bnb), strict=True))
     assert pairs
     for a, b in pairs:
@@ -255,11 +240,10 @@ def test_how_the_cpu_and_the_gpu_quantize_a_base(bnb, tiny_model_dir, tmp_path, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("quantize", ["fp4", "int8"])
-def test_a_base_quantized_on_the_cpu_is_rebuilt_on_the_gpu_bit_for_bit(bnb, tiny_model_dir, tmp_path, quantize):
+def test_a_base_quantized_on_the_cpu_is_rebuilt_on_the_gpu_bit_for_bit(bnb, wide_model_dir, quantize):
     # what replay and resume do with an offloaded run's base: quantize it on the CPU as the run did, then move it
-    folder = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
-    on_cpu, _ = load_model(ModelConfig(name=str(folder), device="cpu", quantize=quantize))
-    moved, _ = load_model(ModelConfig(name=str(folder), device="cuda", quantize=quantize, quantize_on="cpu"))
+    on_cpu, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cpu", quantize=quantize))
+    moved, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cuda", quantize=quantize, quantize_on="cpu"))
     pairs = list(zip(_quantized_layers(on_cpu, bnb), _quantized_layers(moved, bnb), strict=True))
     assert pairs
     for a, b in pairs:
@@ -291,9 +275,8 @@ def _quantized_block_bytes(block) -> int:
     return total
 
 
-def test_a_step_uploads_the_quantized_bytes_and_writes_nothing_back(bnb, tiny_model_dir, tmp_path):
-    wide = _wide_model_dir(tiny_model_dir, tmp_path / "wide")
-    quantized = ModelConfig(name=str(wide), dtype="bfloat16", device="cpu", quantize="nf4")
+def test_a_step_uploads_the_quantized_bytes_and_writes_nothing_back(bnb, wide_model_dir):
+    quantized = ModelConfig(name=str(wide_model_dir), dtype="bfloat16", device="cpu", quantize="nf4")
 
     def qlora():
         torch.manual_seed(0)
@@ -314,7 +297,7 @@ def test_a_step_uploads_the_quantized_bytes_and_writes_nothing_back(bnb, tiny_mo
     assert engine.bytes_down == 0
     # the same blocks in bfloat16 (what an unquantized offloaded run streams): 4 bits and a float32 scale
     # per 64 weights (0.5625 bytes) against 2 bytes, a little over a quarter
-    plain, _ = load_model(ModelConfig(name=str(wide), dtype="bfloat16", device="cpu"))
+    plain, _ = load_model(ModelConfig(name=str(wide_model_dir), dtype="bfloat16", device="cpu"))
     bf16 = OffloadEngine(plain, "cpu", OffloadConfig("cpu")).blocks[0].nbytes
     assert 0.27 < expected[0] / bf16 < 0.29
 
