@@ -106,6 +106,37 @@ def test_a_layer_on_the_gpu_computes_bitsandbytes_bits(bnb, nested, rows):
 
 @pytest.mark.gpu
 @cuda
+def test_a_dequantization_that_differs_from_bitsandbytes_is_not_used(bnb, monkeypatch, caplog):
+    import distzo.kernels.dequant as dequant
+    from distzo import linear4bit
+
+    exact = dequant.dequantize_4bit
+
+    def off_by_one(codes, absmax, blocksize, table, out):  # as if bitsandbytes rounded otherwise
+        exact(codes, absmax, blocksize, table, out)
+        bits = out.view(-1).view({2: torch.int16, 4: torch.int32}[out.element_size()])
+        bits[-1:].bitwise_xor_(1)  # the last weight one step off
+        return out
+
+    monkeypatch.setattr(dequant, "dequantize_4bit", off_by_one)
+    linear4bit._agrees_with_bitsandbytes.cache_clear()
+    try:
+        layer = _layer(bnb, 768, 2304, False)
+        x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            theirs = layer(x)
+            fast_nf4_forward(layer)
+            with caplog.at_level("WARNING", logger="distzo.linear4bit"):
+                ours = layer(x)
+                taken = _dequantize_then_linear(x, layer.weight, layer.weight.quant_state, layer.bias)
+    finally:
+        linear4bit._agrees_with_bitsandbytes.cache_clear()
+    assert taken is None and torch.equal(ours, theirs)
+    assert "differs from this bitsandbytes'" in caplog.text
+
+
+@pytest.mark.gpu
+@cuda
 def test_gradients_through_the_layer_keep_bitsandbytes_path(bnb):
     layer = _layer(bnb, 256, 512, False)
     fast_nf4_forward(layer)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 def fast_nf4_forward(model: torch.nn.Module) -> None:
@@ -79,6 +82,8 @@ def _dequantize_then_linear(x, weight, state, bias) -> torch.Tensor | None:
         return None
     if not _bitsandbytes_dequantizes(x, rows, n, k, state.blocksize):
         return None
+    if not _agrees_with_bitsandbytes(x.device, x.dtype, state.blocksize, bool(state.nested)):
+        return None
     from distzo.kernels.dequant import dequantize_4bit
 
     w = torch.empty((n, k), dtype=x.dtype, device=x.device)
@@ -103,6 +108,28 @@ def _bitsandbytes_dequantizes(x: torch.Tensor, rows: int, n: int, k: int, blocks
     if rows > max_rows or k % blocksize:
         return True
     return not use_custom(x.device.index, x.dtype, rows, n, k)
+
+
+@functools.cache
+def _agrees_with_bitsandbytes(device: torch.device, dtype: torch.dtype, blocksize: int, nested: bool) -> bool:
+    """Once per device, dtype and layout: whether distzo's dequantization of a sample weight is
+    bitsandbytes' bit for bit. A bitsandbytes that rounds otherwise (another version) would change a
+    run's numbers unseen; there its own forward runs instead, and a warning says so."""
+    from bitsandbytes.functional import dequantize_4bit as theirs
+    from bitsandbytes.functional import quantize_4bit
+
+    from distzo.kernels.dequant import dequantize_4bit
+
+    g = torch.Generator(device=device).manual_seed(0)
+    sample = torch.randn((40, 1030), generator=g, device=device).to(dtype)  # whole programs and a tail
+    codes, state = quantize_4bit(sample, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    want = theirs(codes, state)
+    got = dequantize_4bit(codes, _absmax(state), blocksize, _nf4_table(device), torch.empty_like(want))
+    if torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+        return True
+    logger.warning("distzo's NF4 dequantization differs from this bitsandbytes' on %s (%s, blocksize %d%s): "
+                   "its own forward runs instead", device, dtype, blocksize, ", double quantized" if nested else "")
+    return False
 
 
 def _absmax(state) -> torch.Tensor:
