@@ -3,10 +3,11 @@
 Past a few rows, bitsandbytes computes a 4-bit layer on CUDA by dequantizing the whole weight into a
 fresh tensor and calling ``F.linear``; a ZO step's batches (2 x batch x sequence rows) always take that
 path. ``fast_nf4_forward`` keeps the path and swaps its dequantization for ``distzo.kernels.dequant``'s,
-which writes the same bits in 0.61x the time: the layer's output is bitsandbytes' own, bit for bit, and an
-OPT-175B-shaped NF4 step is 0.9x as long (docs/benchmarks.md). Every other case (the CPU, FP4, gradients
-through the layer, the few-row shapes bitsandbytes gives its fused kernel, a bitsandbytes whose dispatch
-this module does not know) runs bitsandbytes' forward unchanged.
+which writes the same bits in about 0.6x the time (checked against bitsandbytes' once per device, dtype
+and scale layout before it is used): the layer's output is bitsandbytes' own, bit for bit, and an
+OPT-175B-shaped NF4 step is 0.89-0.91x as long (docs/benchmarks.md). Every other case (the CPU, FP4,
+gradients through the layer, the few-row shapes bitsandbytes gives its fused kernel, a bitsandbytes
+whose dispatch this module does not know or whose bits differ) runs bitsandbytes' forward unchanged.
 """
 
 from __future__ import annotations
@@ -143,12 +144,8 @@ def _absmax(state) -> torch.Tensor:
     return absmax.float()
 
 
-_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
+@functools.cache
 def _nf4_table(device: torch.device) -> torch.Tensor:
-    if device not in _TABLES:
-        from bitsandbytes.functional import get_4bit_type
+    from bitsandbytes.functional import get_4bit_type
 
-        _TABLES[device] = get_4bit_type("nf4", device=device).to(torch.float32)
-    return _TABLES[device]
+    return get_4bit_type("nf4", device=device).to(torch.float32)
