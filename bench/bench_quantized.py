@@ -23,11 +23,14 @@ adapters. For each batch (default 1x512 and 4x512, rows x tokens):
   zo_step      median ms of ``opt.step(batch)`` (10 steps after 3 warm-up; CUDA events): one
                forward of the 2B stacked rows plus the fused update/shadow pass over the adapters;
                with ``--batch-streams`` also ``zo_step_batched``, the same adapters stepped with
-               ``batch_streams=True`` (each block once over the 2B rows, only the adapters per stream)
+               ``batch_streams=True`` (each block once over the 2B rows, only the adapters per stream),
+               and ``zo_step_batched_bitsandbytes_dequant``, that step with the NF4 layers' forward
+               switched back to bitsandbytes' own (its dequantization instead of distzo's,
+               ``distzo.linear4bit``; the layers are built with distzo's, as ``load_model`` gives them)
   fwd_2B       a plain forward (+ loss) of the 2B rows, adapters on, and ``fwd_2B_no_lora`` with
                them disabled (the adapters' share of a forward)
   layer_parts  one decoder layer's pieces alone: dequantizing its six NF4 weights
-               (``bnb.functional.dequantize_4bit``) and bf16 GEMMs of the 2B rows with them: the
+               (``bnb.functional.dequantize_4bit``, and distzo's kernel) and bf16 GEMMs of the 2B rows with them: the
                floor a dequantize-then-matmul layer cannot go below
   profile      one step under torch.profiler: the top 15 CUDA kernels by time, kernel time by
                kind (NF4 dequantisation, GEMM, distzo's fused kernel, attention, elementwise and
@@ -48,7 +51,8 @@ head's time is scaled too), memory per layer, and how many layers would fit. Goa
 ``--offload`` measures offloaded blocks instead, on an OPT-66B shape (hidden 9216, 64 layers, ffn
 36864, 72 heads): the NF4 model built as above (on the GPU, about 37 GB), LoRA added, then handed to
 ``distzo.offload.OffloadEngine``, which moves every decoder block into pinned host memory (the
-4-bit codes, their absmax and code book, the bf16 norms and biases) and leaves the adapters on the GPU;
+4-bit codes, their absmax and code book, the bf16 norms and biases) and leaves the adapters on the GPU
+(its steps also timed with bitsandbytes' forward, as above);
 then the same shape in bf16 offloaded as an unquantized run has it (built on the meta device, each
 block random-initialised into pinned host memory by the engine, bf16 adapters since float32 ones
 would mix dtypes in a block). For each, per batch: the median step time and the bytes uploaded and

@@ -5,7 +5,7 @@ when i is even, in the low one when odd; its value is the NF4 table's entry for 
 float32 absmax of block i // blocksize, rounded to the output dtype (nearest even). That is the
 whole arithmetic of bitsandbytes' CUDA kernel, so the outputs are equal bit for bit (tests/
 test_linear4bit.py checks bf16, fp16 and fp32 on a GPU). What differs is the speed: on an H200 the
-six weights of an OPT-175B layer dequantize in 1.16 ms against bitsandbytes' 1.91 (docs/
+six weights of an OPT-175B layer dequantize in 1.19–1.22 ms against bitsandbytes' 1.91 (docs/
 benchmarks.md), with the 16-entry table held in registers, the codes read a word (8 weights) at a
 time and each thread's output written as whole vectors.
 """
