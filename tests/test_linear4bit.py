@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 
 import pytest
 import torch
@@ -43,9 +44,10 @@ def test_on_the_cpu_the_forward_is_bitsandbytes_own(bnb, tiny_model_dir):
     assert torch.equal(ours, theirs) and all(_has_fast_forward(m) for m in _4bit_layers(model, bnb))
 
 
-def test_a_model_with_the_forward_still_deep_copies(bnb, tiny_model_dir):
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_model_with_the_forward_still_copies(bnb, tiny_model_dir, how):
     model, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu", quantize="nf4"))
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
     layers = _4bit_layers(twin, bnb)
     assert layers and all(_has_fast_forward(m) for m in layers)  # bound to the copy, not the original
 
