@@ -258,6 +258,8 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
     """One layer's NF4 dequantisations alone, and bf16 GEMMs of ``tokens`` rows with the dequantized weights."""
     import bitsandbytes as bnb
 
+    from distzo.linear4bit import dequantize_nf4
+
     quantized = [m for m in layer.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
     def dequantize_all():
@@ -265,7 +267,8 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
             bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
 
     deq = timed_ms(dequantize_all, device, steps, warmup)
-    ours = timed_ms(lambda: [_distzo_dequantize(m) for m in quantized], device, steps, warmup) \
+    ours = timed_ms(lambda: [dequantize_nf4(m.weight.data, m.weight.quant_state, torch.bfloat16) for m in quantized],
+                    device, steps, warmup) \
         if device.type == "cuda" and all(m.weight.quant_state.quant_type == "nf4" for m in quantized) else None
     total = 0.0
     shapes = []
@@ -278,15 +281,6 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
     return {"dequant_ms_per_layer": deq["median_ms"], "gemm_ms_per_layer": total, "tokens": tokens,
             "distzo_dequant_ms_per_layer": ours["median_ms"] if ours else None,
             "linears": len(quantized), "weight_shapes": shapes}
-
-
-def _distzo_dequantize(m: nn.Module) -> torch.Tensor:
-    from distzo.kernels.dequant import dequantize_4bit
-    from distzo.linear4bit import _absmax, _nf4_table
-
-    state = m.weight.quant_state
-    out = torch.empty(tuple(state.shape), dtype=torch.bfloat16, device=m.weight.device)
-    return dequantize_4bit(m.weight.data, _absmax(state), state.blocksize, _nf4_table(out.device), out)
 
 
 def _device_us(e) -> float:

@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from distzo.linear4bit import (_absmax, _dequantize_then_linear, _has_fast_forward, bitsandbytes_forward,
+from distzo.linear4bit import (_dequantize_then_linear, _has_fast_forward, bitsandbytes_forward, dequantize_nf4,
                                fast_nf4_forward)
 from distzo.models import LoraSettings, ModelConfig, apply_lora, load_model
 from distzo.optimizer import ZOOptimizer
@@ -65,9 +65,6 @@ def _quantized(bnb, shape, blocksize: int, nested: bool, seed: int = 0):
 @pytest.mark.parametrize("shape", [(512, 768), (300, 700), (33, 65)])  # whole programs; a tail; an odd count
 @pytest.mark.parametrize("aligned", [True, False])  # False: codes that do not start on a 4-byte word
 def test_the_dequantization_is_bitsandbytes_bit_for_bit(bnb, dtype, blocksize, nested, shape, aligned):
-    from distzo.kernels.dequant import dequantize_4bit
-    from distzo.linear4bit import _nf4_table
-
     codes, state = _quantized(bnb, shape, blocksize, nested)
     if not aligned:
         shifted = torch.empty(codes.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
@@ -75,9 +72,8 @@ def test_the_dequantization_is_bitsandbytes_bit_for_bit(bnb, dtype, blocksize, n
         assert codes.data_ptr() % 4
     state.dtype = dtype
     theirs = bnb.functional.dequantize_4bit(codes, state)
-    ours = dequantize_4bit(codes, _absmax(state), blocksize, _nf4_table(codes.device),
-                           torch.empty(shape, dtype=dtype, device="cuda"))
-    assert theirs.dtype == dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+    ours = dequantize_nf4(codes, state, dtype)
+    assert ours.shape == shape and theirs.dtype == dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
 
 
 def _layer(bnb, k: int, n: int, nested: bool):

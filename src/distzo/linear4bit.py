@@ -85,30 +85,45 @@ def _dequantize_then_linear(x, weight, state, bias) -> torch.Tensor | None:
         return None
     if not _agrees_with_bitsandbytes(x.device, x.dtype, state.blocksize, bool(state.nested)):
         return None
+    return F.linear(x, dequantize_nf4(weight.data, state, x.dtype), bias)
+
+
+def dequantize_nf4(codes: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """An NF4 weight's ``codes`` (bitsandbytes' packed layout, on a GPU) with ``state``'s scales, as a new
+    ``state.shape`` tensor of ``dtype``: bitsandbytes' bits, by distzo's kernel."""
     from distzo.kernels.dequant import dequantize_4bit
 
-    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
-    dequantize_4bit(weight.data, _absmax(state), state.blocksize, _nf4_table(x.device), w)
-    return F.linear(x, w, bias)
+    out = torch.empty(tuple(state.shape), dtype=dtype, device=codes.device)
+    return dequantize_4bit(codes, _absmax(state), state.blocksize, _nf4_table(codes.device), out)
 
 
 _OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _bitsandbytes_dequantizes(x: torch.Tensor, rows: int, n: int, k: int, blocksize: int) -> bool:
-    """Whether bitsandbytes' CUDA dispatch (0.50: ``backends/cuda/ops.py``'s ``gemm_4bit``) dequantizes
-    and calls ``F.linear`` for this shape, by its own rule; False where that rule is not found."""
-    try:
-        from bitsandbytes.backends.cuda import ops
-    except ImportError:
+    """Whether bitsandbytes' CUDA dispatch dequantizes and calls ``F.linear`` for this shape, by its own
+    rule; False where that rule is not found."""
+    rule = _dispatch_rule()
+    if rule is None:
         return False
-    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
-    use_custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
-    if max_rows is None or use_custom is None:
-        return False
+    max_rows, use_custom = rule
     if rows > max_rows or k % blocksize:
         return True
     return not use_custom(x.device.index, x.dtype, rows, n, k)
+
+
+@functools.cache
+def _dispatch_rule():
+    """bitsandbytes 0.50's rule (``backends/cuda/ops.py``'s ``gemm_4bit``): the most rows its fused kernel
+    takes, and the function that decides below them; None for a bitsandbytes without it. Looked up once:
+    it is read on every base layer's call."""
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except ImportError:
+        return None
+    max_rows = getattr(ops, "_gemm_4bit_custom_max_m", None)
+    use_custom = getattr(ops, "_gemm_4bit_use_custom_fn", None)
+    return None if max_rows is None or use_custom is None else (max_rows, use_custom)
 
 
 @functools.cache
@@ -116,16 +131,13 @@ def _agrees_with_bitsandbytes(device: torch.device, dtype: torch.dtype, blocksiz
     """Once per device, dtype and layout: whether distzo's dequantization of a sample weight is
     bitsandbytes' bit for bit. A bitsandbytes that rounds otherwise (another version) would change a
     run's numbers unseen; there its own forward runs instead, and a warning says so."""
-    from bitsandbytes.functional import dequantize_4bit as theirs
-    from bitsandbytes.functional import quantize_4bit
-
-    from distzo.kernels.dequant import dequantize_4bit
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     g = torch.Generator(device=device).manual_seed(0)
     sample = torch.randn((40, 1030), generator=g, device=device).to(dtype)  # whole programs and a tail
     codes, state = quantize_4bit(sample, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
-    want = theirs(codes, state)
-    got = dequantize_4bit(codes, _absmax(state), blocksize, _nf4_table(device), torch.empty_like(want))
+    want = dequantize_4bit(codes, state)
+    got = dequantize_nf4(codes, state, dtype)
     if torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
         return True
     logger.warning("distzo's NF4 dequantization differs from this bitsandbytes' on %s (%s, blocksize %d%s): "
