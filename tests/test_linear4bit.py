@@ -110,8 +110,8 @@ def test_a_dequantization_that_differs_from_bitsandbytes_is_not_used(bnb, monkey
 
     exact = dequant.dequantize_4bit
 
-    def off_by_one(codes, absmax, blocksize, table, out):  # as if bitsandbytes rounded otherwise
-        exact(codes, absmax, blocksize, table, out)
+    def off_by_one(codes, absmax, blocksize, table, out, row_scale=None):  # as if bitsandbytes rounded otherwise
+        exact(codes, absmax, blocksize, table, out, row_scale)
         bits = out.view(-1).view({2: torch.int16, 4: torch.int32}[out.element_size()])
         bits[-1:].bitwise_xor_(1)  # the last weight one step off
         return out

@@ -34,6 +34,7 @@ ALIASES = {
     "dtype": "model.dtype",
     "quantize": "model.quantize",
     "double-quant": "model.double_quant",
+    "base-compute": "model.base_compute",
     "device": "model.device",
     "task": "task.name",
     "data": "task.data_path",

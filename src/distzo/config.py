@@ -205,6 +205,9 @@ class TrainConfig:
         if not self.use_lora:
             raise ValueError(f"model.quantize {self.model.quantize} needs LoRA (--lora): a quantized base is frozen, "
                              "only adapters can train on it")
+        if self.model.base_compute is not None and self.optim.first_order:
+            raise ValueError(f"optim.first_order backpropagates through the base, which model.base_compute "
+                             f"{self.model.base_compute} computes without a backward; drop one of them")
 
     def _check_graphs(self) -> None:
         if not self.optim.cuda_graphs:

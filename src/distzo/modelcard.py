@@ -76,7 +76,8 @@ def _loading_quantized(cfg: TrainConfig) -> str:
     may have had: Hub id, folder, GGUF file, the packaged default), then the adapter over it."""
     m = cfg.model
     # where it was quantized too: bitsandbytes' CPU and GPU kernels give fp4 and int8 other bits
-    fields = {"double_quant": m.double_quant or None, "quantize_on": m.quantize_on, "revision": m.revision}
+    fields = {"double_quant": m.double_quant or None, "quantize_on": m.quantize_on, "base_compute": m.base_compute,
+              "revision": m.revision}
     more = "".join(f", {name}={value!r}" for name, value in fields.items() if value)
     return (f"The base model is quantized ({m.quantize}, bitsandbytes) and frozen; this folder holds the LoRA "
             f"adapter (`adapter/`) and how the base was built (`{QUANTIZED_BASE_FILE}`), not a merged model.\n\n"

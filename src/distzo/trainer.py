@@ -92,9 +92,10 @@ def build_model(cfg: TrainConfig, checkpoint: Path | None = None, skeleton: bool
     a ``skeleton`` holds no weights (a sliced-offload rank that gets them from its node's first rank).
     """
     model_cfg = replace(cfg.model, device="cpu") if cfg.offload.enabled else cfg.model
+    computes_on = resolve_device(cfg.model.device) if cfg.model.base_compute else None  # for the fp8 check
     if checkpoint is not None and not cfg.use_lora:
-        return load_model(replace(model_cfg, name=str(checkpoint)), skeleton=skeleton)
-    model, tokenizer = load_model(model_cfg, skeleton=skeleton and not cfg.use_lora)
+        return load_model(replace(model_cfg, name=str(checkpoint)), skeleton=skeleton, compute_device=computes_on)
+    model, tokenizer = load_model(model_cfg, skeleton=skeleton and not cfg.use_lora, compute_device=computes_on)
     if cfg.use_lora and checkpoint is not None:
         from peft import PeftModel
 
@@ -113,7 +114,7 @@ def trajectory_header(cfg: TrainConfig, model=None, environment: dict | None = N
         extra["lora"] = asdict(cfg.lora)
     if cfg.model.quantize is not None:  # replay rebuilds the quantized base from this record
         extra["quantize"] = quantization_settings(cfg.model.quantize, cfg.model.dtype, cfg.model.quantize_on,
-                                                  cfg.model.double_quant)
+                                                  cfg.model.double_quant, cfg.model.base_compute)
     if cfg.optim.first_order:  # so replay can tell that the log alone does not rebuild the run
         extra["first_order"] = {"patterns": cfg.optim.first_order, "lr": cfg.optim.first_order_lr,
                                 "weight_decay": cfg.optim.first_order_weight_decay}
