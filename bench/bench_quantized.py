@@ -26,7 +26,9 @@ adapters. For each batch (default 1x512 and 4x512, rows x tokens):
                ``batch_streams=True`` (each block once over the 2B rows, only the adapters per stream),
                and ``zo_step_batched_bitsandbytes_dequant``, that step with the NF4 layers' forward
                switched back to bitsandbytes' own (its dequantization instead of distzo's,
-               ``distzo.linear4bit``; the layers are built with distzo's, as ``load_model`` gives them)
+               ``distzo.linear4bit``; the layers are built with distzo's, as ``load_model`` gives them);
+               with ``--fp8`` also ``zo_step_batched_fp8``, that step with the base computed in fp8
+               (``model.base_compute fp8``), and in ``fp8`` the loss of one forward both ways
   fwd_2B       a plain forward (+ loss) of the 2B rows, adapters on, and ``fwd_2B_no_lora`` with
                them disabled (the adapters' share of a forward)
   layer_parts  one decoder layer's pieces alone: dequantizing its six NF4 weights
@@ -278,9 +280,33 @@ def layer_parts(layer: nn.Module, tokens: int, device: torch.device, steps: int,
         total += timed_ms(lambda: torch.nn.functional.linear(x, w), device, steps, warmup)["median_ms"]
         shapes.append(list(w.shape))
         del w, x
-    return {"dequant_ms_per_layer": deq["median_ms"], "gemm_ms_per_layer": total, "tokens": tokens,
-            "distzo_dequant_ms_per_layer": ours["median_ms"] if ours else None,
-            "linears": len(quantized), "weight_shapes": shapes}
+    parts = {"dequant_ms_per_layer": deq["median_ms"], "gemm_ms_per_layer": total, "tokens": tokens,
+             "distzo_dequant_ms_per_layer": ours["median_ms"] if ours else None,
+             "linears": len(quantized), "weight_shapes": shapes}
+    if ours and torch.cuda.get_device_capability(device) >= (8, 9):
+        parts.update(fp8_layer_parts(quantized, tokens, device, steps, warmup))
+    return parts
+
+
+def fp8_layer_parts(quantized: list, tokens: int, device: torch.device, steps: int, warmup: int) -> dict:
+    """The same layer in fp8 (``model.base_compute fp8``): its weights dequantized to fp8, ``tokens`` rows
+    of each input scaled to fp8, and the scaled fp8 GEMMs alone."""
+    from distzo.kernels.fp8 import quantize_rows
+    from distzo.linear4bit import _fp8_row_scales, dequantize_nf4
+
+    scales = [_fp8_row_scales(m, m.weight.quant_state, device) for m in quantized]
+
+    def weights():
+        return [dequantize_nf4(m.weight.data, m.weight.quant_state, torch.float8_e4m3fn, inv)
+                for m, (inv, _) in zip(quantized, scales)]
+
+    deq = timed_ms(weights, device, steps, warmup)["median_ms"]
+    xs = [torch.randn(tokens, m.weight.quant_state.shape[1], dtype=torch.bfloat16, device=device) for m in quantized]
+    rows = timed_ms(lambda: [quantize_rows(x) for x in xs], device, steps, warmup)["median_ms"]
+    ws, qs = weights(), [quantize_rows(x) for x in xs]
+    gemm = timed_ms(lambda: [torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+                             for (q, sx), w, (_, sw) in zip(qs, ws, scales)], device, steps, warmup)["median_ms"]
+    return {"fp8_dequant_ms_per_layer": deq, "fp8_rows_ms_per_layer": rows, "fp8_gemm_ms_per_layer": gemm}
 
 
 def _device_us(e) -> float:
@@ -410,6 +436,8 @@ def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layer
         if zo_batched and theirs:
             rec.put(f"dequant_{key}", {"batched_step_over_bitsandbytes_dequant":
                                        zo_batched["median_ms"] / theirs["median_ms"]})
+    if batched is not None and args.fp8:
+        fp8_step(model, double, head, key, rec, lambda: step(batched), zo_batched)
     fwd = guarded(rec, f"fwd_2B_{key}", lambda: {**head, **timed_ms(lambda: forward_loss(model, double), device,
                                                                    args.steps, args.warmup)})
 
@@ -437,6 +465,24 @@ def run_shape(model, opt, rows: int, seq: int, device: torch.device, args, layer
         guarded(rec, f"profile_{key}", lambda: {**head, **profile_step(model, opt, batch, device, layers)})
     del batch, double
     release()
+
+
+def fp8_step(model, double: dict, head: dict, key: str, rec: Recorder, step, bf16_step) -> None:
+    """The batched step with the NF4 base computed in fp8 (``model.base_compute fp8``), and how far the
+    loss of one forward of the 2B rows moves from bf16 compute's; the model's forward is bf16 after."""
+    from distzo.linear4bit import fast_nf4_forward
+
+    bf16_loss = forward_loss(model, double)
+    fast_nf4_forward(model, fp8=True)
+    try:
+        fp8_loss = forward_loss(model, double)
+        ours = guarded(rec, f"zo_step_batched_fp8_{key}", step)
+    finally:
+        fast_nf4_forward(model)
+    summary = {"loss_bf16": bf16_loss, "loss_fp8": fp8_loss, "loss_fp8_minus_bf16": fp8_loss - bf16_loss}
+    if ours and bf16_step:
+        summary["fp8_step_over_bf16_step"] = ours["median_ms"] / bf16_step["median_ms"]
+    rec.put(f"fp8_{key}", {**head, **summary})
 
 
 # ---------------------------------------------------------------- offloaded: NF4 blocks against bf16 blocks
@@ -529,6 +575,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--batch-streams", action="store_true",
                     help="also time the step with optim.batch_streams (the base's products once over both streams)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="with --batch-streams: also time the batched step with the base computed in fp8 "
+                         "(model.base_compute fp8)")
     ap.add_argument("--offload", action="store_true",
                     help="OPT-66B shape (tiny with --tiny), NF4 blocks offloaded against bf16 blocks offloaded")
     ap.add_argument("--out", default=None)

@@ -15,6 +15,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh recipes-bf16   # ZO-SGD and adaptive eps with bfloat16 weights
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora          # LoRA-ZO and QLoRA-ZO (NF4), rotten_tomatoes
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet (SEEDS="0 1": fewer)
+#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-fp8      # QLoRA-ZO, the NF4 base computed in fp8 or not
 # (the qlora presets need bitsandbytes: a call carrying .carry/bnb runs `carry_packaged.sh bnb` first)
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
@@ -151,7 +152,18 @@ case "${1:-}" in
             task+=(--set model.quantize=nf4)
             launch "qlora-$tag-$seed" --seeds $seed --arm "qlora-zo:zo:$lora"
         done ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|recipes-bf16|qlora|qlora-hamlet" >&2
+    qlora-fp8)  # QLoRA-ZO as in qlora, its base's products in float32 or in fp8 (model.base_compute fp8; an fp8 GPU)
+        python3 -c "import bitsandbytes" 2> /dev/null \
+            || { echo "bitsandbytes is not importable: carry .carry/bnb and run bench/carry_packaged.sh bnb" >&2; exit 2; }
+        lora="steps=1000,eval_every=100,lr=1e-3,eps=1e-2"
+        plain=("${task[@]}" --set optim.batch_streams=true,lora=true,model.quantize=nf4)
+        for seed in ${SEEDS:-0 1 2}; do
+            task=("${plain[@]}")
+            launch "qlora-rt-$seed" --seeds $seed --arm "qlora-zo:zo:$lora"
+            task+=(--set model.base_compute=fp8)
+            launch "qlora-fp8-rt-$seed" --seeds $seed --arm "qlora-fp8:zo:$lora"
+        done ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|recipes-bf16|qlora|qlora-hamlet|qlora-fp8" >&2
        exit 2 ;;
 esac
 wait
