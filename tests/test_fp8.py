@@ -74,6 +74,34 @@ def test_fp8_compute_without_an_fp8_gpu_is_one_line_and_writes_nothing(bnb, tiny
         check_fp8_compute(torch.device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def cpu_run(tiny_model_dir, sst2_dir, tmp_path_factory) -> Path:
+    """A finished 2-step NF4 run on the CPU (its base computed in float32). Read-only."""
+    out = tmp_path_factory.mktemp("nf4") / "run"
+    argv = [a for a in _args(tiny_model_dir, sst2_dir, out, "--steps", "2") if a not in ("--base-compute", "fp8")]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.skipif(has_fp8, reason="checks the refusal where no fp8 GPU is")
+def test_replay_and_eval_of_an_fp8_run_need_an_fp8_gpu(bnb, cpu_run, tiny_model_dir, tmp_path, capsys):
+    lines = (cpu_run / "trajectory.jsonl").read_text().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    first["header"]["extra"]["quantize"]["base_compute"] = "fp8"  # as an fp8 run records its base
+    log = tmp_path / "fp8.jsonl"
+    log.write_text(json.dumps(first) + "\n" + "".join(lines[1:]))
+    err = _refused(capsys, ["replay", str(tiny_model_dir), str(log), "--output", str(tmp_path / "out")])
+    assert "model.base_compute fp8 needs a CUDA GPU with fp8 tensor cores" in err and not (tmp_path / "out").exists()
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(cpu_run / "checkpoints" / "last", checkpoint)
+    recipe = json.loads((checkpoint / QUANTIZED_BASE_FILE).read_text())
+    recipe["quantization"]["base_compute"] = "fp8"
+    (checkpoint / QUANTIZED_BASE_FILE).write_text(json.dumps(recipe))
+    err = _refused(capsys, ["eval", "--model", str(checkpoint), "--task", "sst2", "--split", "test",
+                            "--num-examples", "4"])
+    assert "model.base_compute fp8 needs a CUDA GPU with fp8 tensor cores" in err
+
+
 def test_the_record_says_fp8_and_rebuilds_it():
     settings = quantization_settings("nf4", "bfloat16", "cuda", base_compute="fp8")
     assert settings["base_compute"] == "fp8"
@@ -273,6 +301,50 @@ def test_zo_over_an_fp8_base_is_the_run_over_torchs_fp8_layers(bnb, wide_model_d
     assert any(float(p.abs().max()) > 1e-2 for n, p in trained.items() if "lora_B" in n)  # they trained
     in_dtype, _ = _zo_run(_fp8_qlora(wide_model_dir, base_compute=None), batch_streams, steps=2)
     assert in_dtype != ours[:2]  # and fp8 is what ran: the base computed in its dtype gives other losses
+
+
+def _steps(a: ZOOptimizer, b: ZOOptimizer, steps: int = 10) -> bool:
+    vocab = a.model.config.vocab_size
+    for t in range(steps):
+        x, y = a.step(_batch(t, vocab)), b.step(_batch(t, vocab))
+        if (x.losses_plus, x.losses_other, x.projected_grads) != (y.losses_plus, y.losses_other, y.projected_grads):
+            return False
+    a.flush(), b.flush()
+    theirs = dict(b.model.named_parameters())
+    return all(torch.equal(p.detach().cpu(), theirs[n].detach().cpu())
+               for n, p in a.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@fp8_gpu
+def test_offloaded_fp8_blocks_equal_resident_ones(bnb, wide_model_dir):
+    """A CPU-quantized NF4 base computed in fp8, resident on the GPU against streamed through it: each
+    block's row scales come from its own uploaded scales, whichever slot it computes from."""
+    from distzo.models import move_quantized
+    from distzo.offload import OffloadConfig, OffloadEngine
+
+    def built():
+        model, _ = load_model(ModelConfig(name=str(wide_model_dir), device="cpu", quantize="nf4", base_compute="fp8"),
+                              compute_device=torch.device("cuda"))
+        torch.manual_seed(0)
+        return apply_lora(model, LoraSettings(r=2, alpha=4))
+
+    streamed = built()
+    engine = OffloadEngine(streamed, "cuda", OffloadConfig("cpu"))
+    resident = move_quantized(built(), torch.device("cuda"))
+    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
+    b = ZOOptimizer(streamed, lr=5e-2, eps=1e-2, seed=0, offload=engine)
+    assert _steps(a, b) and engine.bytes_up > 0 and engine.bytes_down == 0
+
+
+@pytest.mark.gpu
+@fp8_gpu
+@pytest.mark.parametrize("batch_streams", [False, True])
+def test_graph_steps_over_an_fp8_base_equal_eager_steps(bnb, wide_model_dir, batch_streams):
+    eager, graphed = _fp8_qlora(wide_model_dir), _fp8_qlora(wide_model_dir)
+    a = ZOOptimizer(eager, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
+    b = ZOOptimizer(graphed, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams, cuda_graphs=True)
+    assert _steps(a, b)
 
 
 def _losses(out: Path) -> list[float]:
