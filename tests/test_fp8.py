@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from one_line import refused
 from safetensors.torch import load_file
 
 from distzo.checkpoint import TrajectoryLog
@@ -32,14 +33,6 @@ def bnb():
     return pytest.importorskip("bitsandbytes")
 
 
-def _refused(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("distzo: error: ") and "\n" not in err, err
-    return err
-
-
 def _args(model_dir, data_dir, out, *extra) -> list[str]:
     return ["train", "--model", str(model_dir), "--quantize", "nf4", "--base-compute", "fp8", "--lora",
             "--lora.r", "2", "--task", "sst2", "--data", str(data_dir), "--output-dir", str(out),
@@ -60,14 +53,14 @@ def _args(model_dir, data_dir, out, *extra) -> list[str]:
 def test_settings_that_cannot_compute_in_fp8_are_one_line(tiny_model_dir, tmp_path, capsys, extra, message):
     argv = ["train", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"), "--progress", "false",
             "--lora", "--base-compute", "fp8", *extra]
-    assert message in _refused(capsys, argv)
+    assert message in refused(capsys, argv)
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(has_fp8, reason="checks the refusal where no fp8 GPU is")
 def test_fp8_compute_without_an_fp8_gpu_is_one_line_and_writes_nothing(bnb, tiny_model_dir, sst2_dir, tmp_path,
                                                                        capsys):
-    err = _refused(capsys, _args(tiny_model_dir, sst2_dir, tmp_path / "o", "--steps", "1"))
+    err = refused(capsys, _args(tiny_model_dir, sst2_dir, tmp_path / "o", "--steps", "1"))
     assert "model.base_compute fp8 needs a CUDA GPU with fp8 tensor cores" in err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="has none"):
@@ -90,14 +83,14 @@ def test_replay_and_eval_of_an_fp8_run_need_an_fp8_gpu(bnb, cpu_run, tiny_model_
     first["header"]["extra"]["quantize"]["base_compute"] = "fp8"  # as an fp8 run records its base
     log = tmp_path / "fp8.jsonl"
     log.write_text(json.dumps(first) + "\n" + "".join(lines[1:]))
-    err = _refused(capsys, ["replay", str(tiny_model_dir), str(log), "--output", str(tmp_path / "out")])
+    err = refused(capsys, ["replay", str(tiny_model_dir), str(log), "--output", str(tmp_path / "out")])
     assert "model.base_compute fp8 needs a CUDA GPU with fp8 tensor cores" in err and not (tmp_path / "out").exists()
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(cpu_run / "checkpoints" / "last", checkpoint)
     recipe = json.loads((checkpoint / QUANTIZED_BASE_FILE).read_text())
     recipe["quantization"]["base_compute"] = "fp8"
     (checkpoint / QUANTIZED_BASE_FILE).write_text(json.dumps(recipe))
-    err = _refused(capsys, ["eval", "--model", str(checkpoint), "--task", "sst2", "--split", "test",
+    err = refused(capsys, ["eval", "--model", str(checkpoint), "--task", "sst2", "--split", "test",
                             "--num-examples", "4"])
     assert "model.base_compute fp8 needs a CUDA GPU with fp8 tensor cores" in err
 
@@ -382,5 +375,5 @@ def test_fp8_compute_through_the_entry_point(bnb, wide_model_dir, sst2_dir, tmp_
     shutil.copytree(run, copy)
     log = (copy / "trajectory.jsonl").read_bytes()
     argv = _args(wide_model_dir, sst2_dir, copy, "--steps", "6", "--resume", "--base-compute", "none")
-    assert "model.base_compute ('fp8' -> None) cannot change" in _refused(capsys, argv)
+    assert "model.base_compute ('fp8' -> None) cannot change" in refused(capsys, argv)
     assert (copy / "trajectory.jsonl").read_bytes() == log

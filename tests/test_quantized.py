@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from one_line import refused
 from reference_mezo import mezo_step
 from safetensors.torch import load_file
 
@@ -347,7 +348,7 @@ def test_a_promoted_quantized_block_equals_resident_on_cuda(bnb, tiny_model_dir,
     assert _same_adapters(a, b) and engine.bytes_down == 0
 
 
-def test_backprop_through_offloaded_quantized_blocks_is_refused(bnb, tiny_model_dir):
+def test_backprop_through_offloaded_quantized_blocks_isrefused(bnb, tiny_model_dir):
     # The adapters of a quantized block are resident, but a gradient reaching them would flow back
     # through the block's base, which has left the GPU by then.
     model, engine = _offloaded(tiny_model_dir, "nf4")
@@ -469,11 +470,11 @@ def test_a_quantized_checkpoint_is_not_taken_for_a_model(bnb, run, tiny_model_di
     broken = tmp_path / "broken"
     shutil.copytree(last, broken)
     (broken / QUANTIZED_BASE_FILE).write_text("{", encoding="utf-8")
-    err = _refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
+    err = refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
     assert "could not read the base recipe" in err
     shutil.rmtree(broken / "adapter")
     shutil.copy(last / QUANTIZED_BASE_FILE, broken / QUANTIZED_BASE_FILE)
-    err = _refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
+    err = refused(capsys, ["eval", "--model", str(broken), "--task", "sst2", "--data", str(sst2_dir)])
     assert "holds no adapter" in err
 
 
@@ -608,21 +609,13 @@ def _rewrite_header(run: Path, dest: Path, **quantize) -> Path:
     return dest
 
 
-def _refused(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("distzo: error: ") and "\n" not in err, err
-    return err
-
-
 def test_replay_builds_the_base_the_log_records(bnb, run, tiny_model_dir, tmp_path, capsys):
     # another quantization of the same weights is another base: the fingerprint refuses it
     fp4 = _rewrite_header(run, tmp_path / "fp4.jsonl", type="fp4")
-    err = _refused(capsys, ["replay", str(tiny_model_dir), str(fp4), "--output", str(tmp_path / "a")])
+    err = refused(capsys, ["replay", str(tiny_model_dir), str(fp4), "--output", str(tmp_path / "a")])
     assert "is not the base model of this log's run" in err
     odd = _rewrite_header(run, tmp_path / "odd.jsonl", storage="bfloat16")
-    err = _refused(capsys, ["replay", str(tiny_model_dir), str(odd), "--output", str(tmp_path / "b")])
+    err = refused(capsys, ["replay", str(tiny_model_dir), str(odd), "--output", str(tmp_path / "b")])
     assert "which this distzo does not build" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -660,7 +653,7 @@ def test_an_nf4_base_quantized_on_a_gpu_replays_anywhere(bnb, run, tiny_model_di
 def test_an_fp4_base_quantized_on_a_gpu_is_not_rebuilt_without_one(bnb, run, tiny_model_dir, tmp_path, capsys):
     # FP4 and int8 get other bits from the CPU kernels: one line, nothing written
     on_gpu = _rewrite_header(run, tmp_path / "gpu.jsonl", type="fp4", quantized_on="cuda")
-    err = _refused(capsys, ["replay", str(tiny_model_dir), str(on_gpu), "--output", str(tmp_path / "out")])
+    err = refused(capsys, ["replay", str(tiny_model_dir), str(on_gpu), "--output", str(tmp_path / "out")])
     assert "quantized to fp4 on a GPU" in err and "needs a CUDA device" in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="int8 on a GPU"):
@@ -695,7 +688,7 @@ def test_double_quantization_through_the_entry_point(bnb, tiny_model_dir, sst2_d
 @pytest.mark.parametrize("quantize", ["int8", None])
 def test_double_quantization_of_what_is_not_4_bit_is_one_line(tiny_model_dir, tmp_path, capsys, quantize):
     extra = ["--lora", "--double-quant", "true"] + (["--quantize", quantize] if quantize else [])
-    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", *extra))
+    err = refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", *extra))
     assert "model.double_quant applies to the 4-bit formats" in err
     assert not (tmp_path / "o").exists()
 
@@ -703,7 +696,7 @@ def test_double_quantization_of_what_is_not_4_bit_is_one_line(tiny_model_dir, tm
 def test_resume_cannot_change_the_quantization(bnb, run, tiny_model_dir, sst2_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    err = _refused(capsys, _args(tiny_model_dir, sst2_dir, copy, "--steps", "6", "--resume", "--quantize", "fp4"))
+    err = refused(capsys, _args(tiny_model_dir, sst2_dir, copy, "--steps", "6", "--resume", "--quantize", "fp4"))
     assert "model.quantize ('nf4' -> 'fp4') cannot change" in err
 
 
@@ -715,7 +708,7 @@ def _plain_args(model_dir, out, *extra) -> list[str]:
 
 
 def test_quantize_without_lora_is_one_line(tiny_model_dir, tmp_path, capsys):
-    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "nf4", "--lora", "false"))
+    err = refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "nf4", "--lora", "false"))
     assert "model.quantize nf4 needs LoRA (--lora)" in err
     assert not (tmp_path / "o").exists()
 
@@ -729,19 +722,19 @@ def test_quantize_with_offload_is_accepted(quantize):
 
 
 def test_quantize_with_offload_still_needs_lora(tiny_model_dir, tmp_path, capsys):
-    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int8", "--lora", "false",
+    err = refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int8", "--lora", "false",
                                        "--offload", "cpu"))
     assert "model.quantize int8 needs LoRA (--lora)" in err and not (tmp_path / "o").exists()
 
 
 def test_unknown_quantization_is_one_line(tiny_model_dir, tmp_path, capsys):
-    err = _refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int4", "--lora"))
+    err = refused(capsys, _plain_args(tiny_model_dir, tmp_path / "o", "--quantize", "int4", "--lora"))
     assert "model.quantize must be one of nf4, fp4, int8" in err
 
 
 def test_missing_bitsandbytes_says_what_to_install(tiny_model_dir, sst2_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec reports it absent
-    err = _refused(capsys, _args(tiny_model_dir, sst2_dir, tmp_path / "o", "--steps", "1"))
+    err = refused(capsys, _args(tiny_model_dir, sst2_dir, tmp_path / "o", "--steps", "1"))
     assert "pip install 'distzo[quant]'" in err and not (tmp_path / "o").exists()
 
 
