@@ -91,14 +91,18 @@ def _dequantize_then_linear(x, weight, state, bias) -> torch.Tensor | None:
     that path; None where it would not."""
     n, k = state.shape
     rows = x.numel() // max(x.shape[-1], 1)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or x.shape[-1] != k or rows == 0 or x.dtype not in _OUTPUT_DTYPES:
+    if _needs_grad(x, bias) or x.shape[-1] != k or rows == 0 or x.dtype not in _OUTPUT_DTYPES:
         return None
     if not _bitsandbytes_dequantizes(x, rows, n, k, state.blocksize):
         return None
     if not _agrees_with_bitsandbytes(x.device, x.dtype, state.blocksize, bool(state.nested)):
         return None
     return F.linear(x, dequantize_nf4(weight.data, state, x.dtype), bias)
+
+
+def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records this call: bitsandbytes' own forward then computes it (the fp8 one refuses)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def dequantize_nf4(codes: torch.Tensor, state, dtype: torch.dtype, row_scale: torch.Tensor | None = None
@@ -122,7 +126,7 @@ def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
     check_fp8_compute(x.device)  # before Triton is imported: a CPU-only install has none
     from distzo.kernels.fp8 import quantize_rows
 
-    if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+    if _needs_grad(x, self.bias):
         raise RuntimeError("model.base_compute fp8 computes the quantized base without a backward; "
                            "a gradient through it needs the base computed in its dtype (model.base_compute none)")
     state = self.weight.quant_state
