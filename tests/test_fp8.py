@@ -4,6 +4,7 @@ the real entry point with its records, replay and resume, and the refusals (thos
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -129,14 +130,22 @@ def _quantized(bnb, shape, nested: bool, seed: int = 0):
     return bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
 
 
+def _fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` in float32 times 448 over its largest magnitude, cast by torch; and the rows x 1
+    scales back."""
+    x = x.float()
+    peak = x.abs().amax(1, keepdim=True).clamp(min=2.0**-100)
+    top = torch.tensor(448.0, device=x.device)
+    return (x * (top / peak)).to(E4M3), peak / top
+
+
 def _fp8_weight_reference(bnb, codes, state) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight in float32 as bitsandbytes dequantizes it (table value times absmax), each row times
-    448 over its largest magnitude, cast by torch; and the 1 x n scales back."""
+    """The weight in float32 as bitsandbytes dequantizes it (table value times absmax), its rows as
+    ``_fp8_rows_reference`` makes them; and the 1 x n scales back."""
+    state = copy.copy(state)  # dequantized in float32, the caller's state left as it is
     state.dtype = torch.float32
-    w = bnb.functional.dequantize_4bit(codes, state)
-    peak = w.abs().amax(1).clamp(min=2.0**-100)
-    top = torch.tensor(448.0, device="cuda")
-    return (w * (top / peak)[:, None]).to(E4M3), (peak / top).view(1, -1)
+    weight, scale = _fp8_rows_reference(bnb.functional.dequantize_4bit(codes, state))
+    return weight, scale.view(1, -1)
 
 
 @pytest.mark.gpu
@@ -171,12 +180,10 @@ def test_activation_rows_quantize_as_torch_casts_them(dtype, width):
     x[5] = 0  # a row of zeros stays zeros
     x[9, 17] = float("nan")  # and a NaN makes its row NaN
     codes, scale = quantize_rows(x)
-    peak = x.float().abs().amax(1, keepdim=True).clamp(min=2.0**-100)
-    top = torch.tensor(448.0, device="cuda")
-    want = (x.float() * (top / peak)).to(E4M3)
+    want, want_scale = _fp8_rows_reference(x)
     finite = torch.ones(37, dtype=torch.bool, device="cuda")
     finite[9] = False
-    assert torch.equal(scale[finite], (peak / top)[finite])
+    assert torch.equal(scale[finite], want_scale[finite])
     assert torch.equal(codes[finite].view(torch.uint8), want[finite].view(torch.uint8))
     assert torch.equal(codes[5].float(), torch.zeros(width, device="cuda"))
     assert torch.isnan(scale[9]).all() and torch.isnan(codes[9].float()).all()
@@ -231,17 +238,12 @@ def test_no_gradient_goes_through_an_fp8_layer(bnb):
 def _torch_fp8_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The fp8 layer written with torch's own casts (the rows and the weight as the references above
     make them), the GEMM the same call."""
-    import copy
-
-    state = copy.copy(layer.weight.quant_state)  # the reference dequantizes in float32
-    n, k = state.shape
+    n, k = layer.weight.quant_state.shape
     inp_dtype, x = x.dtype, x.to(layer.compute_dtype)
-    rows = x.reshape(-1, k).float()
-    peak = rows.abs().amax(1, keepdim=True).clamp(min=2.0**-100)
-    top = torch.tensor(448.0, device=x.device)
-    weight, w_scale = _fp8_weight_reference(pytest.importorskip("bitsandbytes"), layer.weight.data, state)
-    out = torch._scaled_mm((rows * (top / peak)).to(E4M3), weight.t(), scale_a=peak / top, scale_b=w_scale,
-                           out_dtype=torch.bfloat16).to(x.dtype)
+    codes, x_scale = _fp8_rows_reference(x.reshape(-1, k))
+    weight, w_scale = _fp8_weight_reference(pytest.importorskip("bitsandbytes"), layer.weight.data,
+                                            layer.weight.quant_state)
+    out = torch._scaled_mm(codes, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16).to(x.dtype)
     if layer.bias is not None:
         out = out + layer.bias.to(x.dtype)
     return out.reshape(*x.shape[:-1], n).to(inp_dtype)
@@ -268,12 +270,21 @@ def _batch(step: int, vocab: int, rows: int = 4, seq: int = 16) -> dict[str, tor
                                      "labels": ids.masked_fill(mask == 0, -100)}.items()}
 
 
-def _zo_run(model, batch_streams: bool, steps: int = 20):
-    opt = ZOOptimizer(model, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
+def _zo_run(model, steps: int = 20, **options):
+    """``steps`` ZO steps over ``model``'s adapters (``options``: more ZOOptimizer settings): each step's
+    losses and projected gradients, and the adapters after."""
+    opt = ZOOptimizer(model, lr=5e-2, eps=1e-2, seed=0, **options)
     losses = [(s.losses_plus, s.losses_other, s.projected_grads)
               for s in (opt.step(_batch(t, model.config.vocab_size)) for t in range(steps))]
     opt.flush()
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _same_runs(a, b) -> bool:
+    """Two ``_zo_run`` results: the same steps and adapters, bit for bit."""
+    (steps, adapters), (their_steps, theirs) = a, b
+    return (steps == their_steps and adapters.keys() == theirs.keys()
+            and all(torch.equal(adapters[n].cpu(), theirs[n].cpu()) for n in adapters))
 
 
 @pytest.mark.gpu
@@ -287,25 +298,12 @@ def test_zo_over_an_fp8_base_is_the_run_over_torchs_fp8_layers(bnb, wide_model_d
     activation across an e4m3 rounding boundary, a 1/16 step.)"""
     engine = _fp8_qlora(wide_model_dir)
     assert all(m.forward.func is _fp8_forward for m in engine.modules() if isinstance(m, bnb.nn.Linear4bit))
-    ours, trained = _zo_run(engine, batch_streams)
-    theirs, reference = _zo_run(_fp8_qlora(wide_model_dir, written_in_torch=True), batch_streams)
-    assert ours == theirs and len({tuple(plus) for plus, _, _ in ours}) > 1
-    assert trained.keys() == reference.keys() and all(torch.equal(trained[n], reference[n]) for n in trained)
+    ours, trained = _zo_run(engine, batch_streams=batch_streams)
+    theirs, reference = _zo_run(_fp8_qlora(wide_model_dir, written_in_torch=True), batch_streams=batch_streams)
+    assert _same_runs((ours, trained), (theirs, reference)) and len({tuple(plus) for plus, _, _ in ours}) > 1
     assert any(float(p.abs().max()) > 1e-2 for n, p in trained.items() if "lora_B" in n)  # they trained
-    in_dtype, _ = _zo_run(_fp8_qlora(wide_model_dir, base_compute=None), batch_streams, steps=2)
+    in_dtype, _ = _zo_run(_fp8_qlora(wide_model_dir, base_compute=None), steps=2, batch_streams=batch_streams)
     assert in_dtype != ours[:2]  # and fp8 is what ran: the base computed in its dtype gives other losses
-
-
-def _steps(a: ZOOptimizer, b: ZOOptimizer, steps: int = 10) -> bool:
-    vocab = a.model.config.vocab_size
-    for t in range(steps):
-        x, y = a.step(_batch(t, vocab)), b.step(_batch(t, vocab))
-        if (x.losses_plus, x.losses_other, x.projected_grads) != (y.losses_plus, y.losses_other, y.projected_grads):
-            return False
-    a.flush(), b.flush()
-    theirs = dict(b.model.named_parameters())
-    return all(torch.equal(p.detach().cpu(), theirs[n].detach().cpu())
-               for n, p in a.model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.gpu
@@ -325,19 +323,17 @@ def test_offloaded_fp8_blocks_equal_resident_ones(bnb, wide_model_dir):
     streamed = built()
     engine = OffloadEngine(streamed, "cuda", OffloadConfig("cpu"))
     resident = move_quantized(built(), torch.device("cuda"))
-    a = ZOOptimizer(resident, lr=5e-2, eps=1e-2, seed=0)
-    b = ZOOptimizer(streamed, lr=5e-2, eps=1e-2, seed=0, offload=engine)
-    assert _steps(a, b) and engine.bytes_up > 0 and engine.bytes_down == 0
+    assert _same_runs(_zo_run(resident, steps=10), _zo_run(streamed, steps=10, offload=engine))
+    assert engine.bytes_up > 0 and engine.bytes_down == 0
 
 
 @pytest.mark.gpu
 @fp8_gpu
 @pytest.mark.parametrize("batch_streams", [False, True])
 def test_graph_steps_over_an_fp8_base_equal_eager_steps(bnb, wide_model_dir, batch_streams):
-    eager, graphed = _fp8_qlora(wide_model_dir), _fp8_qlora(wide_model_dir)
-    a = ZOOptimizer(eager, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams)
-    b = ZOOptimizer(graphed, lr=5e-2, eps=1e-2, seed=0, batch_streams=batch_streams, cuda_graphs=True)
-    assert _steps(a, b)
+    eager = _zo_run(_fp8_qlora(wide_model_dir), steps=10, batch_streams=batch_streams)
+    graphed = _zo_run(_fp8_qlora(wide_model_dir), steps=10, batch_streams=batch_streams, cuda_graphs=True)
+    assert _same_runs(eager, graphed)
 
 
 def _losses(out: Path) -> list[float]:
