@@ -13,6 +13,7 @@ import pytest
 import torch
 from one_line import refused
 from safetensors.torch import load_file
+from test_linear4bit import _quantized
 
 from distzo.checkpoint import TrajectoryLog
 from distzo.cli import main
@@ -124,12 +125,6 @@ def test_the_fp8_forward_goes_on_the_nf4_layers_whose_shape_it_takes(bnb, wide_m
 # --------------------------------------------------------------------------- the kernels (GPU)
 
 
-def _quantized(bnb, shape, nested: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
-    return bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
-
-
 def _fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of ``x`` in float32 times 448 over its largest magnitude, cast by torch; and the rows x 1
     scales back."""
@@ -156,7 +151,7 @@ def _fp8_weight_reference(bnb, codes, state) -> tuple[torch.Tensor, torch.Tensor
 def test_an_nf4_weight_dequantizes_to_fp8_as_torch_casts_it(bnb, nested, shape, aligned):
     from distzo.linear4bit import _fp8_row_scales
 
-    codes, state = _quantized(bnb, shape, nested)
+    codes, state = _quantized(bnb, shape, 64, nested)
     if not aligned:
         shifted = torch.empty(codes.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
         codes = shifted.copy_(codes.view(-1)).view(codes.shape)
