@@ -16,6 +16,7 @@
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora          # LoRA-ZO and QLoRA-ZO (NF4), rotten_tomatoes
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-hamlet   # the same on Hamlet (SEEDS="0 1": fewer)
 #   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-fp8      # QLoRA-ZO, the NF4 base computed in fp8 or not
+#   OUT=/some/dir bash bench/convergence_algorithms.sh qlora-fp8-tune # the fp8 arm at eps 1e-1 and at lr 3e-4
 # (the qlora presets need bitsandbytes: a call carrying .carry/bnb runs `carry_packaged.sh bnb` first)
 # The hamlet preset steps with CUDA graphs (optim.cuda_graphs; the same results, a third of the time
 # for this model), its batches padded to multiples of 32 tokens so that a few graphs serve them all.
@@ -163,7 +164,15 @@ case "${1:-}" in
             task+=(--set model.base_compute=fp8)
             launch "qlora-fp8-rt-$seed" --seeds $seed --arm "qlora-fp8:zo:$lora"
         done ;;
-    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|recipes-bf16|qlora|qlora-hamlet|qlora-fp8" >&2
+    qlora-fp8-tune)  # the fp8 arm of qlora-fp8 at a larger eps and at a smaller lr
+        python3 -c "import bitsandbytes" 2> /dev/null \
+            || { echo "bitsandbytes is not importable: carry .carry/bnb and run bench/carry_packaged.sh bnb" >&2; exit 2; }
+        task+=(--set optim.batch_streams=true,lora=true,model.quantize=nf4,model.base_compute=fp8)
+        for seed in ${SEEDS:-0 1 2}; do
+            launch "fp8-eps1e-1-$seed" --seeds $seed --arm "qlora-fp8-eps0.1:zo:steps=1000,eval_every=100,lr=1e-3,eps=1e-1"
+            launch "fp8-lr3e-4-$seed" --seeds $seed --arm "qlora-fp8-lr3e-4:zo:steps=1000,eval_every=100,lr=3e-4,eps=1e-2"
+        done ;;
+    *) echo "usage: OUT=dir bash bench/convergence_algorithms.sh grid|seeds|hamlet|hamlet-seeds|sparse-hybrid|debates-rest|final-seeds|last-seeds-a|last-seeds-b|recipes-rest|recipes-bf16|qlora|qlora-hamlet|qlora-fp8|qlora-fp8-tune" >&2
        exit 2 ;;
 esac
 wait
