@@ -13,7 +13,7 @@ whose dispatch this module does not know or whose bits differ) runs bitsandbytes
 at every row count: each input row and each weight row scaled into e4m3's range (the weight's rows
 dequantized straight to fp8 by the same kernel), one ``torch._scaled_mm`` with float32 accumulation and
 a bf16 result, then the bias in the compute dtype. On an H200 its GEMMs run at about 1.75x bf16's rate;
-its numbers are not bitsandbytes' (a layer's output is about 3.8% from bf16 compute's, relative, on
+its numbers are not bitsandbytes' (a layer's output a few percent from bf16 compute's, relative, on
 random weights; docs/quantized.md), so it is a setting of its own, recorded with the base's quantization.
 There is no backward through it.
 """
